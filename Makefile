@@ -1,0 +1,44 @@
+# avrec: the two README commands.
+#   make demo   set up (once) and run the main job on the embedded default dataset
+#   make test   set up (once) and run the whole test suite
+# The virtual environment lives outside the clone (default ~/.cache/avrec/venv) so clean
+# clones and CI reuse it; it is (re)installed only when pyproject.toml changes.
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= $(HOME)/.cache/avrec/venv
+PY := $(VENV)/bin/python
+DEPS_HASH := $(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP := $(VENV)/.avrec-deps-$(DEPS_HASH)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test lint setup bench clean-data
+
+setup: $(STAMP)
+	@# Point the editable install at this clone (cheap; several clones share one venv).
+	@$(PY) -c "import avrec, sys; sys.exit(not avrec.__file__.startswith('$(CURDIR)/'))" 2>/dev/null \
+	  || $(PY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -c "import avrec, sys; assert avrec.__file__.startswith('$(CURDIR)/'), avrec.__file__"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -m pip install -q -e '.[all]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -c "import feast, torch, torchvision, onnxruntime, avrec" && touch $@
+
+demo: setup
+	$(VENV)/bin/avrec demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) bench/training_set_bench.py
+
+clean-data:
+	rm -rf data/

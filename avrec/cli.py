@@ -1,0 +1,266 @@
+"""The ``avrec`` command line: one subcommand per step of the pipeline.
+
+    avrec redis                       make sure Redis answers (start the embedded one if not)
+    avrec ingest                      raw catalogue + events -> offline Parquet tables
+    avrec features                    behaviour features (user, item) -> offline tables
+    avrec apply                       feast apply on feature_repo/, from any directory
+    avrec materialize                 offline -> Redis (incremental, or --start/--end)
+    avrec training-set                point-in-time training set -> Parquet
+    avrec online                      read a user's online features (TTL enforced)
+    avrec embed / avrec neighbours    item encoders (see encoders/)
+    avrec demo                        all of the above on the embedded default dataset
+
+Heavy imports (feast, torch) happen inside the subcommands, so ``avrec --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from avrec import config
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 date or datetime; naive values are UTC."""
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date/time: {text!r}") from exc
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _step(name: str) -> Callable[[], None]:
+    started = time.perf_counter()
+    print(f"==> {name}", flush=True)
+    return lambda: print(f"    {name}: {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def cmd_redis(args: argparse.Namespace) -> int:
+    from avrec.redis_server import ensure_redis
+
+    status = ensure_redis(args.redis_url)
+    started = f"started embedded redis-server (pid {status.started_pid})"
+    print(f"Redis answers at {status.url}" + (f"; {started}" if status.started_pid else ""))
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from avrec import ingest
+
+    out = Path(args.out) if args.out else config.offline_dir()
+    if args.events or args.items:
+        if not (args.events and args.items):
+            raise SystemExit("avrec ingest: --events and --items go together")
+        report = ingest.ingest_generic(Path(args.events), Path(args.items), out)
+    else:
+        ml = Path(args.movielens) if args.movielens else config.datasets_dir() / "ml-latest-small"
+        posters = Path(args.posters) if args.posters else config.datasets_dir() / "posters"
+        report = ingest.ingest_movielens(ml, out, posters if posters.is_dir() else None)
+    print(report.summary())
+    print(f"offline tables in {out} (rejects: {out / 'rejects.parquet'})")
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from avrec import behaviour_features
+
+    counts = behaviour_features.build(Path(args.offline) if args.offline else None, args.as_of)
+    for name, rows in counts.items():
+        print(f"{name}: {rows} rows")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from avrec import feature_store
+
+    feature_store.apply(args.redis_url)
+    return 0
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    from avrec import feature_store
+
+    feature_store.materialize(
+        end=args.end, start=args.start, views=args.views or None, redis_url=args.redis_url
+    )
+    return 0
+
+
+def cmd_training_set(args: argparse.Namespace) -> int:
+    from avrec import training_set
+
+    spec = training_set.TrainingSetSpec(
+        start=args.start,
+        end=args.end,
+        negatives=args.negatives,
+        sampling=args.sampling,
+        positive_threshold=args.positive_threshold,
+        explicit_negatives=not args.no_explicit_negatives,
+        seed=args.seed,
+        feature_service=args.feature_service,
+    )
+    frame = training_set.build_training_set(spec, engine=args.engine)
+    path = training_set.write_training_set(frame, Path(args.out))
+    counts = frame.group_by("sample_type").len().sort("sample_type").rows()
+    print(f"wrote {frame.height} rows x {frame.width} columns to {path}")
+    for sample_type, n in counts:
+        print(f"  {sample_type}: {n}")
+    return 0
+
+
+def cmd_online(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from avrec import feature_store, online_features
+
+    store = feature_store.get_store(args.redis_url)
+    frame = online_features.read_view(store, args.view, args.ids, now=args.now)
+    with pl.Config(tbl_cols=-1, tbl_width_chars=200, fmt_table_cell_list_len=5):
+        print(frame)
+    return 0
+
+
+def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            raise SystemExit(
+                f"{module} is not available in this install (pip install avrec[train])"
+            )
+        return importlib.import_module(module).main(args.rest)
+
+    return run
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The README's main job: everything that exists today, on MovieLens ml-latest-small."""
+    from avrec import behaviour_features, feature_store, ingest, training_set
+    from avrec.redis_server import ensure_redis
+
+    done = _step("redis")
+    status = ensure_redis(args.redis_url)
+    print(f"    Redis at {status.url}" + (" (embedded, started now)" if status.started_pid else ""))
+    done()
+    done = _step("ingest MovieLens ml-latest-small + posters")
+    datasets = config.datasets_dir()
+    report = ingest.ingest_movielens(
+        datasets / "ml-latest-small", config.offline_dir(), datasets / "posters"
+    )
+    print("    " + report.summary().replace("\n", "\n    "))
+    done()
+    done = _step("behaviour features")
+    print(f"    {behaviour_features.build()}")
+    done()
+    done = _step("feast apply + materialize into Redis")
+    feature_store.apply(status.url)
+    feature_store.materialize(redis_url=status.url)
+    done()
+    done = _step("point-in-time training set 2017-01-01 .. 2018-01-01")
+    spec = training_set.TrainingSetSpec(
+        start=datetime(2017, 1, 1, tzinfo=UTC),
+        end=datetime(2018, 1, 1, tzinfo=UTC),
+        negatives=4,
+    )
+    frame = training_set.build_training_set(spec, engine=args.engine)
+    out = training_set.write_training_set(
+        frame, config.data_dir() / "training_sets" / "demo.parquet"
+    )
+    print(f"    {frame.height} rows x {frame.width} columns -> {out}")
+    done()
+    if importlib.util.find_spec("encoders.embed_job") is not None and not args.skip_embed:
+        done = _step("item embeddings (text + poster encoders, ONNX)")
+        importlib.import_module("encoders.embed_job").main([])
+        done()
+    return cmd_online(
+        argparse.Namespace(
+            redis_url=status.url,
+            view="user_behaviour",
+            ids=[1, 414, 610],
+            now=datetime(2018, 9, 25, tzinfo=UTC),
+        )
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``avrec`` (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="avrec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--redis-url", default=None, help="default: $REDIS_URL or local 6379")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("redis", help="make sure Redis answers").set_defaults(func=cmd_redis)
+
+    p = sub.add_parser("ingest", help="raw data -> offline tables")
+    p.add_argument("--movielens", help="MovieLens-latest directory (default: shared dataset)")
+    p.add_argument("--posters", help="directory of <movieId>.jpg posters")
+    p.add_argument("--events", help="generic events.csv (with --items)")
+    p.add_argument("--items", help="generic items.csv (with --events)")
+    p.add_argument("--out", help="offline directory (default: $AVREC_DATA_DIR/offline)")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("features", help="behaviour features -> offline tables")
+    p.add_argument("--offline", help="offline directory")
+    p.add_argument("--as-of", type=parse_time, default=None, help="last change point (default now)")
+    p.set_defaults(func=cmd_features)
+
+    sub.add_parser("apply", help="feast apply").set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("materialize", help="offline -> Redis")
+    p.add_argument("--start", type=parse_time, help="default: incremental from last run")
+    p.add_argument("--end", type=parse_time, help="default: now")
+    p.add_argument("--views", nargs="*", help="feature views (default: all)")
+    p.set_defaults(func=cmd_materialize)
+
+    p = sub.add_parser("training-set", help="point-in-time training set -> Parquet")
+    p.add_argument("--start", type=parse_time, required=True)
+    p.add_argument("--end", type=parse_time, required=True)
+    p.add_argument("--negatives", type=int, default=4, help="sampled negatives per positive")
+    p.add_argument("--sampling", choices=["uniform", "popularity"], default="uniform")
+    p.add_argument("--positive-threshold", type=float, default=4.0)
+    p.add_argument(
+        "--no-explicit-negatives",
+        action="store_true",
+        help="drop ratings below the threshold instead of labelling them 0",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--feature-service", default="ranker_features")
+    p.add_argument("--engine", choices=["feast", "duckdb"], default="feast")
+    p.add_argument("--out", required=True, help="output .parquet")
+    p.set_defaults(func=cmd_training_set)
+
+    p = sub.add_parser("online", help="a few entities' online features, TTL enforced")
+    p.add_argument("ids", nargs="+", type=int)
+    p.add_argument("--view", default="user_behaviour")
+    p.add_argument("--now", type=parse_time, default=None, help="reader clock (default now)")
+    p.set_defaults(func=cmd_online)
+
+    for name, module in (("embed", "encoders.embed_job"), ("neighbours", "encoders.neighbours")):
+        p = sub.add_parser(name, help=f"see `avrec {name} -- --help`", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(module))
+
+    p = sub.add_parser("demo", help="the main job on the embedded default dataset")
+    p.add_argument("--engine", choices=["feast", "duckdb"], default="feast")
+    p.add_argument("--skip-embed", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``avrec`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"avrec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

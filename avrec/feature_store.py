@@ -1,0 +1,96 @@
+"""Open avrec's Feast repository from any working directory, apply and materialize it.
+
+``feature_repo/feature_store.yaml`` is what ``cd feature_repo && feast ...`` reads. This
+module loads the same file and pins every path that Feast would resolve against the
+working directory: the SQL registry goes to ``config.registry_path()`` and the online
+store to ``REDIS_URL``. ``import feast`` costs seconds, so it happens here, not at
+``import avrec``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from avrec import config
+from avrec.redis_server import feast_connection_string
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+    from feast.repo_config import RepoConfig
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def repo_config(redis_url: str | None = None) -> RepoConfig:
+    """The repo's ``feature_store.yaml`` with absolute registry path and Redis from config."""
+    from feast.repo_config import RepoConfig
+
+    raw = yaml.safe_load(
+        os.path.expandvars((config.FEATURE_REPO / "feature_store.yaml").read_text())
+    )
+    config.data_dir().mkdir(parents=True, exist_ok=True)
+    raw["registry"]["path"] = f"sqlite:///{config.registry_path()}"
+    raw["online_store"]["connection_string"] = feast_connection_string(
+        redis_url or config.redis_url()
+    )
+    repo = RepoConfig(**raw)
+    repo.repo_path = config.FEATURE_REPO
+    return repo
+
+
+def get_store(redis_url: str | None = None) -> FeatureStore:
+    """A FeatureStore on avrec's repo, usable from any working directory."""
+    from feast import FeatureStore
+
+    return FeatureStore(repo_path=str(config.FEATURE_REPO), config=repo_config(redis_url))
+
+
+@contextlib.contextmanager
+def _cwd(path: Path):
+    before = Path.cwd()
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def apply(redis_url: str | None = None) -> None:
+    """``feast apply`` on avrec's repo (creates or updates every definition, drops stale ones)."""
+    from feast.repo_operations import apply_total
+
+    if str(config.FEATURE_REPO) not in sys.path:  # as the feast CLI does
+        sys.path.append(str(config.FEATURE_REPO))
+    with _cwd(config.FEATURE_REPO):
+        apply_total(repo_config(redis_url), config.FEATURE_REPO, skip_source_validation=False)
+
+
+def materialize(
+    end: datetime | None = None,
+    start: datetime | None = None,
+    views: list[str] | None = None,
+    redis_url: str | None = None,
+) -> FeatureStore:
+    """Load the latest offline row per entity with event time in ``[start, end]`` into Redis.
+
+    Without ``start`` this is incremental: from the last materialization of each view (the
+    first run starts at the epoch, so historical datasets load whole, not just one TTL).
+    """
+    store = get_store(redis_url)
+    end = end or datetime.now(UTC)
+    if start is not None:
+        store.materialize(start_date=start, end_date=end, feature_views=views)
+        return store
+    for view in store.list_feature_views():
+        if views and view.name not in views:
+            continue
+        intervals = view.materialization_intervals
+        since = max((iv[1] for iv in intervals), default=EPOCH)
+        store.materialize(start_date=since, end_date=end, feature_views=[view.name])
+    return store

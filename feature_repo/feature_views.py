@@ -1,0 +1,56 @@
+"""Feature views over the behaviour tables.
+
+TTLs bound how long a row is trusted after its event_timestamp. Rows are written at every
+change point (windowed counts fall to zero by explicit rows), so a TTL expresses trust,
+not staleness: a user dormant for two years is treated as a cold-start user; item
+statistics are kept for ten years.
+"""
+
+from datetime import timedelta
+
+from feast import FeatureView, Field
+from feast.types import Array, Float32, Float64, Int64, UnixTimestamp
+
+from data_sources import item_behaviour_source, user_behaviour_source
+from entities import item, user
+
+USER_TTL = timedelta(days=730)
+ITEM_TTL = timedelta(days=3650)
+
+user_behaviour = FeatureView(
+    name="user_behaviour",
+    entities=[user],
+    ttl=USER_TTL,
+    schema=[
+        Field(name="interactions_1d", dtype=Int64),
+        Field(name="interactions_7d", dtype=Int64),
+        Field(name="interactions_30d", dtype=Int64),
+        Field(name="interactions_all", dtype=Int64),
+        Field(name="mean_rating", dtype=Float64),
+        Field(name="positive_share", dtype=Float64),
+        Field(name="last_interaction_at", dtype=UnixTimestamp),
+        Field(name="genre_affinity", dtype=Array(Float32)),
+        Field(name="recent_items", dtype=Array(Int64)),
+    ],
+    online=True,
+    source=user_behaviour_source,
+    description="What a user did, as of each change point (windows are (t - w, t]).",
+)
+
+item_behaviour = FeatureView(
+    name="item_behaviour",
+    entities=[item],
+    ttl=ITEM_TTL,
+    schema=[
+        Field(name="popularity_1d", dtype=Int64),
+        Field(name="popularity_7d", dtype=Int64),
+        Field(name="popularity_30d", dtype=Int64),
+        Field(name="popularity_all", dtype=Int64),
+        Field(name="mean_rating", dtype=Float64),
+        Field(name="rating_count", dtype=Int64),
+        Field(name="first_interaction_at", dtype=UnixTimestamp),
+    ],
+    online=True,
+    source=item_behaviour_source,
+    description="How an item was consumed, as of each change point.",
+)

