@@ -84,11 +84,14 @@ def materialize(
     """
     store = get_store(redis_url)
     end = end or datetime.now(UTC)
-    if start is not None:
-        store.materialize(start_date=start, end_date=end, feature_views=views)
-        return store
     for view in store.list_feature_views():
         if views and view.name not in views:
+            continue
+        if not Path(view.batch_source.path).exists():
+            print(f"skipping {view.name}: {view.batch_source.path} not written yet")
+            continue
+        if start is not None:
+            store.materialize(start_date=start, end_date=end, feature_views=[view.name])
             continue
         intervals = view.materialization_intervals
         since = max((iv[1] for iv in intervals), default=EPOCH)

@@ -61,7 +61,7 @@ def read_view(
     join_key, keys = _entity_keys(view, ids)
     names = [f.name for f in view.features]
     rows = store._get_provider().online_read(
-        config=store.config, table=view, entity_keys=keys, requested_features=names
+        config=store.config, table=view, entity_keys=keys, requested_features=list(names)
     )
     records: list[dict[str, Any]] = []
     for entity_id, (event_ts, values) in zip(ids, rows, strict=True):

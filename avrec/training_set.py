@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
 from avrec import tables
 
@@ -251,6 +250,17 @@ def join_features_feast(labels: pl.DataFrame, store: FeatureStore, service: str)
     return _derive_ages(out)
 
 
+def _check_offline_data(store: FeatureStore, service: str) -> None:
+    for projection in store.get_feature_service(service).feature_view_projections:
+        view = store.get_feature_view(projection.name)
+        if not Path(view.batch_source.path).exists():
+            raise TrainingSetError(
+                f"feature view {view.name!r} of service {service!r} has no offline data at "
+                f"{view.batch_source.path} (item embeddings come from `avrec embed` and "
+                f"`avrec fuse`; or use --feature-service behaviour_features)"
+            )
+
+
 def build_training_set(
     spec: TrainingSetSpec,
     store: FeatureStore | None = None,
@@ -269,6 +279,7 @@ def build_training_set(
     events, items = tables.read_table("events", offline), tables.read_table("items", offline)
     labels = build_labels(events, items, spec)
     store = store or get_store()
+    _check_offline_data(store, spec.feature_service)
     if engine == "duckdb":
         from avrec.pit_join import join_features_duckdb
 
@@ -277,16 +288,14 @@ def build_training_set(
         frame = join_features_feast(labels, store, spec.feature_service)
     else:
         raise TrainingSetError(f"engine must be feast or duckdb, not {engine!r}")
-    if output == "pandas":
-        return frame.to_pandas(types_mapper=pd_arrow_dtype)
-    return frame
+    return to_pandas(frame) if output == "pandas" else frame
 
 
-def pd_arrow_dtype(arrow_type: pa.DataType):
-    """Keep nullable Int64 and lists intact when converting to pandas."""
+def to_pandas(frame: pl.DataFrame) -> pd.DataFrame:
+    """Arrow-backed pandas: nullable Int64 stays Int64 and lists stay lists (no float NaNs)."""
     import pandas as pd
 
-    return pd.ArrowDtype(arrow_type)
+    return frame.to_arrow().to_pandas(types_mapper=pd.ArrowDtype)
 
 
 def write_training_set(frame: pl.DataFrame, path: Path) -> Path:

@@ -47,7 +47,9 @@ ITEM_ENCODINGS_SCHEMA: dict[str, pl.DataType] = {
 
 @dataclass(frozen=True)
 class EmbedReport:
-    """What one run did."""
+    """What one run did. ``*_embedded`` were computed now, ``*_reused`` kept from the previous
+    table; ``unreadable_images`` counts items whose ``image_path`` is set but whose file could
+    not be read or decoded (they count in ``without_image``)."""
 
     out_path: Path
     items: int
@@ -75,7 +77,7 @@ class EmbedReport:
                 f"  image [{self.image_encoder}, {self.image_dim}-d]: "
                 f"{self.image_embedded} embedded, {self.image_reused} reused; "
                 f"{self.with_image} with image, {self.without_image} without "
-                f"({self.unreadable_images} unreadable this run)",
+                f"({self.unreadable_images} of them with an unreadable image file)",
                 f"  removed (no longer in the catalogue): {self.removed}",
             ]
         )
@@ -304,7 +306,7 @@ def run_embed(
         image_reused=len(image_reuse),
         with_image=with_image,
         without_image=len(ids) - with_image,
-        unreadable_images=len(unreadable),
+        unreadable_images=sum(1 for k in range(len(ids)) if paths[k] and not has_image[k]),
         removed=stale.height if prune else 0,
         text_encoder=text_model.name,
         text_dim=text_model.dim,
@@ -332,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, help="embed only the first N items (quick runs)")
     parser.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    parser.add_argument("--model-cache", type=Path, help="exported-model cache directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -350,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         image_batch_size=args.image_batch_size,
         threads=args.threads,
+        cache_dir=args.model_cache,
         prune=args.limit is None,
     )
     print(report.summary())

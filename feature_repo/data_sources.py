@@ -23,3 +23,11 @@ item_behaviour_source = FileSource(
     created_timestamp_column="created_timestamp",
     description="One row per item per change point of the item's behaviour features.",
 )
+
+item_embedding_source = FileSource(
+    name="item_embedding_source",
+    path=str(tables.table_path("item_embeddings")),
+    timestamp_field="event_timestamp",
+    created_timestamp_column="created_timestamp",
+    description="Mixed (text + image) item embeddings written by `avrec fuse`, one version.",
+)

@@ -2,10 +2,16 @@
 
 from feast import FeatureService
 
-from feature_views import item_behaviour, user_behaviour
+from feature_views import item_behaviour, item_embedding, user_behaviour
+
+behaviour_features = FeatureService(
+    name="behaviour_features",
+    features=[user_behaviour, item_behaviour],
+    description="User and item behaviour only (no embeddings needed).",
+)
 
 ranker_features = FeatureService(
     name="ranker_features",
-    features=[user_behaviour, item_behaviour],
+    features=[user_behaviour, item_behaviour, item_embedding[["embedding", "embedding_version"]]],
     description="Everything the ranker reads for a (user, item) pair.",
 )

@@ -3,19 +3,25 @@
 TTLs bound how long a row is trusted after its event_timestamp. Rows are written at every
 change point (windowed counts fall to zero by explicit rows), so a TTL expresses trust,
 not staleness: a user dormant for two years is treated as a cold-start user; item
-statistics are kept for ten years.
+statistics and embeddings are kept for ten years.
+
+Item embeddings are stamped with the cutoff of the interaction data their fusion was
+trained on, so a point-in-time join never hands them to a label before that cutoff. Each row
+carries ``embedding_version``; a table is written whole per version, and readers refuse an
+answer whose vectors disagree on it.
 """
 
 from datetime import timedelta
 
 from feast import FeatureView, Field
-from feast.types import Array, Float32, Float64, Int64, UnixTimestamp
+from feast.types import Array, Bool, Float32, Float64, Int64, String, UnixTimestamp
 
-from data_sources import item_behaviour_source, user_behaviour_source
+from data_sources import item_behaviour_source, item_embedding_source, user_behaviour_source
 from entities import item, user
 
 USER_TTL = timedelta(days=730)
 ITEM_TTL = timedelta(days=3650)
+EMBEDDING_TTL = timedelta(days=3650)
 
 user_behaviour = FeatureView(
     name="user_behaviour",
@@ -53,4 +59,19 @@ item_behaviour = FeatureView(
     online=True,
     source=item_behaviour_source,
     description="How an item was consumed, as of each change point.",
+)
+
+item_embedding = FeatureView(
+    name="item_embedding",
+    entities=[item],
+    ttl=EMBEDDING_TTL,
+    schema=[
+        Field(name="embedding", dtype=Array(Float32)),
+        Field(name="embedding_asum", dtype=Array(Float32)),
+        Field(name="has_image", dtype=Bool),
+        Field(name="embedding_version", dtype=String),
+    ],
+    online=True,
+    source=item_embedding_source,
+    description="Mixed item embedding: learned (gated) fusion, and the weighted-sum baseline.",
 )

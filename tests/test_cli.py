@@ -26,6 +26,8 @@ def test_training_set_cli_writes_parquet(feature_store, tmp_path: Path) -> None:
         "2018-03-01",
         "--negatives",
         "2",
+        "--feature-service",
+        "behaviour_features",
         "--sampling",
         "popularity",
         "--out",

@@ -126,7 +126,16 @@ def test_feast_cli_apply_and_materialize(tmp_path: Path, movielens_offline, redi
     assert applied.returncode == 0, applied.stderr[-2000:]
     assert (tmp_path / "data" / "registry.db").exists()  # ../data relative to the repo
     done = subprocess.run(
-        [*feast, "materialize", "1990-01-01T00:00:00", REPLAY_NOW.strftime("%Y-%m-%dT%H:%M:%S")],
+        [
+            *feast,
+            "materialize",
+            "1990-01-01T00:00:00",
+            REPLAY_NOW.strftime("%Y-%m-%dT%H:%M:%S"),
+            "--views",
+            "user_behaviour",
+            "--views",
+            "item_behaviour",
+        ],  # no embeddings in this test
         **run,
     )
     assert done.returncode == 0, done.stderr[-2000:]

@@ -12,7 +12,10 @@ from avrec import tables
 from avrec import training_set as ts
 
 SPEC = ts.TrainingSetSpec(
-    start=datetime(2017, 6, 1, tzinfo=UTC), end=datetime(2018, 1, 1, tzinfo=UTC), negatives=3
+    start=datetime(2017, 6, 1, tzinfo=UTC),
+    end=datetime(2018, 1, 1, tzinfo=UTC),
+    negatives=3,
+    feature_service="behaviour_features",
 )
 TTL = {"user_behaviour": timedelta(days=730), "item_behaviour": timedelta(days=3650)}
 
@@ -151,3 +154,11 @@ def test_bad_specs_are_clear_errors(kwargs: dict, message: str) -> None:
     args = {"start": SPEC.start, "end": SPEC.end, **kwargs}
     with pytest.raises(ts.TrainingSetError, match=message):
         ts.TrainingSetSpec(**args)
+
+
+def test_pandas_output_keeps_ints_and_lists(training: pl.DataFrame) -> None:
+    frame = ts.to_pandas(training)
+    assert str(frame["user_id"].dtype) == "int64[pyarrow]"
+    column = frame["user_behaviour__interactions_all"]
+    assert column.isna().any() and str(column.dtype) == "int64[pyarrow]"
+    assert isinstance(frame["user_behaviour__recent_items"].dropna().iloc[0], list)
