@@ -12,6 +12,10 @@ Environment:
 - ``AVREC_ORT_THREADS``: intra-op threads per session (default 1, suited to a small box
   serving several requests at once; batch jobs may pass ``threads`` explicitly).
 - ``AVREC_ORT_DEVICE``: ``auto`` (default), ``cpu`` or ``cuda``.
+- ``AVREC_ORT_SPIN``: ``1`` lets idle intra-op threads spin-wait (onnxruntime's default);
+  avrec turns spinning off because on a small shared box spinning threads steal the cores
+  the other threads and processes need (measured: 2 threads under load went from ~90 to
+  ~150 images/s with spinning off).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 
 THREADS_ENV = "AVREC_ORT_THREADS"
 DEVICE_ENV = "AVREC_ORT_DEVICE"
+SPIN_ENV = "AVREC_ORT_SPIN"
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 _LIBCUDA_NAMES = ("libcuda.so.1", "libcuda.so", "nvcuda.dll")
@@ -104,10 +109,14 @@ def default_threads() -> int:
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """Session options for a small CPU box: few threads, sequential, all graph optimisations."""
+    """Session options for a small CPU box: few threads that do not spin, sequential execution,
+    all graph optimisations."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
+    spin = "1" if os.environ.get(SPIN_ENV, "").strip() == "1" else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3

@@ -7,11 +7,15 @@ views from the Feast registry and runs, per view, one DuckDB ``ASOF LEFT JOIN``:
 * feature rows are matched on the view's join keys (through the projection's
   ``join_key_map``) with ``feature_ts <= lookup_ts``, where ``lookup_ts`` is the label
   time minus ``training_set.FEATURE_LAG`` (1 µs): the latest row wins;
-* rows sharing (keys, feature_ts) are first deduplicated, the latest
-  ``created_timestamp`` winning, as Feast's ``deduplicate`` does;
+* among rows sharing (keys, feature_ts) the latest ``created_timestamp`` wins (a missing
+  one loses), as in Feast's ``deduplicate``: when a view's created times vary, the ASOF
+  inequality compares the struct (feature_ts, created) with (lookup_ts, +infinity), so
+  no separate deduplication pass is needed;
 * with a TTL, the view's features are null when ``lookup_ts - feature_ts > ttl``
   (exactly ``ttl`` old is kept, as in Feast's ``feature_ts + ttl >= entity_ts``);
-* labels without a matching row get nulls (left join).
+* labels without a matching row get nulls (left join);
+* ``days_since_last_interaction`` and ``item_age_days`` are derived as
+  ``training_set._derive_ages`` does (see :data:`DERIVED_AGES`).
 
 Only views over Parquet ``FileSource``\\ s are supported (what avrec's repo uses).
 
@@ -26,7 +30,6 @@ version_column], how="left")`` restores the inline columns.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Collection, Iterator
@@ -46,7 +49,8 @@ if TYPE_CHECKING:
 
 LABEL_TIME = "label_timestamp"
 DAY_US = 86_400_000_000
-# Ages derived at the label time from timestamp features, as training_set._derive_ages does.
+# Ages in days derived at the label time from timestamp features, bit-identical to
+# training_set._derive_ages: polars divides by a scalar as a product with its reciprocal.
 DERIVED_AGES: dict[str, str] = {
     "days_since_last_interaction": "user_behaviour__last_interaction_at",
     "item_age_days": "item_behaviour__first_interaction_at",
@@ -54,6 +58,7 @@ DERIVED_AGES: dict[str, str] = {
 _ROW = "__row"
 _LOOKUP = "__lookup"
 _TS = "__ts"
+_ORDER = "__order"
 
 
 @dataclass(frozen=True)
@@ -132,21 +137,34 @@ def _lit(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _view_cte(plan: ViewPlan) -> str:
-    """Deduplicated feature rows of one view: join keys, ``__ts`` and the features."""
+def _feature_rows(plan: ViewPlan, features: bool = True, order: bool = False) -> str:
+    """Rows of one view: its join keys, ``__ts`` (UTC), optionally the features (full names)
+    and ``__order``, the struct (event time, created time) that ranks rows as Feast does."""
     ts = f"CAST({_q(plan.source(plan.timestamp_field))} AS TIMESTAMPTZ)"
     cols = [f"{_q(plan.source(k))} AS {_q(k)}" for k in plan.key_map]
     cols.append(f"{ts} AS {_TS}")
-    cols += [f"{_q(plan.source(f))} AS {_q(plan.prefix + '__' + f)}" for f in plan.features]
-    sql = f"SELECT {', '.join(cols)} FROM read_parquet({_lit(plan.path)}) WHERE {ts} IS NOT NULL"
-    if plan.created_field:
-        keys = ", ".join(_q(plan.source(k)) for k in plan.key_map)
-        created = f"CAST({_q(plan.source(plan.created_field))} AS TIMESTAMPTZ)"
-        sql += (
-            f" QUALIFY row_number() OVER (PARTITION BY {keys}, {ts}"
-            f" ORDER BY {created} DESC NULLS LAST) = 1"
-        )
-    return sql
+    if features:
+        cols += [f"{_q(plan.source(f))} AS {_q(plan.prefix + '__' + f)}" for f in plan.features]
+    if order:
+        cols.append(f"{{'t': {ts}, 'c': {_created(plan)}}} AS {_ORDER}")
+    return f"SELECT {', '.join(cols)} FROM read_parquet({_lit(plan.path)}) WHERE {ts} IS NOT NULL"
+
+
+def _created(plan: ViewPlan) -> str:
+    """The created timestamp, a missing one ranking below any other (Feast: DESC NULLS LAST)."""
+    if not plan.created_field:
+        return "'-infinity'::TIMESTAMPTZ"
+    created = f"CAST({_q(plan.source(plan.created_field))} AS TIMESTAMPTZ)"
+    return f"coalesce({created}, '-infinity'::TIMESTAMPTZ)"
+
+
+def _deduplicated(plan: ViewPlan) -> str:
+    """One row per (join keys, ``__ts``): the latest created, as Feast's ``deduplicate``."""
+    keys = ", ".join(_q(k) for k in plan.key_map)
+    return (
+        f"SELECT * EXCLUDE ({_ORDER}) FROM ({_feature_rows(plan, order=True)}) "
+        f"QUALIFY row_number() OVER (PARTITION BY {keys}, {_TS} ORDER BY {_ORDER} DESC) = 1"
+    )
 
 
 def _view_columns(plan: ViewPlan, alias: str, versioned: bool) -> dict[str, str]:
@@ -161,16 +179,41 @@ def _view_columns(plan: ViewPlan, alias: str, versioned: bool) -> dict[str, str]
     return {name: f"CASE WHEN {fresh} THEN {expr} END" for name, expr in cols.items()}
 
 
+def created_varies(con: duckdb.DuckDBPyConnection, plan: ViewPlan) -> bool:
+    """Whether the view's created timestamps take more than one value (null counts as one).
+
+    When they do not, rows tied on event time are tied on created time too, Feast keeps an
+    arbitrary one of them, and a plain ASOF join on event time has the same semantics.
+    """
+    if not plan.created_field:
+        return False
+    created = f"CAST({_q(plan.source(plan.created_field))} AS TIMESTAMPTZ)"
+    [(rows, known, low, high)] = con.execute(
+        f"SELECT count(*), count({created}), min({created}), max({created}) "
+        f"FROM read_parquet({_lit(plan.path)})"
+    ).fetchall()
+    return known > 0 and (known < rows or low != high)
+
+
+def _tie_break_views(
+    con: duckdb.DuckDBPyConnection, plans: list[ViewPlan], versioned_views: Collection[str]
+) -> list[str]:
+    return [p.name for p in plans if p.name not in versioned_views and created_varies(con, p)]
+
+
 def training_set_sql(
     plans: list[ViewPlan],
     label_columns: list[str],
     versioned_views: Collection[str] = (),
+    tie_break_views: Collection[str] | None = None,
     labels_table: str = "labels",
 ) -> str:
     """One query: the labels (with ``__row``) ASOF-joined to every view, in label order.
 
     ``label_columns`` are the label columns to carry through (the in-memory path carries
-    none and stacks the result next to the labels in Python).
+    none and stacks the result next to the labels in Python). ``tie_break_views`` are the
+    views whose event-time ties are broken by created time (default: every view with a
+    created timestamp column; see :func:`created_varies`).
     """
     unknown = set(versioned_views) - {p.name for p in plans}
     if unknown:
@@ -183,15 +226,23 @@ def training_set_sql(
     joins, produced = [], {}
     for i, plan in enumerate(plans):
         alias, versioned = f"v{i}", plan.name in versioned_views
-        ctes.append(f"{alias} AS ({_view_cte(plan)})")
+        ties = not versioned and (
+            bool(plan.created_field) if tie_break_views is None else plan.name in tie_break_views
+        )
+        ctes.append(f"{alias} AS ({_feature_rows(plan, not versioned, ties)})")
         on = [f"l.{_q(label_col)} = {alias}.{_q(key)}" for key, label_col in plan.key_map.items()]
-        on.append(f"l.{_LOOKUP} >= {alias}.{_TS}")
+        if not ties:
+            on.append(f"l.{_LOOKUP} >= {alias}.{_TS}")
+        else:
+            # The latest (event, created) time at or before the lookup: ASOF's inequality
+            # breaks event-time ties by created time, so no separate deduplication pass.
+            on.append(f"{{'t': l.{_LOOKUP}, 'c': 'infinity'::TIMESTAMPTZ}} >= {alias}.{_ORDER}")
         joins.append(f"ASOF LEFT JOIN {alias} ON {' AND '.join(on)}")
         produced.update(_view_columns(plan, alias, versioned))
     for age, source in DERIVED_AGES.items():
         if source in produced:
             since = f"epoch_us(l.{_q(LABEL_TIME)}) - epoch_us({produced[source]})"
-            produced[age] = f"({since}) / {DAY_US}"
+            produced[age] = f"CAST({since} AS DOUBLE) * {1 / DAY_US!r}"
     select = [f"l.{_q(c)}" for c in label_columns]
     select += [f"{expr} AS {_q(name)}" for name, expr in produced.items()]
     return (
@@ -209,7 +260,8 @@ def _connect(memory_limit: str | None, threads: int | None) -> Iterator[duckdb.D
         con.execute(f"SET temp_directory = {_lit(spill)}")
         if memory_limit:
             con.execute(f"SET memory_limit = {_lit(memory_limit)}")
-        con.execute(f"SET threads = {int(threads or os.cpu_count() or 1)}")
+        if threads:
+            con.execute(f"SET threads = {int(threads)}")
         yield con
     finally:
         con.close()
@@ -221,6 +273,8 @@ def _check_labels(labels: pl.DataFrame, plans: list[ViewPlan]) -> None:
     missing = sorted(needed - set(labels.columns))
     if missing:
         raise TrainingSetError(f"labels lack column(s) {missing}")
+    if labels.get_column(LABEL_TIME).null_count():
+        raise TrainingSetError(f"labels have null {LABEL_TIME}")
     clash = [c for c in labels.columns if c.startswith("__")]
     if clash:
         raise TrainingSetError(f"label columns may not start with '__': {clash}")
@@ -244,7 +298,8 @@ def join_features_duckdb(
     narrow = labels.select(keys).with_row_index(_ROW).to_arrow()
     with _connect(memory_limit, threads) as con:
         con.register("labels", narrow)
-        features = con.sql(training_set_sql(plans, [])).pl()
+        sql = training_set_sql(plans, [], tie_break_views=_tie_break_views(con, plans, ()))
+        features = con.sql(sql).pl()
     return pl.concat([labels, features], how="horizontal")
 
 
@@ -259,21 +314,27 @@ def write_training_set_duckdb(
     service: str,
     path: Path,
     versioned_views: Collection[str] = (),
-    memory_limit: str | None = "1GB",
+    memory_limit: str | None = None,
     threads: int | None = None,
 ) -> WrittenTrainingSet:
     """Write the training set straight from DuckDB to Parquet (atomic rename at the end).
 
-    The result is never materialised in Python; DuckDB spills to a temporary directory
-    beyond ``memory_limit``. The file holds what :func:`join_features_duckdb` returns.
+    The result is never materialised in Python. ``memory_limit`` is DuckDB's (default: 80%
+    of RAM), beyond which it spills to a temporary directory; rows carrying big vectors
+    inline need room to sort, so bound memory with ``versioned_views`` (1M rows with a
+    384-d embedding, process peak: ~1.7 GB with ``"800MB"`` versioned, ~3.2-3.6 GB with
+    ``"2GB"`` inline, which fails at ``"1GB"``). The file holds what
+    :func:`join_features_duckdb` returns, the versioned views' features replaced by their
+    version column.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     plans = plan_views(store, service)
     _check_labels(labels, plans)
-    sql = training_set_sql(plans, labels.columns, versioned_views)
     side_tables: dict[str, Path] = {}
     with _connect(memory_limit, threads) as con:
+        ties = _tie_break_views(con, plans, versioned_views)
+        sql = training_set_sql(plans, labels.columns, versioned_views, ties)
         con.register("labels", labels.with_row_index(_ROW).to_arrow())
         for i, plan in enumerate(p for p in plans if p.name in versioned_views):
             side = side_table_path(path, plan.name)
@@ -281,7 +342,7 @@ def write_training_set_duckdb(
                 f"SELECT {', '.join(_q(k) + ' AS ' + _q(v) for k, v in plan.key_map.items())}, "
                 f"{_TS} AS {_q(plan.version_column)}, "
                 f"{', '.join(_q(c) for c in plan.output_columns(False))} "
-                f"FROM ({_view_cte(plan)}) AS s{i}"
+                f"FROM ({_deduplicated(plan)}) AS s{i}"
             )
             _copy(con, rows, side)
             side_tables[plan.name] = side

@@ -283,7 +283,7 @@ def build_training_set(
     if engine == "duckdb":
         from avrec.pit_join import join_features_duckdb
 
-        frame = _derive_ages(join_features_duckdb(labels, store, spec.feature_service))
+        frame = join_features_duckdb(labels, store, spec.feature_service)
     elif engine == "feast":
         frame = join_features_feast(labels, store, spec.feature_service)
     else:

@@ -8,15 +8,20 @@ item). The Feast repo (ranker views cloned from ``feature_repo`` onto the scaled
 plus ``item_embedding``) lives in the bench's work directory; the real repo is untouched.
 
 Every engine runs in a fresh subprocess, timed from labels read to Parquet written; peak
-RSS is the worker's ``ru_maxrss``. A guard kills a worker past ``--mem-limit-gb`` or
-``--timeout``. Engines:
+RSS is the worker's ``ru_maxrss`` (``import feast`` alone is ~0.6 GB of it). A guard
+kills a worker past ``--mem-limit-gb`` or ``--timeout``. Engines:
 
 * ``feast``: ``training_set.join_features_feast`` (``get_historical_features``) + write;
 * ``avrec duckdb``: ``pit_join.write_training_set_duckdb`` (COPY ... TO Parquet);
-* ``avrec duckdb versioned``: the same, embedding as a version key + side table;
-* ``raw asof``: one plain ASOF LEFT JOIN per view, no dedupe, no TTL (the reference).
+* ``raw asof``: one plain ASOF LEFT JOIN per view, no dedupe, no TTL (the reference);
+* ``... versioned``: the same two with the embedding as a version key (+ side table for
+  avrec), compared with each other.
 
-Usage: ``python bench/training_set_bench.py [--rows 100000 1000000] [--skip-feast]``.
+Inline engines run with DuckDB ``memory_limit`` ``--inline-memory`` (sorting 1M rows of
+inline vectors needs it), versioned ones with ``--versioned-memory``. The 20k size exists
+so that Feast finishes and its output can be compared with avrec's.
+
+Usage: ``python bench/training_set_bench.py [--rows 20000 100000 1000000] [--skip-feast]``.
 """
 
 from __future__ import annotations
@@ -37,16 +42,18 @@ import numpy as np
 import polars as pl
 import psutil
 
+# Run against this clone's avrec, whatever clone the shared venv's editable install names.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from avrec import config, tables
 
 SERVICE = "ranker_features"
 EMBEDDING_VIEW = "item_embedding"
 EMBEDDING_DIM = 384
 ID_OFFSET = 10**7
-BASE_LABELS_SPEC = dict(start=datetime(1990, 1, 1, tzinfo=UTC), end=datetime(2030, 1, 1, tzinfo=UTC))
+LABEL_WINDOW = (datetime(1990, 1, 1, tzinfo=UTC), datetime(2030, 1, 1, tzinfo=UTC))
 EMBEDDING_TIME = datetime(1995, 1, 1, tzinfo=UTC)
-MEMORY_LIMIT = "1GB"
-ENGINES = ["feast", "avrec duckdb", "avrec duckdb versioned", "raw asof"]
+ENGINES = ["feast", "avrec duckdb", "raw asof", "avrec duckdb versioned", "raw asof versioned"]
 
 
 def build_base(work: Path) -> Path:
@@ -100,7 +107,7 @@ def build_scale(base: Path, work: Path, replicas: int) -> Path:
         pl.lit(datetime.now(UTC)).dt.cast_time_unit("us").alias("created_timestamp"),
         pl.Series("embedding", vectors).cast(pl.List(pl.Float32)),
     ).write_parquet(out / "item_embedding.parquet")
-    spec = training_set.TrainingSetSpec(**BASE_LABELS_SPEC)
+    spec = training_set.TrainingSetSpec(*LABEL_WINDOW)
     events, item_table = tables.read_table("events", base), tables.read_table("items", base)
     labels = training_set.build_labels(events, item_table, spec)
     _replicate(labels, shifts, ["label_timestamp"]).write_parquet(out / "all_labels.parquet")
@@ -173,7 +180,9 @@ def labels_for(scale_dir: Path, rows: int) -> Path:
     return path
 
 
-def raw_asof(labels: pl.DataFrame, scale_dir: Path, out: Path) -> None:
+def raw_asof(
+    labels: pl.DataFrame, scale_dir: Path, out: Path, memory_limit: str, versioned: bool
+) -> None:
     """Reference: plain ASOF LEFT JOINs on the raw tables (no dedupe, no TTL), COPY TO."""
     import duckdb
 
@@ -182,16 +191,19 @@ def raw_asof(labels: pl.DataFrame, scale_dir: Path, out: Path) -> None:
         "item_behaviour": "item_id",
         EMBEDDING_VIEW: "item_id",
     }
+    spill = tempfile.TemporaryDirectory(prefix="raw_asof_")
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
-    con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
-    con.execute(f"SET temp_directory = '{tempfile.mkdtemp(prefix='raw_asof_')}'")
+    con.execute(f"SET memory_limit = '{memory_limit}'")
+    con.execute(f"SET temp_directory = '{spill.name}'")
     con.register("labels", labels.with_row_index("__row").to_arrow())
     selects, joins = [], []
     for i, (view, key) in enumerate(views.items()):
         path = scale_dir / f"{view}.parquet"
         cols = [c for c in pl.read_parquet_schema(path)
                 if c not in (key, "event_timestamp", "created_timestamp")]
+        if versioned and view == EMBEDDING_VIEW:
+            cols = ["event_timestamp"]
         selects += [f'v{i}."{c}" AS "{view}__{c}"' for c in cols]
         joins.append(
             f"ASOF LEFT JOIN read_parquet('{path}') v{i} "
@@ -202,9 +214,11 @@ def raw_asof(labels: pl.DataFrame, scale_dir: Path, out: Path) -> None:
         f"FROM labels) SELECT l.* EXCLUDE (__row, lookup), {', '.join(selects)} FROM l "
         f"{' '.join(joins)} ORDER BY l.__row) TO '{out}' (FORMAT parquet, COMPRESSION zstd)"
     )
+    con.close()
+    spill.cleanup()
 
 
-def worker(engine: str, scale_dir: Path, labels_path: Path, out: Path) -> None:
+def worker(engine: str, scale_dir: Path, labels_path: Path, out: Path, memory: str) -> None:
     """Run one engine and print its timing and peak RSS as JSON."""
     import feast  # noqa: F401  (imported before the clock starts: it costs seconds)
 
@@ -212,17 +226,18 @@ def worker(engine: str, scale_dir: Path, labels_path: Path, out: Path) -> None:
 
     start = time.perf_counter()
     labels = pl.read_parquet(labels_path)
-    if engine == "raw asof":
-        raw_asof(labels, scale_dir, out)
+    versioned = engine.endswith("versioned")
+    if engine.startswith("raw asof"):
+        raw_asof(labels, scale_dir, out, memory, versioned)
     else:
         store = open_store(scale_dir)
         if engine == "feast":
             frame = training_set.join_features_feast(labels, store, SERVICE)
             training_set.write_training_set(frame, out)
         else:
-            versioned = [EMBEDDING_VIEW] if engine.endswith("versioned") else []
             pit_join.write_training_set_duckdb(
-                labels, store, SERVICE, out, versioned_views=versioned, memory_limit=MEMORY_LIMIT
+                labels, store, SERVICE, out, memory_limit=memory,
+                versioned_views=[EMBEDDING_VIEW] if versioned else [],
             )
     seconds = time.perf_counter() - start
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -243,8 +258,9 @@ class Result:
 def run_engine(engine: str, scale_dir: Path, labels: Path, out: Path, args) -> Result:
     """Run ``engine`` in a fresh subprocess under the memory and time guard."""
     rows = pl.scan_parquet(labels).select(pl.len()).collect().item()
+    memory = args.versioned_memory if engine.endswith("versioned") else args.inline_memory
     cmd = [sys.executable, __file__, "--worker", engine, "--scale-dir", str(scale_dir),
-           "--labels", str(labels), "--out", str(out)]
+           "--labels", str(labels), "--out", str(out), "--memory", memory]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps, peak, start, killed = psutil.Process(proc.pid), 0, time.monotonic(), ""
     while proc.poll() is None:
@@ -252,10 +268,11 @@ def run_engine(engine: str, scale_dir: Path, labels: Path, out: Path, args) -> R
             peak = max(peak, ps.memory_info().rss)
         except psutil.NoSuchProcess:
             break
+        elapsed = time.monotonic() - start
         if peak > args.mem_limit_gb * 2**30:
-            killed = f"killed at {peak / 2**30:.1f} GB RSS (guard {args.mem_limit_gb} GB)"
-        elif time.monotonic() - start > args.timeout:
-            killed = f"killed after {args.timeout} s (guard)"
+            killed = f"killed by the {args.mem_limit_gb:g} GB RSS guard after {elapsed:.0f} s"
+        elif elapsed > args.timeout:
+            killed = f"killed by the {args.timeout:g} s guard"
         if killed:
             proc.kill()
             break
@@ -288,62 +305,79 @@ def restores_inline(versioned: Path, inline: Path) -> bool:
 
 
 def print_table(results: list[Result]) -> None:
-    """The results as a fixed-width table, ratio against the raw ASOF reference."""
-    raw = {r.rows: r.seconds for r in results if r.engine == "raw asof" and r.seconds}
+    """The results as a fixed-width table; ratio against the matching raw ASOF reference."""
+    raw = {(r.rows, r.engine): r.seconds for r in results if r.engine.startswith("raw")}
     print(f"{'rows':>9} {'engine':<24} {'seconds':>8} {'rows/s':>10} {'peak RSS':>9} "
           f"{'vs raw':>7}  note")
     for r in results:
+        ref = raw.get((r.rows, "raw asof versioned" if "versioned" in r.engine else "raw asof"))
         secs = f"{r.seconds:8.2f}" if r.seconds else f"{'-':>8}"
         rate = f"{r.rows / r.seconds:10,.0f}" if r.seconds else f"{'-':>10}"
         peak = f"{r.peak_gb:7.2f}GB" if r.peak_gb else f"{'-':>9}"
-        ratio = f"{r.seconds / raw[r.rows]:6.2f}x" if r.seconds and raw.get(r.rows) else f"{'-':>7}"
+        ratio = f"{r.seconds / ref:6.2f}x" if r.seconds and ref else f"{'-':>7}"
         print(f"{r.rows:>9,} {r.engine:<24} {secs} {rate} {peak} {ratio}  {r.note}")
+
+
+def check(rows: int, results: list[Result], outs: dict[str, Path]) -> None:
+    """Equality notes: avrec vs Feast, the versioned file + side table vs the inline file."""
+    done = {r.engine: r for r in results if r.rows == rows and r.seconds}
+    if "avrec duckdb" in done and "avrec duckdb versioned" in done:
+        ok = restores_inline(outs["avrec duckdb versioned"], outs["avrec duckdb"])
+        done["avrec duckdb versioned"].note = (
+            "+ side table == inline" if ok else "SIDE TABLE MISMATCH"
+        )
+    if "feast" in done and "avrec duckdb" in done:
+        same = identical(outs["feast"], outs["avrec duckdb"])
+        done["avrec duckdb"].note = "identical to feast" if same else "DIFFERS FROM FEAST"
 
 
 def main() -> None:
     """Prepare the data, run every engine per size, check equality, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--rows", type=int, nargs="+", default=[20_000, 100_000, 1_000_000])
     parser.add_argument("--skip-feast", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep data here between runs (default: a temporary directory)")
-    parser.add_argument("--mem-limit-gb", type=float, default=12.0)
-    parser.add_argument("--timeout", type=float, default=240.0)
+    parser.add_argument("--mem-limit-gb", type=float, default=10.0,
+                        help="kill a worker whose RSS exceeds this")
+    parser.add_argument("--timeout", type=float, default=180.0, help="kill a worker after this")
+    parser.add_argument("--inline-memory", default="2GB", help="DuckDB memory_limit, inline")
+    parser.add_argument("--versioned-memory", default="800MB",
+                        help="DuckDB memory_limit, versioned")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--scale-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--labels", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.scale_dir, args.labels, args.out)
+        worker(args.worker, args.scale_dir, args.labels, args.out, args.memory)
         return
 
     with tempfile.TemporaryDirectory(prefix="avrec_bench_") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        print("preparing MovieLens and scaled tables ...", file=sys.stderr, flush=True)
         base = build_base(work)
-        base_labels = None
+        base_labels = pl.scan_parquet(build_scale(base, work, 1) / "all_labels.parquet")
+        per_replica = base_labels.select(pl.len()).collect().item()
         results: list[Result] = []
-        for rows in args.rows:
-            if base_labels is None:
-                build_scale(base, work, 1)
-                base_labels = pl.scan_parquet(work / "x1" / "all_labels.parquet")
-                base_labels = base_labels.select(pl.len()).collect().item()
-            scale_dir = build_scale(base, work, max(1, math.ceil(rows / base_labels)))
+        feast_killed_at = None
+        for rows in sorted(args.rows):
+            scale_dir = build_scale(base, work, max(1, math.ceil(rows / per_replica)))
             labels = labels_for(scale_dir, rows)
             outs = {e: scale_dir / f"out_{rows}_{e.replace(' ', '_')}.parquet" for e in ENGINES}
-            engines = [e for e in ENGINES if not (args.skip_feast and e == "feast")]
-            for engine in engines:
+            for engine in ENGINES:
+                if engine == "feast" and (args.skip_feast or feast_killed_at):
+                    if feast_killed_at:
+                        note = f"not run: killed by a guard at {feast_killed_at:,} rows"
+                        results.append(Result(rows, engine, None, None, note))
+                    continue
                 print(f"running {engine} on {rows:,} rows ...", file=sys.stderr, flush=True)
                 results.append(run_engine(engine, scale_dir, labels, outs[engine], args))
-            by_engine = {r.engine: r for r in results if r.rows == rows}
-            duck, versioned = by_engine["avrec duckdb"], by_engine["avrec duckdb versioned"]
-            if duck.seconds and versioned.seconds:
-                ok = restores_inline(outs["avrec duckdb versioned"], outs["avrec duckdb"])
-                versioned.note = "side-table join == inline" if ok else "SIDE TABLE MISMATCH"
-            if "feast" in by_engine and by_engine["feast"].seconds and duck.seconds:
-                same = identical(outs["feast"], outs["avrec duckdb"])
-                duck.note = "identical to feast" if same else "DIFFERS FROM FEAST"
+                if engine == "feast" and results[-1].note.startswith("killed"):
+                    feast_killed_at = rows
+            check(rows, results, outs)
             for out in scale_dir.glob("out_*"):
                 out.unlink()
         print_table(results)

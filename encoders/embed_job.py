@@ -131,9 +131,13 @@ class _Previous:
         if frame is not None:
             index = {item_id: row for row, item_id in enumerate(frame["item_id"].to_list())}
         self.rows = [index.get(i) for i in ids]
-        for column in ("text_hash", "text_encoder", "image_hash", "image_encoder",
-                       "has_image", "event_timestamp", "created_timestamp"):
-            setattr(self, column, self._aligned(column))
+        self.text_hash = self._aligned("text_hash")
+        self.text_encoder = self._aligned("text_encoder")
+        self.image_hash = self._aligned("image_hash")
+        self.image_encoder = self._aligned("image_encoder")
+        self.has_image = self._aligned("has_image")
+        self.event_timestamp = self._aligned("event_timestamp")
+        self.created_timestamp = self._aligned("created_timestamp")
 
     @classmethod
     def read(cls, out_path: Path, ids: list[int]) -> _Previous:
@@ -153,10 +157,13 @@ class _Previous:
         return [values[r] if r is not None else None for r in self.rows]
 
     def has(self, k: int) -> bool:
+        """Whether current item ``k`` has a row in the previous table."""
         return self.rows[k] is not None
 
     def vectors(self, column: str, ks: list[int]) -> np.ndarray:
-        assert self.frame is not None
+        """Previous (non-null) embeddings of current items ``ks`` as a float32 matrix."""
+        if self.frame is None:
+            raise ValueError("no previous table")
         picked = self.frame[column].gather([self.rows[k] for k in ks])
         dim = picked.list.len().max()
         return picked.list.to_array(int(dim)).to_numpy().astype(np.float32, copy=False)
@@ -218,13 +225,15 @@ def run_embed(
 
     prev = _Previous.read(out_path, ids)
     text_todo = [
-        k for k in range(len(ids))
+        k
+        for k in range(len(ids))
         if not prev.has(k)
         or prev.text_hash[k] != text_hashes[k]
         or prev.text_encoder[k] != text_model.name
     ]
     image_todo = [
-        k for k in range(len(ids))
+        k
+        for k in range(len(ids))
         if image_hashes[k] is not None
         and (
             not prev.has(k)

@@ -46,10 +46,10 @@ def compose(
     if year is not None:
         head = f"{head} ({year})"
     parts = [head]
-    kept_genres = [g for g in (genres or []) if g and g != NO_GENRES]
+    kept_genres = [g for g in (genres if genres is not None else []) if g and g != NO_GENRES]
     if kept_genres:
         parts.append("Genres: " + ", ".join(kept_genres))
-    kept_tags = _dedupe(tags or [])[:MAX_TAGS]
+    kept_tags = _dedupe(tags if tags is not None else [])[:MAX_TAGS]
     if kept_tags:
         parts.append("Tags: " + ", ".join(kept_tags))
     if description and description.strip():
@@ -76,7 +76,11 @@ def item_texts(items: pl.DataFrame) -> list[str]:
         return items[name].to_list() if name in items.columns else [None] * n
 
     rows = zip(
-        column("title"), column("year"), column("genres"), column("tags"), column("description"),
+        column("title"),
+        column("year"),
+        column("genres"),
+        column("tags"),
+        column("description"),
         strict=True,
     )
     return [compose(*row) for row in rows]

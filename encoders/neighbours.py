@@ -242,10 +242,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", default=list(DEFAULT_NAMES), help="item titles")
     parser.add_argument("--encodings", type=Path, help="item_encodings parquet (default: offline)")
     parser.add_argument("--items", type=Path, help="items parquet (default: offline items)")
-    parser.add_argument("--kind", action="append", choices=["text", "image"],
-                        help="built-in kinds to show (default: both)")
-    parser.add_argument("--source", action="append", type=_parse_source, default=[],
-                        metavar="KIND=PATH:COLUMN", help="another embedding kind, joined by item_id")
+    parser.add_argument(
+        "--kind",
+        action="append",
+        choices=["text", "image"],
+        help="built-in kinds to show (default: both)",
+    )
+    parser.add_argument(
+        "--source",
+        action="append",
+        type=_parse_source,
+        default=[],
+        metavar="KIND=PATH:COLUMN",
+        help="another embedding kind, joined by item_id",
+    )
     parser.add_argument("-k", type=int, default=5, help="neighbours shown per item")
     parser.add_argument("--agreement-k", type=int, default=10, help="k for genre agreement")
     parser.add_argument("--no-agreement", action="store_true")

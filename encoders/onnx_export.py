@@ -9,11 +9,13 @@ the model name, output dim, preprocessing, source hash and avrec encoder version
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -77,10 +79,10 @@ class PooledFeatures(nn.Module):
 
 def torch_text_model() -> SentenceEmbedder:
     """The torch reference text encoder (eval mode, CPU), loaded offline from the package."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoModel
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     bert = AutoModel.from_pretrained(str(text_encoder.model_dir()), local_files_only=True)
@@ -198,9 +200,7 @@ def _write_metadata(target: Path, props: dict[str, str]) -> None:
     onnx.save(proto, str(target))
 
 
-def _finish(
-    tmp: Path, path: Path, props: dict[str, str], parity: Parity, what: str
-) -> Parity:
+def _finish(tmp: Path, path: Path, props: dict[str, str], parity: Parity, what: str) -> Parity:
     if not parity.ok:
         raise RuntimeError(
             f"{what}: ONNX/torch parity failed (min cosine {parity.min_cosine:.6f} < {MIN_COSINE})"
@@ -212,14 +212,22 @@ def _finish(
     os.replace(tmp, path)
     log.info(
         "exported %s to %s (max abs diff %.2e, min cosine %.7f)",
-        what, path, parity.max_abs_diff, parity.min_cosine,
+        what,
+        path,
+        parity.max_abs_diff,
+        parity.min_cosine,
     )
     return parity
 
 
 def _metadata(
-    model_name: str, slug: str, source_hash: str, output_name: str, dim: int,
-    preprocessing: str, sources: Sequence[Path],
+    model_name: str,
+    slug: str,
+    source_hash: str,
+    output_name: str,
+    dim: int,
+    preprocessing: str,
+    sources: Sequence[Path],
 ) -> dict[str, str]:
     return {
         model_cache.META_MODEL_NAME: model_name,
@@ -243,8 +251,13 @@ def export_text(path: Path | None = None) -> Parity:
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     dynamic = {name: {0: batch, 1: seq} for name in text_encoder.INPUT_NAMES}
     props = _metadata(
-        text_encoder.MODEL_NAME, text_encoder.SLUG, source_hash, text_encoder.OUTPUT_NAME,
-        text_encoder.DIM, text_encoder.PREPROCESSING, text_encoder.source_files(),
+        text_encoder.MODEL_NAME,
+        text_encoder.SLUG,
+        source_hash,
+        text_encoder.OUTPUT_NAME,
+        text_encoder.DIM,
+        text_encoder.PREPROCESSING,
+        text_encoder.source_files(),
     )
     with tempfile.TemporaryDirectory(dir=_tmp_parent(path)) as tmp_dir:
         tmp = Path(tmp_dir) / model_cache.MODEL_FILE
@@ -261,8 +274,13 @@ def export_image(path: Path | None = None) -> Parity:
     pixels = sample_pixels()
     batch = torch.export.Dim("batch")
     props = _metadata(
-        image_encoder.MODEL_NAME, image_encoder.SLUG, source_hash, image_encoder.OUTPUT_NAME,
-        image_encoder.DIM, image_encoder.PREPROCESSING, [image_encoder.weights_path()],
+        image_encoder.MODEL_NAME,
+        image_encoder.SLUG,
+        source_hash,
+        image_encoder.OUTPUT_NAME,
+        image_encoder.DIM,
+        image_encoder.PREPROCESSING,
+        [image_encoder.weights_path()],
     )
     with tempfile.TemporaryDirectory(dir=_tmp_parent(path)) as tmp_dir:
         tmp = Path(tmp_dir) / model_cache.MODEL_FILE
@@ -291,3 +309,27 @@ def export_all(cache_dir: Path | None = None, force: bool = False) -> dict[str, 
             exporter(path)
         paths[module.SLUG] = path
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Export both encoders into the model cache (a no-op when they are already there)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m encoders.onnx_export", description=main.__doc__
+    )
+    parser.add_argument("--cache-dir", type=Path, help="model cache (default: data dir)")
+    parser.add_argument("--force", action="store_true", help="re-export even when cached")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for slug, path in export_all(args.cache_dir, args.force).items():
+        meta = OnnxModel(path, providers=[CPU_EP]).metadata
+        parity = meta[model_cache.META_PARITY_MAX_ABS], meta[model_cache.META_PARITY_MIN_COS]
+        print(
+            f"{slug}: {path}\n  {meta[model_cache.META_ENCODER_ID]}, "
+            f"{meta[model_cache.META_OUTPUT_DIM]}-d, parity max abs diff {parity[0]}, "
+            f"min cosine {parity[1]}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -122,7 +122,9 @@ class TextEncoder:
         with tqdm(total=len(texts), desc="text", unit="item", disable=not progress) as bar:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                feeds = _pad([encodings[r].ids for r in rows], [encodings[r].type_ids for r in rows])
+                feeds = _pad(
+                    [encodings[r].ids for r in rows], [encodings[r].type_ids for r in rows]
+                )
                 out[rows] = self.model.run(feeds, [OUTPUT_NAME])[OUTPUT_NAME]
                 bar.update(len(rows))
         return out

@@ -15,3 +15,15 @@ ranker_features = FeatureService(
     features=[user_behaviour, item_behaviour, item_embedding[["embedding", "embedding_version"]]],
     description="Everything the ranker reads for a (user, item) pair.",
 )
+
+user_features = FeatureService(
+    name="user_features",
+    features=[user_behaviour],
+    description="The user side alone: read once per request (serving) or per user (ranking).",
+)
+
+item_features = FeatureService(
+    name="item_features",
+    features=[item_behaviour],
+    description="The item side alone: candidates' behaviour features.",
+)

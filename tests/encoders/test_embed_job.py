@@ -165,8 +165,17 @@ def test_cli(items, model_cache_dir, text_onnx, image_onnx, tmp_path, capsys) ->
     items_path = tmp_path / "items.parquet"
     items.write_parquet(items_path)
     out = tmp_path / "enc.parquet"
-    argv = ["--items", str(items_path), "--out", str(out), "--limit", "6", "--no-progress",
-            "--model-cache", str(model_cache_dir)]
+    argv = [
+        "--items",
+        str(items_path),
+        "--out",
+        str(out),
+        "--limit",
+        "6",
+        "--no-progress",
+        "--model-cache",
+        str(model_cache_dir),
+    ]
     assert embed_job.main(argv) == 0
     assert pl.read_parquet(out).height == 6
     assert "6 embedded" in capsys.readouterr().out

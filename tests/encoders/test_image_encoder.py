@@ -35,8 +35,10 @@ def test_onnx_matches_torch_on_real_posters(encoder: ImageEncoder, image_torch, 
     with torch.inference_mode():
         ref = image_torch(torch.from_numpy(pixels)).numpy()
     parity = compare(onnx_out, ref)
-    print(f"\nimage ONNX vs torch on {parity.rows} real posters: "
-          f"max abs diff {parity.max_abs_diff:.2e}, min cosine {parity.min_cosine:.8f}")
+    print(
+        f"\nimage ONNX vs torch on {parity.rows} real posters: "
+        f"max abs diff {parity.max_abs_diff:.2e}, min cosine {parity.min_cosine:.8f}"
+    )
     assert parity.min_cosine >= MIN_COSINE
     assert onnx_out.shape == (24, 1280) and onnx_out.dtype == np.float32
     assert (onnx_out >= 0).all() and (onnx_out <= 6).all()  # pooled ReLU6 activations
@@ -104,3 +106,10 @@ def test_unreadable_images_are_reported_not_fatal(
     assert len(warned) == 5 and any("corrupt.jpg" in w for w in warned)
     with pytest.raises(UnreadableImage):
         image_encoder.load_pixels(corrupt)
+
+
+def test_cache_hit_does_not_reexport(image_onnx: Path, model_cache_dir: Path) -> None:
+    before = image_onnx.stat().st_mtime_ns
+    assert image_encoder.onnx_path(model_cache_dir) == image_onnx
+    assert image_onnx.stat().st_mtime_ns == before
+    assert image_onnx.parent.name == f"efficientnet-lite0-{image_encoder.source_hash()[:16]}-v1"

@@ -108,6 +108,7 @@ def test_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     opts = onnx_runtime.session_options()
     assert opts.intra_op_num_threads == 1
     assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     monkeypatch.setenv(onnx_runtime.THREADS_ENV, "2")
     assert onnx_runtime.session_options().intra_op_num_threads == 2
     assert onnx_runtime.session_options(threads=3).intra_op_num_threads == 3

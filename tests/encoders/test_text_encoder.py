@@ -44,8 +44,10 @@ def test_onnx_matches_torch_on_real_titles(text_onnx: Path, torch_ref, real_text
     onnx_out = TextEncoder(text_onnx).encode(real_texts, batch_size=32)
     ref = torch_ref
     parity = compare(onnx_out, ref)
-    print(f"\ntext ONNX vs torch on {parity.rows} real texts: "
-          f"max abs diff {parity.max_abs_diff:.2e}, min cosine {parity.min_cosine:.8f}")
+    print(
+        f"\ntext ONNX vs torch on {parity.rows} real texts: "
+        f"max abs diff {parity.max_abs_diff:.2e}, min cosine {parity.min_cosine:.8f}"
+    )
     assert parity.min_cosine >= MIN_COSINE
     assert onnx_out.shape == (len(real_texts), 384) and onnx_out.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(onnx_out, axis=1), 1.0, atol=1e-5)

@@ -1,0 +1,257 @@
+"""Classical baselines behind the :class:`~ranker.recommender.Recommender` interface.
+
+* ``RandomRecommender``: seeded uniform scores (a floor, and a check on the metrics).
+* ``Popularity``: interaction counts in the fit data (all ratings or positives only).
+* ``ItemKNN``: cosine similarity of item columns of the binary user-item matrix, each item
+  scored from its ``k`` most similar items that the user has.
+* ``BPR`` / ``ALS``: implicit's CPU matrix factorisation (threads capped, BLAS single-threaded).
+* ``ContentKNN``: cosine between an item's vector and the mean vector of the user's positive
+  training items, for any ``item_id -> vector`` table (text or image embeddings).
+
+The CF models take ``min_value``: ``None`` learns from every rated item, ``4.0`` only from
+positive ratings (users left without any then fall back to popularity).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from implicit.cpu.als import AlternatingLeastSquares
+from implicit.cpu.bpr import BayesianPersonalizedRanking
+from scipy import sparse
+from threadpoolctl import threadpool_limits
+
+from ranker.recommender import InteractionMatrix, Recommender
+
+NO_VECTOR_SCORE = -2.0  # below any cosine: items without a vector rank last
+
+
+class RandomRecommender(Recommender):
+    """Uniform random scores, a function of (seed, user id) only."""
+
+    name = "random"
+
+    def _fit(self, interactions: pl.DataFrame, items: pl.DataFrame) -> None:
+        return None
+
+    def _score(self, user_ids: np.ndarray, as_of: np.ndarray | None) -> np.ndarray:
+        n = self.item_ids.size
+        rows = [np.random.default_rng([self.seed, int(u)]).random(n) for u in user_ids]
+        return np.stack(rows) if rows else np.empty((0, n))
+
+
+class _MatrixModel(Recommender):
+    """A recommender that learns from its own (optionally positive-only) user-item matrix."""
+
+    def __init__(self, min_value: float | None = None, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.min_value = min_value
+        self.train: InteractionMatrix | None = None
+
+    def _fit(self, interactions: pl.DataFrame, items: pl.DataFrame) -> None:
+        self.train = InteractionMatrix.build(interactions, self.item_ids, self.min_value)
+        self._fit_matrix(self.train.matrix)
+
+    def _known(self, user_ids: np.ndarray) -> np.ndarray:
+        assert self.train is not None
+        return self.train.rows(user_ids) >= 0
+
+    def _rows(self, user_ids: np.ndarray) -> np.ndarray:
+        assert self.train is not None
+        return self.train.rows(user_ids)
+
+    def _fit_matrix(self, matrix: sparse.csr_matrix) -> None:
+        raise NotImplementedError
+
+
+class Popularity(_MatrixModel):
+    """Share of the fit data's (optionally positive) interactions on each item, for everyone."""
+
+    name = "popularity"
+
+    def _fit_matrix(self, matrix: sparse.csr_matrix) -> None:
+        counts = np.asarray(matrix.sum(axis=0)).ravel().astype(np.float64)
+        self.shares = counts / max(counts.sum(), 1.0)
+
+    def _score(self, user_ids: np.ndarray, as_of: np.ndarray | None) -> np.ndarray:
+        return np.tile(self.shares, (user_ids.size, 1))
+
+
+def top_k_neighbours(matrix: sparse.csr_matrix, k: int, chunk: int = 1024) -> sparse.csr_matrix:
+    """``N[j, i]`` = cosine(item j, item i) for the ``k`` items most similar to j (not j)."""
+    n_items = matrix.shape[1]
+    cols = matrix.tocsc().astype(np.float64)
+    norms = np.sqrt(np.asarray(cols.multiply(cols).sum(axis=0)).ravel())
+    inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    normalised = (cols @ sparse.diags(inv)).tocsc()
+    k = min(k, n_items - 1)
+    rows, idx, vals = [], [], []
+    for start in range(0, n_items, chunk):
+        stop = min(start + chunk, n_items)
+        sims = (normalised[:, start:stop].T @ normalised).toarray()
+        sims[np.arange(stop - start), np.arange(start, stop)] = 0.0
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        top_vals = np.take_along_axis(sims, top, axis=1)
+        rows.append(np.repeat(np.arange(start, stop), k))
+        idx.append(top.ravel())
+        vals.append(top_vals.ravel())
+    data = np.concatenate(vals)
+    keep = data > 0
+    shape = (n_items, n_items)
+    coo = (data[keep], (np.concatenate(rows)[keep], np.concatenate(idx)[keep]))
+    return sparse.csr_matrix(coo, shape=shape)
+
+
+class ItemKNN(_MatrixModel):
+    """Item-based kNN: ``score(u, j) = sum of cosine(j, i)`` over j's k neighbours i that u has."""
+
+    name = "itemknn"
+
+    def __init__(self, k: int = 100, min_value: float | None = None, seed: int = 0) -> None:
+        super().__init__(min_value, seed)
+        self.k = k
+        self.neighbours_t: sparse.csr_matrix | None = None
+
+    def _fit_matrix(self, matrix: sparse.csr_matrix) -> None:
+        self.neighbours_t = top_k_neighbours(matrix, self.k).T.tocsr()
+
+    def _score(self, user_ids: np.ndarray, as_of: np.ndarray | None) -> np.ndarray:
+        assert self.train is not None and self.neighbours_t is not None
+        user_rows = self.train.matrix[self._rows(user_ids)].astype(np.float64)
+        return np.asarray((user_rows @ self.neighbours_t).toarray())
+
+
+class _FactorModel(_MatrixModel):
+    """implicit matrix factorisation; scores are user-factor . item-factor dot products."""
+
+    def __init__(self, min_value: float | None = None, seed: int = 0, **params: Any) -> None:
+        super().__init__(min_value, seed)
+        self.params = params
+        self.user_factors = np.empty((0, 0))
+        self.item_factors = np.empty((0, 0))
+
+    def _model(self) -> Any:
+        raise NotImplementedError
+
+    def _fit_matrix(self, matrix: sparse.csr_matrix) -> None:
+        with threadpool_limits(1, "blas"):
+            model = self._model()
+            model.fit(matrix, show_progress=False)
+        self.user_factors = np.asarray(model.user_factors, dtype=np.float64)
+        self.item_factors = np.asarray(model.item_factors, dtype=np.float64)
+
+    def _score(self, user_ids: np.ndarray, as_of: np.ndarray | None) -> np.ndarray:
+        return self.user_factors[self._rows(user_ids)] @ self.item_factors.T
+
+
+class BPR(_FactorModel):
+    """Bayesian personalised ranking (implicit, CPU, one thread so a seed reproduces it)."""
+
+    name = "bpr"
+
+    def _model(self) -> Any:
+        return BayesianPersonalizedRanking(num_threads=1, random_state=self.seed, **self.params)
+
+
+class ALS(_FactorModel):
+    """Implicit-feedback alternating least squares (implicit, CPU, two threads)."""
+
+    name = "als"
+
+    def _model(self) -> Any:
+        return AlternatingLeastSquares(
+            num_threads=2, random_state=self.seed, calculate_training_loss=False, **self.params
+        )
+
+
+def read_item_vectors(path: Path, column: str) -> pl.DataFrame:
+    """``item_id, vector`` from a Parquet table with a list-of-floats ``column`` (nulls dropped)."""
+    frame = pl.read_parquet(path, columns=["item_id", column])
+    return frame.drop_nulls(column).select("item_id", pl.col(column).alias("vector"))
+
+
+def random_item_vectors(item_ids: np.ndarray, dim: int = 16, seed: int = 0) -> pl.DataFrame:
+    """Seeded Gaussian vectors for some items (tests and a content-free control)."""
+    vectors = np.random.default_rng(seed).standard_normal((len(item_ids), dim))
+    return pl.DataFrame({"item_id": np.asarray(item_ids, dtype=np.int64), "vector": vectors})
+
+
+class ContentKNN(Recommender):
+    """Cosine between each item's vector and the mean vector of the user's positive items."""
+
+    name = "content-knn"
+
+    def __init__(
+        self, vectors: pl.DataFrame, positive_threshold: float = 4.0, seed: int = 0
+    ) -> None:
+        super().__init__(seed)
+        self.vectors = vectors
+        self.positive_threshold = positive_threshold
+        self.unit = np.empty((0, 0))
+        self.has_vector = np.empty(0, dtype=bool)
+        self.profiles: dict[int, np.ndarray] = {}
+
+    def _fit(self, interactions: pl.DataFrame, items: pl.DataFrame) -> None:
+        ids = self.vectors["item_id"].to_numpy().astype(np.int64)
+        matrix = np.asarray(self.vectors["vector"].to_list(), dtype=np.float64)
+        pos = np.searchsorted(self.item_ids, ids)
+        inside = (pos < self.item_ids.size) & (
+            self.item_ids[np.minimum(pos, self.item_ids.size - 1)] == ids
+        )
+        unit = np.zeros((self.item_ids.size, matrix.shape[1]))
+        norms = np.linalg.norm(matrix[inside], axis=1, keepdims=True)
+        unit[pos[inside]] = np.divide(
+            matrix[inside], norms, where=norms > 0, out=np.zeros_like(matrix[inside])
+        )
+        self.unit = unit
+        self.has_vector = np.linalg.norm(unit, axis=1) > 0
+        positives = InteractionMatrix.build(interactions, self.item_ids, self.positive_threshold)
+        self.profiles = {}
+        indptr, indices = positives.matrix.indptr, positives.matrix.indices
+        for row, user in enumerate(positives.user_ids):
+            cols = indices[indptr[row] : indptr[row + 1]]
+            cols = cols[self.has_vector[cols]]
+            mean = unit[cols].mean(axis=0) if cols.size else np.zeros(unit.shape[1])
+            norm = np.linalg.norm(mean)
+            if norm > 0:
+                self.profiles[int(user)] = mean / norm
+
+    def _known(self, user_ids: np.ndarray) -> np.ndarray:
+        return np.array([int(u) in self.profiles for u in user_ids], dtype=bool)
+
+    def _score(self, user_ids: np.ndarray, as_of: np.ndarray | None) -> np.ndarray:
+        profiles = np.stack([self.profiles[int(u)] for u in user_ids])
+        return np.where(self.has_vector[None, :], profiles @ self.unit.T, NO_VECTOR_SCORE)
+
+
+def grid(**axes: list[Any]) -> list[dict[str, Any]]:
+    """Every combination of the given hyperparameter values, in a fixed order."""
+    names = list(axes)
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+GRIDS: dict[str, list[dict[str, Any]]] = {
+    "random": [{}],
+    "popularity": grid(min_value=[None, 4.0]),
+    "itemknn": grid(k=[20, 50, 100, 200, 400], min_value=[None, 4.0]),
+    "bpr": grid(
+        factors=[64, 128], learning_rate=[0.01, 0.02], regularization=[0.01],
+        iterations=[50, 100], min_value=[None, 4.0],
+    ),
+    "als": grid(
+        factors=[64, 128], regularization=[1.0, 3.0, 10.0, 30.0], alpha=[1.0, 5.0],
+        iterations=[15], min_value=[None, 4.0],
+    ),
+}
+
+QUICK_GRIDS: dict[str, list[dict[str, Any]]] = {
+    "random": [{}],
+    "popularity": [{}],
+    "itemknn": grid(k=[20, 100], min_value=[4.0]),
+    "bpr": grid(factors=[16], iterations=[20], min_value=[4.0]),
+    "als": grid(factors=[16], regularization=[10.0], iterations=[5], min_value=[4.0]),
+}

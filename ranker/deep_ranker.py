@@ -1,0 +1,152 @@
+"""The deep ranker as a :class:`ranker.recommender.Recommender`, for full-ranking evaluation.
+
+``fit`` turns the fit interactions into point-in-time training rows (positives, explicit
+negatives and ``negatives`` sampled per positive, features as of each label through
+:mod:`avrec.pit_join`), holds out the latest 10% of labels for early stopping and trains
+:class:`ranker.model.Ranker`. ``score`` ranks the whole catalogue for each user with the
+user's features as of their cut (``as_of``) and every item's features as of the same cut.
+
+The item representation is a constructor argument (:class:`ranker.features.ItemVectors`):
+the learned mixed embedding, the weighted-sum mixed embedding, text only, image only, or
+collaborative ID vectors: the same model, so the comparison isolates the representation.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import numpy as np
+import polars as pl
+import torch
+
+from avrec import training_set
+from avrec.pit_join import join_features_duckdb
+from ranker.features import FeatureEncoder, ItemVectors
+from ranker.recommender import Recommender
+from ranker.training import TrainConfig, TrainHistory, fit_ranker, model_inputs
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+
+def _as_utc(values: np.ndarray) -> list[datetime]:
+    return [
+        datetime.fromtimestamp(v.astype("datetime64[us]").astype(np.int64) / 1e6, UTC)
+        for v in values
+    ]
+
+
+class DeepRanker(Recommender):
+    """Ranker over point-in-time behaviour features and a table of item vectors."""
+
+    def __init__(
+        self,
+        vectors: ItemVectors,
+        store: FeatureStore,
+        genres: int,
+        negatives: int = 4,
+        config: TrainConfig | None = None,
+        seed: int = 0,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(seed)
+        self.vectors, self.store, self.negatives = vectors, store, negatives
+        self.config = config or TrainConfig(seed=seed)
+        self.encoder = FeatureEncoder(genres=genres)
+        self.name = name or f"deep[{vectors.name}]"
+        self.model = None
+        self.history = TrainHistory()
+        self.users_per_join = 64
+
+    def labelled_rows(self, interactions: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+        """Point-in-time training rows from the fit interactions."""
+        ratings = interactions.filter(pl.col("event_type") == "rating")
+        spec = training_set.TrainingSetSpec(
+            start=ratings["event_timestamp"].min(),
+            end=ratings["event_timestamp"].max() + timedelta(microseconds=1),
+            negatives=self.negatives,
+            seed=self.seed,
+            feature_service="behaviour_features",
+        )
+        labels = training_set.build_labels(interactions, items, spec)
+        return join_features_duckdb(labels, self.store, spec.feature_service)
+
+    def encode(self, rows: pl.DataFrame) -> dict[str, np.ndarray]:
+        """Dense features and item-vector rows (and labels when present) for training rows."""
+        item_idx = self.vectors.rows(rows["item_id"].to_numpy())
+        data = {
+            "user_dense": self.encoder.user_dense(rows),
+            "history_idx": self.encoder.history_rows(rows, self.vectors),
+            "item_idx": item_idx,
+            "item_dense": self.item_dense(rows, item_idx),
+        }
+        if "label" in rows.columns:
+            data["label"] = rows["label"].to_numpy().astype(np.float32)
+        return data
+
+    def item_dense(self, rows: pl.DataFrame, item_idx: np.ndarray) -> np.ndarray:
+        """Item behaviour features plus a flag for items without a vector."""
+        flag = (item_idx < 0).astype(np.float32)[:, None]
+        return np.concatenate([self.encoder.item_dense(rows), flag], 1)
+
+    def _fit(self, interactions: pl.DataFrame, items: pl.DataFrame) -> None:
+        rows = self.labelled_rows(interactions, items)
+        cut = rows["label_timestamp"].quantile(0.9, interpolation="lower")
+        train, valid = (
+            rows.filter(pl.col("label_timestamp") < cut),
+            rows.filter(pl.col("label_timestamp") >= cut),
+        )
+        self.encoder.fit(train)
+        self.model, self.history = fit_ranker(
+            self.encode(train), self.encode(valid), self.vectors.vectors, self.config
+        )
+
+    def _score(self, user_ids: np.ndarray, as_of: np.ndarray | None) -> np.ndarray:
+        if as_of is None:
+            raise ValueError(f"{self.name} reads point-in-time features: pass as_of per user")
+        assert self.model is not None
+        times = _as_utc(as_of)
+        users = join_features_duckdb(
+            pl.DataFrame(
+                {"user_id": user_ids, "item_id": np.zeros(len(user_ids), np.int64),
+                 "label_timestamp": times},
+                schema_overrides={"label_timestamp": pl.Datetime("us", "UTC")},
+            ),
+            self.store,
+            "user_features",
+        )
+        user = {
+            "user_dense": self.encoder.user_dense(users),
+            "history_idx": self.encoder.history_rows(users, self.vectors),
+        }
+        n_items = len(self.item_ids)
+        item_idx = self.vectors.rows(self.item_ids)
+        out = np.empty((len(user_ids), n_items), dtype=np.float32)
+        for start in range(0, len(user_ids), self.users_per_join):
+            chunk = range(start, min(start + self.users_per_join, len(user_ids)))
+            pairs = pl.DataFrame(
+                {
+                    "user_id": np.repeat(user_ids[chunk.start : chunk.stop], n_items),
+                    "item_id": np.tile(self.item_ids, len(chunk)),
+                    "label_timestamp": np.repeat(
+                        np.asarray(as_of[chunk.start : chunk.stop], dtype="datetime64[us]"),
+                        n_items,
+                    ),
+                }
+            ).with_columns(pl.col("label_timestamp").dt.replace_time_zone("UTC"))
+            items = join_features_duckdb(pairs, self.store, "item_features")
+            dense = self.item_dense(items, np.tile(item_idx, len(chunk)))
+            for j, u in enumerate(chunk):
+                rows = np.arange(j * n_items, (j + 1) * n_items)
+                data = {
+                    "user_dense": np.repeat(user["user_dense"][u : u + 1], n_items, 0),
+                    "history_idx": np.repeat(user["history_idx"][u : u + 1], n_items, 0),
+                    "item_idx": item_idx,
+                    "item_dense": dense[rows],
+                }
+                with torch.no_grad():
+                    out[u] = self.model(
+                        *model_inputs(data, np.arange(n_items), self.vectors.vectors)
+                    ).numpy()
+        return out

@@ -1,0 +1,441 @@
+"""The offline evaluation harness (``avrec evaluate``): tune on validation, test once.
+
+For each model: every hyperparameter setting is fitted on the training part and scored on
+the validation users (selection metric: NDCG at the smallest K); the F1 threshold of the
+binary metrics is chosen on the validation pairs of that best setting; the best setting is
+refitted on training + validation and evaluated once on the test users. Ranking is over the
+whole catalogue minus each user's already-seen items. Per-user values give standard errors
+and paired tests against the best baseline (chosen on validation, not on test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from avrec import config, tables
+from ranker import baselines, metrics
+from ranker.recommender import Recommender, catalogue
+from ranker.splits import Split, Stage, global_split, per_user_split
+
+SHORT_HISTORY = 20
+PAIRED_METRICS = ("recall", "ndcg", "mrr")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model family: ``build(params, seed)`` makes an unfitted model per grid point."""
+
+    name: str
+    build: Callable[[dict[str, Any], int], Recommender]
+    grid: list[dict[str, Any]] = field(default_factory=lambda: [{}])
+    baseline: bool = True
+
+
+@dataclass(frozen=True)
+class StageData:
+    """A stage as dense ``[users, items]`` matrices in the catalogue's item order."""
+
+    stage: Stage
+    item_ids: np.ndarray
+    users: np.ndarray  # evaluated users, sorted
+    relevant: np.ndarray  # bool
+    exclude: np.ndarray  # bool
+    as_of: np.ndarray  # datetime64[us] cut per evaluated user
+    fit_counts: np.ndarray  # interactions per item in the fit data
+    history: np.ndarray  # fit ratings per evaluated user
+    pairs: pl.DataFrame  # labelled target pairs (user_id, item_id, label)
+
+
+def _dense(frame: pl.DataFrame, users: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+    out = np.zeros((users.size, item_ids.size), dtype=bool)
+    rows = frame.filter(pl.col("user_id").is_in(users.tolist()))
+    out[
+        np.searchsorted(users, rows["user_id"].to_numpy()),
+        np.searchsorted(item_ids, rows["item_id"].to_numpy()),
+    ] = True
+    return out
+
+
+def cut_times(stage: Stage, users: np.ndarray) -> np.ndarray:
+    """Each user's cut as naive-UTC ``datetime64[us]`` (NaT when the user has none)."""
+    cut = pl.DataFrame({"user_id": users}).join(
+        stage.cut, on="user_id", how="left", maintain_order="left"
+    )
+    return cut["start"].dt.replace_time_zone(None).to_numpy().astype("datetime64[us]")
+
+
+def stage_data(stage: Stage, item_ids: np.ndarray) -> StageData:
+    """Dense relevance / exclusion matrices and per-user facts for one stage."""
+    users = stage.users
+    fit_items = stage.fit["item_id"].to_numpy()
+    per_user = stage.fit.group_by("user_id").len()
+    history = (
+        pl.DataFrame({"user_id": users})
+        .join(per_user, on="user_id", how="left")
+        .sort("user_id")["len"]
+        .fill_null(0)
+        .to_numpy()
+    )
+    return StageData(
+        stage=stage,
+        item_ids=item_ids,
+        users=users,
+        relevant=_dense(stage.positives, users, item_ids),
+        exclude=_dense(stage.seen, users, item_ids),
+        as_of=cut_times(stage, users),
+        fit_counts=np.bincount(np.searchsorted(item_ids, fit_items), minlength=item_ids.size),
+        history=history,
+        pairs=stage.labelled_pairs,
+    )
+
+
+def _pair_scores(model: Recommender, data: StageData) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, scores) of the stage's labelled pairs."""
+    pairs = data.pairs
+    users = np.unique(pairs["user_id"].to_numpy())
+    scores = model.score(users, cut_times(data.stage, users))
+    rows = np.searchsorted(users, pairs["user_id"].to_numpy())
+    cols = np.searchsorted(data.item_ids, pairs["item_id"].to_numpy())
+    return pairs["label"].to_numpy(), scores[rows, cols]
+
+
+def _summary(result: metrics.RankingResult) -> dict[str, dict[str, float]]:
+    return {name: metrics.mean_se(values) for name, values in result.per_user.items()}
+
+
+def _cold_recall(
+    result: metrics.RankingResult, data: StageData, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(slice rows, per-user Recall@k on cold-item positives, random's expected value)."""
+    cold_relevant = data.relevant & ~data.exclude & (data.fit_counts == 0)[None, :]
+    rows = np.flatnonzero(cold_relevant.any(axis=1))
+    hits = np.take_along_axis(cold_relevant[rows], result.top[rows, :k], axis=1).sum(axis=1)
+    recall = hits / cold_relevant[rows].sum(axis=1)
+    expected = metrics.random_expected_recall(cold_relevant[rows], data.exclude[rows], k)
+    return rows, recall, expected
+
+
+@dataclass
+class ModelRun:
+    """Everything measured for one model on one split (per-user values kept for tests)."""
+
+    name: str
+    baseline: bool
+    validation_score: float
+    result: metrics.RankingResult
+    report: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """The outcome of tuning on validation."""
+
+    params: dict[str, Any]
+    score: float
+    threshold: float  # the F1-maximising score threshold on the validation pairs
+    trials: list[dict[str, Any]]
+
+
+def tune(
+    spec: ModelSpec, validation: StageData, items: pl.DataFrame, ks: Sequence[int], seed: int
+) -> Tuned:
+    """Fit every grid point on training, keep the best validation NDCG at the smallest K."""
+    select = f"ndcg@{min(ks)}"
+    priority = metrics.tiebreak_priority(len(validation.item_ids), seed)
+    trials: list[dict[str, Any]] = []
+    best: tuple[float, dict[str, Any], Recommender] | None = None
+    for params in spec.grid:
+        model = spec.build(params, seed).fit(validation.stage.fit, items)
+        scores = model.score(validation.users, validation.as_of)
+        result = metrics.ranking_metrics(
+            scores, validation.relevant, validation.exclude, ks, priority
+        )
+        value = float(result.per_user[select].mean())
+        trials.append({"params": params, f"validation_{select}": value})
+        if best is None or value > best[0]:
+            best = (value, params, model)
+    if best is None:
+        raise ValueError(f"{spec.name}: empty hyperparameter grid")
+    labels, scores = _pair_scores(best[2], validation)
+    return Tuned(best[1], best[0], metrics.best_f1_threshold(labels, scores), trials)
+
+
+def run_model(
+    spec: ModelSpec,
+    validation: StageData,
+    test: StageData,
+    items: pl.DataFrame,
+    ks: Sequence[int],
+    seed: int,
+    short_history: int = SHORT_HISTORY,
+) -> ModelRun:
+    """Tune ``spec`` on validation, refit the best setting, evaluate it on test."""
+    started = time.perf_counter()
+    tuned = tune(spec, validation, items, ks, seed)
+    tuned_at = time.perf_counter()
+    model = spec.build(tuned.params, seed).fit(test.stage.fit, items)
+    fitted_at = time.perf_counter()
+    scores = model.score(test.users, test.as_of)
+    scored_at = time.perf_counter()
+    priority = metrics.tiebreak_priority(len(test.item_ids), seed)
+    result = metrics.ranking_metrics(scores, test.relevant, test.exclude, ks, priority)
+    labels, pair_scores = _pair_scores(model, test)
+    _, cold_recall, _ = _cold_recall(result, test, max(ks))
+    short = test.history < short_history
+    report = {
+        "params": tuned.params,
+        "validation": {f"ndcg@{min(ks)}": tuned.score},
+        "tuning": tuned.trials,
+        "test": _summary(result),
+        "coverage": {f"coverage@{k}": result.coverage(k) for k in ks},
+        "binary": metrics.binary_metrics(labels, pair_scores, tuned.threshold),
+        "slices": {
+            "cold_items": {f"recall@{max(ks)}": metrics.mean_se(cold_recall)},
+            "short_history": _summary(result.subset(short)) if short.any() else {},
+        },
+        "fallback_users": int(model.fallback_mask(test.users).sum()),
+        "seconds": {
+            "tuning": tuned_at - started,
+            "fit": fitted_at - tuned_at,
+            "score": scored_at - fitted_at,
+            "total": time.perf_counter() - started,
+        },
+    }
+    return ModelRun(spec.name, spec.baseline, tuned.score, result, report)
+
+
+def _iso(value: Any) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def split_facts(split: Split, validation: StageData, test: StageData) -> dict[str, Any]:
+    """Dates and counts that describe a split."""
+    all_ratings = pl.concat([split.train, split.validation, split.test])
+    starts = split.cutoffs.filter(pl.col("user_id").is_in(test.users.tolist()))
+    dates = {
+        "first_rating": _iso(all_ratings["event_timestamp"].min()),
+        "last_rating": _iso(all_ratings["event_timestamp"].max()),
+    }
+    for column in ("validation_start", "test_start"):
+        values = starts[column].drop_nulls().sort()
+        if values.len():
+            dates[column] = {
+                "min": _iso(values.min()),
+                "median": _iso(values[values.len() // 2]),
+                "max": _iso(values.max()),
+            }
+    cold = test.relevant & ~test.exclude & (test.fit_counts == 0)[None, :]
+    counts = {
+        "users": all_ratings["user_id"].n_unique(),
+        "items": int(test.item_ids.size),
+        "train_ratings": split.train.height,
+        "validation_ratings": split.validation.height,
+        "test_ratings": split.test.height,
+        "validation_users": int(validation.users.size),
+        "test_users": int(test.users.size),
+        "test_positives": int(test.relevant.sum()),
+        "cold_item_test_positives": int(cold.sum()),
+        "cold_item_test_users": int(cold.any(axis=1).sum()),
+        "catalogue_items_without_fit_interactions": int((test.fit_counts == 0).sum()),
+    }
+    return {"dates": dates, "counts": counts}
+
+
+def evaluate(
+    models: Sequence[ModelSpec | Recommender],
+    split: Split,
+    items: pl.DataFrame,
+    k: Sequence[int] = (10, 20),
+    seed: int = 0,
+    short_history: int = SHORT_HISTORY,
+) -> dict[str, Any]:
+    """Tune, fit and evaluate every model on ``split``; the report as a JSON-ready dict."""
+    started = time.perf_counter()
+    ks = sorted(set(k))
+    specs = [m if isinstance(m, ModelSpec) else _fixed(m) for m in models]
+    item_ids = catalogue(items)
+    validation = stage_data(split.stage("validation"), item_ids)
+    test = stage_data(split.stage("test"), item_ids)
+    if validation.users.size == 0 or test.users.size == 0:
+        raise ValueError(
+            f"{split.kind} split: {validation.users.size} validation and {test.users.size} test "
+            "users with a positive to find; nothing to tune or evaluate"
+        )
+    runs = [run_model(s, validation, test, items, ks, seed, short_history) for s in specs]
+    report = {
+        "split": split.kind,
+        "params": split.params,
+        **split_facts(split, validation, test),
+        "selection_metric": f"ndcg@{min(ks)}",
+        "models": {run.name: run.report for run in runs},
+    }
+    report.update(_comparisons(runs, validation, test, ks, short_history))
+    report["seconds"] = time.perf_counter() - started
+    return report
+
+
+def _fixed(model: Recommender) -> ModelSpec:
+    """A ready-made model instance, refitted per stage without tuning."""
+    return ModelSpec(model.name, lambda _params, _seed: model, [{}], baseline=False)
+
+
+def _comparisons(
+    runs: list[ModelRun], validation: StageData, test: StageData, ks: list[int],
+    short_history: int,
+) -> dict[str, Any]:
+    baseline_runs = [r for r in runs if r.baseline and r.name != "random"] or runs
+    best = max(baseline_runs, key=lambda r: r.validation_score)
+    names = [f"{m}@{k}" for m in PAIRED_METRICS if m != "mrr" for k in ks] + ["mrr"]
+    paired = {
+        run.name: {
+            name: metrics.paired_test(run.result.per_user[name], best.result.per_user[name])
+            for name in names
+        }
+        for run in runs
+        if run is not best
+    }
+    cold_rows, _, expected = _cold_recall(best.result, test, max(ks))
+    return {
+        "best_baseline": best.name,
+        "paired_tests": paired,
+        "slices": {
+            "cold_items": {
+                "users": int(cold_rows.size),
+                f"random_expected_recall@{max(ks)}": metrics.mean_se(expected)["mean"],
+            },
+            "short_history": {
+                "max_fit_ratings": short_history - 1,
+                "users": int((test.history < short_history).sum()),
+            },
+        },
+    }
+
+
+def model_specs(
+    names: Sequence[str],
+    quick: bool = False,
+    positive_threshold: float = 4.0,
+    encodings: Path | None = None,
+) -> list[ModelSpec]:
+    """The baseline specs by name; ``text-knn`` / ``image-knn`` read ``encodings``."""
+    grids = baselines.QUICK_GRIDS if quick else baselines.GRIDS
+    factories: dict[str, Callable[..., Recommender]] = {
+        "random": baselines.RandomRecommender,
+        "popularity": baselines.Popularity,
+        "itemknn": baselines.ItemKNN,
+        "bpr": baselines.BPR,
+        "als": baselines.ALS,
+    }
+    columns = {"text-knn": "text_embedding", "image-knn": "image_embedding"}
+    specs = []
+    for name in names:
+        if name in factories:
+            factory = factories[name]
+            specs.append(ModelSpec(name, _builder(factory), grids[name]))
+        elif name in columns:
+            if encodings is None or not encodings.exists():
+                raise FileNotFoundError(f"{name} needs item encodings; not found at {encodings}")
+            vectors = baselines.read_item_vectors(encodings, columns[name])
+            specs.append(ModelSpec(name, _content_builder(vectors, positive_threshold)))
+        else:
+            raise ValueError(f"unknown model {name!r}; known: {[*factories, *columns]}")
+    return specs
+
+
+def _builder(factory: Callable[..., Recommender]) -> Callable[[dict[str, Any], int], Recommender]:
+    return lambda params, seed: factory(seed=seed, **params)
+
+
+def _content_builder(
+    vectors: pl.DataFrame, threshold: float
+) -> Callable[[dict[str, Any], int], Recommender]:
+    return lambda params, seed: baselines.ContentKNN(vectors, threshold, seed=seed, **params)
+
+
+ALL_MODELS = ("random", "popularity", "itemknn", "bpr", "als", "text-knn", "image-knn")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The ``avrec evaluate`` options."""
+    parser = argparse.ArgumentParser(
+        prog="avrec evaluate", description="Offline evaluation of recommenders on temporal splits."
+    )
+    parser.add_argument("--out", type=Path, help="report directory (default: DATA/evaluation)")
+    parser.add_argument("--split", choices=["per-user", "global", "both"], default="both")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--k", type=int, nargs="+", default=[10, 20], help="cut-offs")
+    parser.add_argument("--positive-threshold", type=float, default=4.0)
+    parser.add_argument(
+        "--models", default=None, help=f"comma-separated subset of {','.join(ALL_MODELS)} "
+        "(default: all; the content models only when the encodings exist)",
+    )
+    parser.add_argument("--offline", type=Path, help="offline tables directory")
+    parser.add_argument("--encodings", type=Path, help="item encodings parquet")
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--validation-fraction", type=float, default=0.1)
+    parser.add_argument("--quantiles", type=float, nargs=2, default=[0.8, 0.9],
+                        metavar=("T1", "T2"), help="global split cut quantiles")
+    parser.add_argument("--short-history", type=int, default=SHORT_HISTORY,
+                        help="slice: users with fewer fit ratings than this")
+    parser.add_argument("--quick", action="store_true", help="tiny hyperparameter grids")
+    return parser.parse_args(argv)
+
+
+def build_splits(events: pl.DataFrame, args: argparse.Namespace) -> list[Split]:
+    """The splits asked for on the command line."""
+    out = []
+    if args.split in ("per-user", "both"):
+        out.append(per_user_split(events, args.test_fraction, args.validation_fraction,
+                                  args.positive_threshold))
+    if args.split in ("global", "both"):
+        out.append(global_split(events, *args.quantiles, args.positive_threshold))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``avrec evaluate``: evaluate the baselines, write report.json / report.md / report.png."""
+    from ranker import report as report_io
+
+    args = parse_args(argv)
+    offline = args.offline or config.offline_dir()
+    encodings = args.encodings or tables.table_path("item_encodings", offline)
+    if args.models:
+        names = [n.strip() for n in args.models.split(",") if n.strip()]
+        skipped = []
+    else:
+        has_encodings = encodings.exists()
+        names = [n for n in ALL_MODELS if has_encodings or not n.endswith("-knn")]
+        skipped = [n for n in ALL_MODELS if n not in names]
+    events = tables.read_table("events", offline)
+    items = tables.read_table("items", offline)
+    specs = model_specs(names, args.quick, args.positive_threshold, encodings)
+    report: dict[str, Any] = {
+        "seed": args.seed,
+        "k": sorted(set(args.k)),
+        "positive_threshold": args.positive_threshold,
+        "models": names,
+        "skipped_models": {n: f"no item encodings at {encodings}" for n in skipped},
+        "splits": {},
+    }
+    for split in build_splits(events, args):
+        print(f"==> evaluating {len(specs)} models on the {split.kind} split", flush=True)
+        report["splits"][split.kind] = evaluate(specs, split, items, args.k, args.seed,
+                                                args.short_history)
+    out = args.out or config.data_dir() / "evaluation"
+    for path in report_io.write_report(report, out):
+        print(f"wrote {path}")
+    print(report_io.markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Render an evaluation report: ``report.json``, ``report.md`` (tables) and ``report.png``."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types: numpy scalars unwrapped, NaN/inf as null, dates as ISO text."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return value
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _mean_se(stat: dict[str, float] | None) -> str:
+    if not stat:
+        return "n/a"
+    return f"{_num(stat['mean'])} ± {_num(stat['se'])}"
+
+
+def _p(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.2g}" if value >= 1e-4 else "<1e-4"
+
+
+def _params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items()) or "-"
+
+
+def _ranking_columns(ks: list[int]) -> list[str]:
+    return [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
+
+
+def split_markdown(name: str, split: dict[str, Any], ks: list[int]) -> str:
+    """One split: dates, counts, the test table, binary metrics, slices, tuned parameters."""
+    counts, dates, kmax = split["counts"], split["dates"], max(ks)
+    select = split["selection_metric"]
+    best = split["best_baseline"]
+    lines = [f"## {name} split", ""]
+    lines.append(f"Ratings {dates['first_rating']} .. {dates['last_rating']}.")
+    for column in ("validation_start", "test_start"):
+        if column in dates:
+            d = dates[column]
+            lines.append(
+                f"{column} (test users): min {d['min']}, median {d['median']}, max {d['max']}."
+            )
+    lines.append(
+        f"{counts['users']} users, {counts['items']} items; "
+        f"ratings train {counts['train_ratings']}, "
+        f"validation {counts['validation_ratings']}, test {counts['test_ratings']}; "
+        f"{counts['validation_users']} validation users, {counts['test_users']} test users, "
+        f"{counts['test_positives']} test positives."
+    )
+    lines += ["", f"Test, mean ± standard error over users (tuned on validation {select}; "
+              f"p-values: paired t / Wilcoxon on {select} vs the best baseline, **{best}**).", ""]
+    columns = _ranking_columns(ks)
+    header = ["model", *columns, *[f"cov@{k}" for k in ks], f"p({select}) t / W"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, result in split["models"].items():
+        test = result["test"]
+        paired = split["paired_tests"].get(model, {}).get(select)
+        p = f"{_p(paired['t_p'])} / {_p(paired['wilcoxon_p'])}" if paired else "(best)"
+        row = [model, *[_mean_se(test.get(c)) for c in columns],
+               *[_num(result["coverage"][f"coverage@{k}"], 3) for k in ks], p]
+        lines.append("| " + " | ".join(row) + " |")
+    cold, short = split["slices"]["cold_items"], split["slices"]["short_history"]
+    lines += ["", f"Binary metrics on labelled test pairs (rating >= threshold), F1 threshold "
+              f"chosen on validation; slices: cold items = test positives on items with no fit "
+              f"interactions ({cold['users']} users; random's expected recall@{kmax} "
+              f"{_num(cold[f'random_expected_recall@{kmax}'])}), short history = users with at "
+              f"most {short['max_fit_ratings']} fit ratings ({short['users']} users).", ""]
+    header = ["model", "AUC", "accuracy", "precision", "recall", "F1", "pairs",
+              f"cold recall@{kmax}", f"short {select}", "fallback users", "params", "seconds"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, result in split["models"].items():
+        b, sl = result["binary"], result["slices"]
+        row = [model, _num(b["auc"]), _num(b["accuracy"]), _num(b["precision"]),
+               _num(b["recall"]), _num(b["f1"]), str(b["pairs"]),
+               _mean_se(sl["cold_items"].get(f"recall@{kmax}")),
+               _mean_se(sl["short_history"].get(select)), str(result["fallback_users"]),
+               _params(result["params"]), f"{result['seconds']['total']:.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The whole report as Markdown."""
+    ks = report["k"]
+    lines = ["# Offline evaluation", "",
+             f"Full-catalogue ranking (no sampled negatives), previously seen items excluded; "
+             f"positive = rating >= {report['positive_threshold']}; seed {report['seed']}.", ""]
+    for model, why in report.get("skipped_models", {}).items():
+        lines.append(f"Skipped {model}: {why}.")
+    for name, split in report["splits"].items():
+        lines += ["", split_markdown(name, split, ks)]
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict[str, Any], path: Path) -> Path:
+    """Grouped bars of the test ranking metrics per model (error bars: standard errors)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = report["k"]
+    columns = _ranking_columns(ks)
+    splits = report["splits"]
+    fig, axes = plt.subplots(1, max(len(splits), 1), figsize=(7 * max(len(splits), 1), 4.5),
+                             squeeze=False)
+    for ax, (name, split) in zip(axes[0], splits.items(), strict=False):
+        models = list(split["models"])
+        width = 0.8 / len(models)
+        x = np.arange(len(columns))
+        for i, model in enumerate(models):
+            test = split["models"][model]["test"]
+            means = [test[c]["mean"] or 0.0 for c in columns]
+            errors = [test[c]["se"] or 0.0 for c in columns]
+            ax.bar(x + i * width, means, width, yerr=errors, capsize=2, label=model)
+        ax.set_xticks(x + 0.4 - width / 2, columns)
+        users = split["counts"]["test_users"]
+        ax.set_title(f"{name} split ({users} test users)")
+        ax.set_ylabel("mean over test users")
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict[str, Any], out: Path) -> list[Path]:
+    """Write ``report.json``, ``report.md`` and ``report.png`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    clean = jsonable(report)
+    json_path = out / "report.json"
+    json_path.write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    md_path = out / "report.md"
+    md_path.write_text(markdown(clean))
+    return [json_path, md_path, chart(clean, out / "report.png")]
