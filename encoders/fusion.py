@@ -60,15 +60,13 @@ class ModalityProjection(nn.Module):
     True
     """
 
-    def __init__(self, in_dim: int, d: int = D, dropout: float = 0.0) -> None:
+    def __init__(self, in_dim: int, d: int = D) -> None:
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(in_dim, d)
         self.norm = nn.LayerNorm(d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(F.normalize(x, dim=1))
-        return F.normalize(self.norm(self.linear(x)), dim=1)
+        return F.normalize(self.norm(self.linear(F.normalize(x, dim=1))), dim=1)
 
 
 class WeightedSumFusion(nn.Module):
@@ -136,23 +134,22 @@ class ItemFusionModel(nn.Module):
         d: int = D,
         text_dim: int = TEXT_DIM,
         image_dim: int = IMAGE_DIM,
-        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.d = d
-        self.text = ModalityProjection(text_dim, d, dropout)
-        self.image = ModalityProjection(image_dim, d, dropout)
+        self.text = ModalityProjection(text_dim, d)
+        self.image = ModalityProjection(image_dim, d)
         self.fusion = fusion
 
     @classmethod
-    def asum(cls, a: float = 0.5, d: int = D, dropout: float = 0.0) -> ItemFusionModel:
+    def asum(cls, a: float = 0.5, d: int = D) -> ItemFusionModel:
         """Weighted-sum fusion with fixed ``a`` and learned projections."""
-        return cls(WeightedSumFusion(a), d, dropout=dropout)
+        return cls(WeightedSumFusion(a), d)
 
     @classmethod
-    def gated(cls, d: int = D, dropout: float = 0.0) -> ItemFusionModel:
+    def gated(cls, d: int = D) -> ItemFusionModel:
         """Learned gated fusion."""
-        return cls(GatedFusion(d), d, dropout=dropout)
+        return cls(GatedFusion(d), d)
 
     @property
     def kind(self) -> str:

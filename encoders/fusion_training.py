@@ -50,6 +50,10 @@ TEXT_RAW = "text-only (MiniLM raw)"
 IMAGE_RAW = "image-only (EffNet raw)"
 
 
+class NotEnoughData(ValueError):
+    """Too few events, pairs or items to train on."""
+
+
 @dataclass(frozen=True)
 class PairConfig:
     """Which consecutive events make a co-consumption pair."""
@@ -63,12 +67,11 @@ class TrainConfig:
     """Optimisation settings shared by both fusions."""
 
     d: int = D
-    epochs: int = 6
+    epochs: int = 3
     batch_size: int = 512
     lr: float = 3e-3
     weight_decay: float = 1e-4
     temperature: float = 0.07
-    dropout: float = 0.1
     seed: int = 0
 
 
@@ -200,7 +203,7 @@ def fit(
     (eval mode) and the mean loss of each epoch.
     """
     if len(pairs) < 2:
-        raise ValueError(f"need at least 2 training pairs, got {len(pairs)}")
+        raise NotEnoughData(f"need at least 2 training pairs, got {len(pairs)}")
     torch.manual_seed(config.seed)
     if kind == "asum":
         fusion: WeightedSumFusion | GatedFusion = WeightedSumFusion(a)
@@ -209,7 +212,7 @@ def fit(
     else:
         raise ValueError(f"unknown fusion kind {kind!r}")
     dims = features.text.shape[1], features.image.shape[1]
-    model = ItemFusionModel(fusion, config.d, *dims, dropout=config.dropout)
+    model = ItemFusionModel(fusion, config.d, *dims)
     generator = torch.Generator().manual_seed(config.seed)
     optimiser = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -234,7 +237,7 @@ def fit(
             loss.backward()
             optimiser.step()
             schedule.step()
-            total += float(loss)
+            total += loss.item()
         losses.append(total / steps_per_epoch)
     return model.eval(), losses
 
@@ -280,9 +283,9 @@ def recall_at_k(
     for start in range(0, len(queries), block):
         q, t = queries[start : start + block], targets[start : start + block]
         if scores_of.ndim == 1:
-            sims = np.broadcast_to(scores_of, (len(q), n)).astype(np.float64)
+            sims = np.tile(scores_of.astype(np.float32), (len(q), 1))
         else:
-            sims = (scores_of[q] @ scores_of.T).astype(np.float64)
+            sims = scores_of[q] @ scores_of.T
         sims[:, ~allowed] = -np.inf
         sims[np.arange(len(q)), q] = -np.inf
         target_score = sims[np.arange(len(q)), t].copy()
@@ -456,7 +459,7 @@ def _popularity(pairs: np.ndarray, n: int) -> np.ndarray:
 
 def train_fusion(
     events: pl.DataFrame,
-    encodings: pl.DataFrame,
+    features: ItemFeatures,
     items: pl.DataFrame,
     cutoff: datetime,
     *,
@@ -475,7 +478,6 @@ def train_fusion(
     learned single-modality projections (``a = 1`` text, ``a = 0`` image) to the test rows.
     """
     started = time.perf_counter()
-    features = ItemFeatures.from_encodings(encodings)
     genres = {
         int(i): list(g or [])
         for i, g in zip(items["item_id"].to_list(), items["genres"].to_list(), strict=True)
@@ -483,7 +485,7 @@ def train_fusion(
     pairs = co_consumption_pairs(events, pair_config)
     before = between(pairs, end=cutoff)
     if before.height < 2:
-        raise ValueError(f"only {before.height} co-consumption pairs before {cutoff.isoformat()}")
+        raise NotEnoughData(f"{before.height} co-consumption pairs before {cutoff.isoformat()}")
     validation_start = before["second_at"].quantile(1.0 - val_fraction, "lower")
     train_part = pair_rows(between(before, end=validation_start), features)
     val_part = pair_rows(between(before, start=validation_start), features)

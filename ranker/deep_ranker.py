@@ -109,8 +109,11 @@ class DeepRanker(Recommender):
         times = _as_utc(as_of)
         users = join_features_duckdb(
             pl.DataFrame(
-                {"user_id": user_ids, "item_id": np.zeros(len(user_ids), np.int64),
-                 "label_timestamp": times},
+                {
+                    "user_id": user_ids,
+                    "item_id": np.zeros(len(user_ids), np.int64),
+                    "label_timestamp": times,
+                },
                 schema_overrides={"label_timestamp": pl.Datetime("us", "UTC")},
             ),
             self.store,

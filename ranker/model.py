@@ -18,6 +18,8 @@ dot product pulls candidates from the whole catalogue before ranking.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -29,7 +31,7 @@ def mlp(sizes: list[int], dropout: float = 0.0) -> nn.Sequential:
     torch.Size([2, 1])
     """
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
@@ -68,7 +70,9 @@ class TargetAttention(nn.Module):
         super().__init__()
         self.score = mlp([4 * dim, hidden, 1])
 
-    def forward(self, history: torch.Tensor, mask: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, history: torch.Tensor, mask: torch.Tensor, query: torch.Tensor
+    ) -> torch.Tensor:
         q = query.unsqueeze(1).expand_as(history)
         logits = self.score(torch.cat([history, q, history * q, history - q], dim=-1)).squeeze(-1)
         logits = logits.masked_fill(mask <= 0, -1e4)
@@ -165,8 +169,9 @@ class UserTower(nn.Module):
     ) -> torch.Tensor:
         weights = history_mask / history_mask.sum(1, keepdim=True).clamp_min(1.0)
         pooled = torch.bmm(weights.unsqueeze(1), self.history(history)).squeeze(1)
-        return nn.functional.normalize(self.out(torch.cat([self.dense(user_dense), pooled], 1)),
-                                       dim=-1)
+        return nn.functional.normalize(
+            self.out(torch.cat([self.dense(user_dense), pooled], 1)), dim=-1
+        )
 
 
 class ItemTower(nn.Module):

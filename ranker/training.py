@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from ranker.model import Ranker
 
 
-
 @dataclass
 class TrainConfig:
     """Optimisation settings; the defaults suit ml-latest-small on 2 CPU cores."""
@@ -67,8 +66,9 @@ def model_inputs(
     return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in arrays]
 
 
-def _loss(model: Ranker, data: dict[str, np.ndarray], idx: np.ndarray, weight: float,
-          vectors: np.ndarray):
+def _loss(
+    model: Ranker, data: dict[str, np.ndarray], idx: np.ndarray, weight: float, vectors: np.ndarray
+):
     feeds = model_inputs(data, idx, vectors)
     labels = torch.from_numpy(data["label"][idx].astype(np.float32))
     logits = model(*feeds)
@@ -105,22 +105,28 @@ def fit_ranker(
         item_dim=vectors.shape[1],
         dim=config.dim,
     )
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimiser = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
     history, best, best_loss, waited = TrainHistory(), None, math.inf, 0
     n = len(train["label"])
     for epoch in range(config.epochs):
         model.train()
         running, steps = 0.0, 0
         batches = _batches(n, config.batch_size, rng)
-        bar = tqdm(batches, total=math.ceil(n / config.batch_size), disable=not config.progress,
-                   desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+        bar = tqdm(
+            batches,
+            total=math.ceil(n / config.batch_size),
+            disable=not config.progress,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            leave=False,
+        )
         for idx in bar:
             optimiser.zero_grad()
             loss = _loss(model, train, idx, config.positive_weight, vectors)
             loss.backward()
             optimiser.step()
-            running, steps = running + float(loss), steps + 1
+            running, steps = running + loss.item(), steps + 1
         history.train_loss.append(running / max(steps, 1))
         history.val_loss.append(evaluate_loss(model, valid, vectors))
         if history.val_loss[-1] < best_loss - 1e-4:
