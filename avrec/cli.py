@@ -179,7 +179,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_delegated("embed", ["--no-progress"])
         done()
         done = _step("mixed item embeddings: weighted sum and learned (gated) fusion")
-        run_delegated("fuse", [])
+        # Fusion learns from co-consumption: trained on events before the training set's
+        # window and stamped at that cutoff, so no label sees vectors built from its future.
+        run_delegated("fuse", ["--cutoff", "2017-01-01"])
         done()
     done = _step("feast apply + materialize into Redis")
     feature_store.apply(status.url)
@@ -202,7 +204,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     done()
     if embeddings:
         done = _step("nearest neighbours of a few films (text, image, mixed)")
-        run_delegated("neighbours", [])
+        mixed = f"mixed={tables.table_path('item_embeddings')}:embedding"
+        run_delegated("neighbours", ["--source", mixed])
         done()
     print("==> online features from Redis (reader clock 2018-09-25, TTL enforced)")
     return cmd_online(

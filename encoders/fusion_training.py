@@ -508,7 +508,7 @@ def train_fusion(
         vectors = embed(model, features)
         grid[float(a)] = recall_at_k(unit(vectors), val_part)
         val_vectors[f"a-sum (a={a})"] = vectors
-    best_a = max(grid, key=lambda a: (grid[a][50], -abs(a - 0.5)))
+    best_a = max(grid, key=lambda a: (np.nan_to_num(grid[a][50], nan=-1.0), -abs(a - 0.5)))
     gated_val, _ = fit("gated", features, train_part, config)
     val_vectors["gated"] = embed(gated_val, features)
     validation = evaluate(
