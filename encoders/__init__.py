@@ -10,6 +10,9 @@ Modules:
 - ``onnx_export``: the torch side: reference modules, export, parity check, metadata.
 - ``embed_job``: the incremental catalogue embedding job (``avrec embed``).
 - ``neighbours``: nearest neighbours and genre agreement of embeddings (``avrec neighbours``).
+- ``fusion``: projections to one space, weighted-sum and gated fusion, ONNX export.
+- ``fusion_training``: contrastive training of the fusion on co-consumed items, evaluation.
+- ``mixed_job``: the mixed item embedding job (``avrec fuse``) feeding the Feast view.
 """
 
 ENCODER_VERSION = "1"

@@ -13,6 +13,7 @@ collaborative ID vectors: the same model, so the comparison isolates the represe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,11 @@ if TYPE_CHECKING:
     from feast import FeatureStore
 
 
+# Item vectors learned from the fit interactions themselves (e.g. the fusion, trained on the
+# training split only, so evaluation never sees vectors built from test-period behaviour).
+VectorFactory = Callable[[pl.DataFrame, pl.DataFrame], ItemVectors]
+
+
 def _as_utc(values: np.ndarray) -> list[datetime]:
     return [
         datetime.fromtimestamp(v.astype("datetime64[us]").astype(np.int64) / 1e6, UTC)
@@ -42,7 +48,7 @@ class DeepRanker(Recommender):
 
     def __init__(
         self,
-        vectors: ItemVectors,
+        vectors: ItemVectors | VectorFactory,
         store: FeatureStore,
         genres: int,
         negatives: int = 4,
@@ -51,10 +57,12 @@ class DeepRanker(Recommender):
         name: str | None = None,
     ) -> None:
         super().__init__(seed)
-        self.vectors, self.store, self.negatives = vectors, store, negatives
+        self.vector_factory = None if isinstance(vectors, ItemVectors) else vectors
+        self.vectors = vectors if isinstance(vectors, ItemVectors) else None
+        self.store, self.negatives = store, negatives
         self.config = config or TrainConfig(seed=seed)
         self.encoder = FeatureEncoder(genres=genres)
-        self.name = name or f"deep[{vectors.name}]"
+        self.name = name or f"deep[{getattr(vectors, 'name', 'fitted vectors')}]"
         self.model = None
         self.history = TrainHistory()
         self.users_per_join = 64
@@ -91,6 +99,8 @@ class DeepRanker(Recommender):
         return np.concatenate([self.encoder.item_dense(rows), flag], 1)
 
     def _fit(self, interactions: pl.DataFrame, items: pl.DataFrame) -> None:
+        if self.vector_factory is not None:
+            self.vectors = self.vector_factory(interactions, items)
         rows = self.labelled_rows(interactions, items)
         cut = rows["label_timestamp"].quantile(0.9, interpolation="lower")
         train, valid = (

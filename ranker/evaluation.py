@@ -341,6 +341,8 @@ def model_specs(
         if name in factories:
             factory = factories[name]
             specs.append(ModelSpec(name, _builder(factory), grids[name]))
+        elif name in DEEP_MODELS:
+            specs.append(ModelSpec(name, _deep_builder(name, encodings, quick), baseline=False))
         elif name in columns:
             if encodings is None or not encodings.exists():
                 raise FileNotFoundError(f"{name} needs item encodings; not found at {encodings}")
@@ -362,6 +364,49 @@ def _content_builder(
 
 
 ALL_MODELS = ("random", "popularity", "itemknn", "bpr", "als", "text-knn", "image-knn")
+DEEP_MODELS = ("deep-mixed", "deep-asum", "deep-text", "deep-image")
+
+
+def _deep_builder(
+    name: str, encodings: Path | None, quick: bool
+) -> Callable[[dict[str, Any], int], Recommender]:
+    """The deep ranker over one item representation.
+
+    ``deep-mixed`` / ``deep-asum`` train the fusion on each stage's fit interactions (never
+    on validation or test behaviour); ``deep-text`` / ``deep-image`` use the raw encodings.
+    """
+    from avrec import behaviour_features
+    from avrec.feature_store import get_store
+    from ranker.deep_ranker import DeepRanker
+    from ranker.features import ItemVectors
+    from ranker.training import TrainConfig
+
+    if encodings is None or not encodings.exists():
+        raise FileNotFoundError(f"{name} needs item encodings; not found at {encodings}")
+    frame = pl.read_parquet(encodings)
+    kind = name.removeprefix("deep-")
+
+    def fused(interactions: pl.DataFrame, items: pl.DataFrame) -> ItemVectors:
+        from datetime import timedelta
+
+        from encoders import fusion_training as ft
+
+        features = ft.ItemFeatures.from_encodings(frame)
+        cutoff = interactions["event_timestamp"].max() + timedelta(microseconds=1)
+        run = ft.train_fusion(interactions, features, items, cutoff, ablations=False)
+        model = run.gated if kind == "mixed" else run.asum
+        return ItemVectors(features.item_ids, ft.embed(model, features), kind)
+
+    def build(params: dict[str, Any], seed: int) -> Recommender:
+        items = tables.read_table("items")
+        genres = len(behaviour_features.genre_vocabulary(items))
+        column = {"text": "text_embedding", "image": "image_embedding"}.get(kind)
+        vectors = ItemVectors.from_frame(frame, column, kind) if column else fused
+        epochs = 2 if quick else 6
+        cfg = TrainConfig(epochs=epochs, batch_size=2048, seed=seed, progress=False, **params)
+        return DeepRanker(vectors, get_store(), genres, config=cfg, seed=seed, name=name)
+
+    return build
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -375,7 +420,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, nargs="+", default=[10, 20], help="cut-offs")
     parser.add_argument("--positive-threshold", type=float, default=4.0)
     parser.add_argument(
-        "--models", default=None, help=f"comma-separated subset of {','.join(ALL_MODELS)} "
+        "--models", default=None,
+        help=f"comma-separated subset of {','.join(ALL_MODELS + DEEP_MODELS)} "
         "(default: all; the content models only when the encodings exist)",
     )
     parser.add_argument("--offline", type=Path, help="offline tables directory")
