@@ -74,3 +74,23 @@ def read_view(
             record[name] = feast_value_type_to_python_type(value) if value is not None else None
         records.append(record)
     return pl.DataFrame(records, infer_schema_length=None)
+
+
+class MixedVersionsError(RuntimeError):
+    """An answer would combine item vectors of two embedding versions."""
+
+
+def read_item_embeddings(
+    store: FeatureStore, ids: list[int], now: datetime | None = None
+) -> pl.DataFrame:
+    """Fresh item embeddings for ``ids``, all of one ``embedding_version``.
+
+    During a re-materialization Redis briefly holds rows of the old and the new version;
+    an answer mixing them would compare vectors from two different spaces, so it is refused
+    (the caller retries, or serves from its cached version).
+    """
+    frame = read_view(store, "item_embedding", ids, now)
+    versions = frame.filter(pl.col("fresh"))["embedding_version"].unique().to_list()
+    if len(versions) > 1:
+        raise MixedVersionsError(f"item embeddings of several versions in one answer: {versions}")
+    return frame

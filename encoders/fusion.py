@@ -28,13 +28,18 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from avrec.onnx_runtime import CPU_EP, OnnxModel
-from encoders.onnx_export import MIN_COSINE, Parity, compare
+from encoders.onnx_export import (
+    MIN_COSINE,
+    Parity,
+    compare,
+    quiet_exporter_loggers,
+    write_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +221,7 @@ def export_onnx(
         with (
             warnings.catch_warnings(),
             contextlib.redirect_stdout(io.StringIO()),
-            _quiet_loggers(),
+            quiet_exporter_loggers(),
         ):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
@@ -240,29 +245,6 @@ def export_onnx(
         props = dict(metadata or {})
         props[META_PARITY_MAX_ABS] = f"{result.max_abs_diff:.3e}"
         props[META_PARITY_MIN_COS] = f"{result.min_cosine:.8f}"
-        _write_metadata(tmp, props)
+        write_metadata(tmp, props)
         os.replace(tmp, path)
     return result
-
-
-@contextlib.contextmanager
-def _quiet_loggers(names: tuple[str, ...] = ("onnx_ir", "onnxscript", "torch.onnx")):
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-def _write_metadata(path: Path, props: Mapping[str, str]) -> None:
-    proto = onnx.load(str(path))
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, str(value)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))

@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +160,11 @@ def _export(
     dynamic_shapes: dict[str, dict[int, torch.export.Dim]],
     target: Path,
 ) -> None:
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_loggers():
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        quiet_exporter_loggers(),
+    ):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,
@@ -177,7 +181,7 @@ def _export(
 
 
 @contextlib.contextmanager
-def _quiet_loggers(names: Sequence[str] = ("onnx_ir", "onnxscript", "torch.onnx")):
+def quiet_exporter_loggers(names: Sequence[str] = ("onnx_ir", "onnxscript", "torch.onnx")):
     """Silence the exporter's INFO chatter (graph passes) for the duration of an export."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
@@ -190,12 +194,13 @@ def _quiet_loggers(names: Sequence[str] = ("onnx_ir", "onnxscript", "torch.onnx"
             lg.setLevel(level)
 
 
-def _write_metadata(target: Path, props: dict[str, str]) -> None:
+def write_metadata(target: Path, props: Mapping[str, object]) -> None:
+    """Replace an ONNX file's metadata_props (values as strings), check and save it."""
     proto = onnx.load(str(target))
     del proto.metadata_props[:]
     for key, value in props.items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+        entry.key, entry.value = key, str(value)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(target))
 
@@ -207,7 +212,7 @@ def _finish(tmp: Path, path: Path, props: dict[str, str], parity: Parity, what: 
         )
     props[model_cache.META_PARITY_MAX_ABS] = f"{parity.max_abs_diff:.3e}"
     props[model_cache.META_PARITY_MIN_COS] = f"{parity.min_cosine:.8f}"
-    _write_metadata(tmp, props)
+    write_metadata(tmp, props)
     path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, path)
     log.info(

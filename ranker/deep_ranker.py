@@ -99,6 +99,8 @@ class DeepRanker(Recommender):
         return np.concatenate([self.encoder.item_dense(rows), flag], 1)
 
     def _fit(self, interactions: pl.DataFrame, items: pl.DataFrame) -> None:
+        if "event_type" not in interactions.columns:  # the harness passes rating events only
+            interactions = interactions.with_columns(pl.lit("rating").alias("event_type"))
         if self.vector_factory is not None:
             self.vectors = self.vector_factory(interactions, items)
         rows = self.labelled_rows(interactions, items)

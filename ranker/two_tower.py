@@ -173,7 +173,7 @@ def _epoch_loss(
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-        running, steps = running + float(loss), steps + 1
+        running, steps = running + loss.item(), steps + 1
     return running / max(steps, 1)
 
 
@@ -281,15 +281,15 @@ class TwoTowerRecommender(Recommender):
         with torch.no_grad():
             for i in range(len(user_ids)):
                 user_in = self.user_inputs(data, np.array([i]))
-                out[i] = self.user_tower(*user_in).numpy()[0]
+                out[i] = self.user_tower(*map(torch.from_numpy, user_in)).numpy()[0]
         return out
 
     def user_inputs(self, data: dict[str, np.ndarray], idx: np.ndarray) -> list[np.ndarray]:
-        """The user tower's three inputs for rows ``idx`` of encoded user features."""
+        """The user tower's three float32 inputs for rows ``idx`` of encoded user features."""
         history_idx = data["history_idx"][idx]
         mask = (history_idx >= 0).astype(np.float32)
         history = self.vectors.vectors[np.maximum(history_idx, 0)] * mask[..., None]
-        return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        return [np.ascontiguousarray(a, dtype=np.float32)
                 for a in (data["user_dense"][idx], history, mask)]
 
     def iter_item_vectors(self, times: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -325,12 +325,13 @@ class TwoTowerRecommender(Recommender):
             as_of, dtype="datetime64[us]"
         )
         times = np.where(np.isnat(times), self.fit_end, times)
-        users = self.user_vectors(user_ids, times).astype(np.float64)
+        users = torch.from_numpy(self.user_vectors(user_ids, times)).double()
         distinct, which = np.unique(times, return_inverse=True)
         out = np.empty((len(user_ids), self.item_ids.size), dtype=np.float64)
+        # The products run in torch: numpy's BLAS threads would spin against torch's.
         for t, items in self.iter_item_vectors(distinct):
             rows = np.flatnonzero(which == t)
-            out[rows] = users[rows] @ items.astype(np.float64).T
+            out[rows] = (users[rows] @ torch.from_numpy(items).double().T).numpy()
         return out
 
     def contract(self) -> ModelContract:

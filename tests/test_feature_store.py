@@ -143,3 +143,59 @@ def test_feast_cli_apply_and_materialize(tmp_path: Path, movielens_offline, redi
     users = tables.read_table("user_behaviour", movielens_offline)["user_id"].n_unique()
     items = tables.read_table("item_behaviour", movielens_offline)["item_id"].n_unique()
     assert client.dbsize() == users + items
+
+
+def test_item_embeddings_of_two_versions_are_refused(tmp_path: Path, redis_url: str) -> None:
+    from feast import Entity, FeatureStore, FeatureView, Field, FileSource, ValueType
+    from feast.repo_config import RepoConfig
+    from feast.types import Array, Float32, String
+
+    source = tmp_path / "emb.parquet"
+    pd.DataFrame(
+        {
+            "item_id": [1],
+            "embedding": [[0.0]],
+            "embedding_version": ["a"],
+            "event_timestamp": [REPLAY_NOW],
+        }
+    ).to_parquet(source)
+    store = FeatureStore(
+        config=RepoConfig(
+            project="versions_test",
+            provider="local",
+            registry={"registry_type": "sql", "path": f"sqlite:///{tmp_path / 'registry.db'}"},
+            offline_store={"type": "duckdb"},
+            online_store={"type": "redis", "connection_string": feast_connection_string(redis_url)},
+            entity_key_serialization_version=3,
+        )
+    )
+    item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64)
+    view = FeatureView(
+        name="item_embedding",
+        entities=[item],
+        ttl=timedelta(days=3650),
+        schema=[
+            Field(name="embedding", dtype=Array(Float32)),
+            Field(name="embedding_version", dtype=String),
+        ],
+        source=FileSource(path=str(source), timestamp_field="event_timestamp"),
+    )
+    store.apply([item, view])
+    now = datetime.now(UTC)
+    rows = pd.DataFrame(
+        {
+            "item_id": [1, 2],
+            "embedding": [[0.1, 0.2], [0.3, 0.4]],
+            "embedding_version": ["v1", "v1"],
+            "event_timestamp": [now, now],
+        }
+    )
+    store.write_to_online_store("item_embedding", rows)
+    same = online_features.read_item_embeddings(store, [1, 2], now=now)
+    assert same["embedding_version"].to_list() == ["v1", "v1"]
+    newer = rows.iloc[[0]].assign(
+        embedding_version="v2", event_timestamp=now + timedelta(seconds=1)
+    )
+    store.write_to_online_store("item_embedding", newer)  # a re-materialization half done
+    with pytest.raises(online_features.MixedVersionsError, match="v1"):
+        online_features.read_item_embeddings(store, [1, 2], now=now + timedelta(seconds=2))
