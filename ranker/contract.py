@@ -83,9 +83,6 @@ class TensorSpec:
         shape = tuple("?" if d is None else d for d in value.shape)
         return cls(value.name, dtype, shape)
 
-    def describe(self) -> str:
-        return f"{self.dtype}[{', '.join(str(d) for d in self.shape)}]"
-
 
 def _shape_problem(
     kind: str, name: str, expected: tuple[Dim, ...], actual: tuple[Dim, ...]
@@ -168,12 +165,11 @@ class ModelContract:
             key: tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in data[key])
             for key in ("inputs", "outputs")
         }
-        return cls(
-            **{**data, **specs},
-            user_dense_names=tuple(data["user_dense_names"]),
-            item_dense_names=tuple(data["item_dense_names"]),
-            feature_services={k: tuple(v) for k, v in data["feature_services"].items()},
-        )
+        data |= specs
+        data["user_dense_names"] = tuple(data["user_dense_names"])
+        data["item_dense_names"] = tuple(data["item_dense_names"])
+        data["feature_services"] = {k: tuple(v) for k, v in data["feature_services"].items()}
+        return cls(**data)
 
     def save(self, directory: Path) -> Path:
         """Write ``contract.json`` into ``directory``; returns its path."""

@@ -25,7 +25,7 @@ from avrec import training_set
 from avrec.pit_join import join_features_duckdb
 from ranker.features import FeatureEncoder, ItemVectors
 from ranker.recommender import Recommender
-from ranker.training import TrainConfig, TrainHistory, fit_ranker, model_inputs
+from ranker.training import TrainConfig, TrainHistory, fit_ranker, model_inputs, torch_threads
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -110,9 +110,10 @@ class DeepRanker(Recommender):
             rows.filter(pl.col("label_timestamp") >= cut),
         )
         self.encoder.fit(train)
-        self.model, self.history = fit_ranker(
-            self.encode(train), self.encode(valid), self.vectors.vectors, self.config
-        )
+        with torch_threads(1):
+            self.model, self.history = fit_ranker(
+                self.encode(train), self.encode(valid), self.vectors.vectors, self.config
+            )
 
     def _score(self, user_ids: np.ndarray, as_of: np.ndarray | None) -> np.ndarray:
         if as_of is None:
@@ -160,7 +161,7 @@ class DeepRanker(Recommender):
                     "item_idx": item_idx,
                     "item_dense": dense[rows],
                 }
-                with torch.no_grad():
+                with torch.no_grad(), torch_threads(1):
                     out[u] = self.model(
                         *model_inputs(data, np.arange(n_items), self.vectors.vectors)
                     ).numpy()
