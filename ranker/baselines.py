@@ -15,6 +15,7 @@ positive ratings (users left without any then fall back to popularity).
 from __future__ import annotations
 
 import itertools
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,9 @@ class _MatrixModel(Recommender):
         assert self.train is not None
         return self.train.rows(user_ids)
 
+    @abstractmethod
     def _fit_matrix(self, matrix: sparse.csr_matrix) -> None:
-        raise NotImplementedError
+        """Learn from the (filtered) user-item matrix."""
 
 
 class Popularity(_MatrixModel):
@@ -134,8 +136,9 @@ class _FactorModel(_MatrixModel):
         self.user_factors = np.empty((0, 0))
         self.item_factors = np.empty((0, 0))
 
+    @abstractmethod
     def _model(self) -> Any:
-        raise NotImplementedError
+        """A fresh ``implicit`` model with ``self.params``."""
 
     def _fit_matrix(self, matrix: sparse.csr_matrix) -> None:
         with threadpool_limits(1, "blas"):
@@ -239,12 +242,18 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "popularity": grid(min_value=[None, 4.0]),
     "itemknn": grid(k=[20, 50, 100, 200, 400], min_value=[None, 4.0]),
     "bpr": grid(
-        factors=[64, 128], learning_rate=[0.01, 0.02], regularization=[0.01],
-        iterations=[50, 100], min_value=[None, 4.0],
+        factors=[64, 128],
+        learning_rate=[0.01, 0.02],
+        regularization=[0.01],
+        iterations=[50, 100],
+        min_value=[None, 4.0],
     ),
     "als": grid(
-        factors=[64, 128], regularization=[1.0, 3.0, 10.0, 30.0], alpha=[1.0, 5.0],
-        iterations=[15], min_value=[None, 4.0],
+        factors=[64, 128],
+        regularization=[1.0, 3.0, 10.0, 30.0],
+        alpha=[1.0, 5.0],
+        iterations=[15],
+        min_value=[None, 4.0],
     ),
 }
 
