@@ -43,20 +43,25 @@ def test_unknown_entity_reads_as_absent(feature_store) -> None:
     assert row["popularity_all"] is None
 
 
-@pytest.fixture()
-def ttl_store(tmp_path: Path, redis_url: str):
-    """A tiny repo with a 2-day TTL view, on the real Redis, under its own project."""
-    from feast import Entity, FeatureStore, FeatureView, Field, FileSource, ValueType
+def small_store(
+    tmp_path: Path,
+    redis_url: str,
+    project: str,
+    key: str,
+    view_name: str,
+    ttl: timedelta,
+    fields: list,
+    first_row: dict,
+):
+    """A one-view Feast repo of its own project on the session's real Redis."""
+    from feast import Entity, FeatureStore, FeatureView, FileSource, ValueType
     from feast.repo_config import RepoConfig
-    from feast.types import Int64
 
-    source_path = tmp_path / "scores.parquet"
-    pd.DataFrame({"user_id": [1], "score": [0], "event_timestamp": [REPLAY_NOW]}).to_parquet(
-        source_path
-    )
+    source = tmp_path / f"{view_name}.parquet"
+    pd.DataFrame({key: [1], **first_row, "event_timestamp": [REPLAY_NOW]}).to_parquet(source)
     store = FeatureStore(
         config=RepoConfig(
-            project="ttl_test",
+            project=project,
             provider="local",
             registry={"registry_type": "sql", "path": f"sqlite:///{tmp_path / 'registry.db'}"},
             offline_store={"type": "duckdb"},
@@ -64,16 +69,35 @@ def ttl_store(tmp_path: Path, redis_url: str):
             entity_key_serialization_version=3,
         )
     )
-    user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
+    entity = Entity(name=key.removesuffix("_id"), join_keys=[key], value_type=ValueType.INT64)
     view = FeatureView(
-        name="scores",
-        entities=[user],
-        ttl=timedelta(days=2),
-        schema=[Field(name="score", dtype=Int64)],
-        source=FileSource(path=str(source_path), timestamp_field="event_timestamp"),
+        name=view_name,
+        entities=[entity],
+        ttl=ttl,
+        schema=fields,
+        source=FileSource(path=str(source), timestamp_field="event_timestamp"),
     )
-    store.apply([user, view])
+    store.apply([entity, view])
     return store
+
+
+@pytest.fixture()
+def ttl_store(tmp_path: Path, redis_url: str):
+    """A tiny repo with a 2-day TTL view, on the real Redis, under its own project."""
+    from feast import Field
+    from feast.types import Int64
+
+    fields = [Field(name="score", dtype=Int64)]
+    return small_store(
+        tmp_path,
+        redis_url,
+        "ttl_test",
+        "user_id",
+        "scores",
+        timedelta(days=2),
+        fields,
+        {"score": [0]},
+    )
 
 
 def test_online_ttl_is_enforced_by_avrec_reader(ttl_store) -> None:
@@ -146,41 +170,23 @@ def test_feast_cli_apply_and_materialize(tmp_path: Path, movielens_offline, redi
 
 
 def test_item_embeddings_of_two_versions_are_refused(tmp_path: Path, redis_url: str) -> None:
-    from feast import Entity, FeatureStore, FeatureView, Field, FileSource, ValueType
-    from feast.repo_config import RepoConfig
+    from feast import Field
     from feast.types import Array, Float32, String
 
-    source = tmp_path / "emb.parquet"
-    pd.DataFrame(
-        {
-            "item_id": [1],
-            "embedding": [[0.0]],
-            "embedding_version": ["a"],
-            "event_timestamp": [REPLAY_NOW],
-        }
-    ).to_parquet(source)
-    store = FeatureStore(
-        config=RepoConfig(
-            project="versions_test",
-            provider="local",
-            registry={"registry_type": "sql", "path": f"sqlite:///{tmp_path / 'registry.db'}"},
-            offline_store={"type": "duckdb"},
-            online_store={"type": "redis", "connection_string": feast_connection_string(redis_url)},
-            entity_key_serialization_version=3,
-        )
+    fields = [
+        Field(name="embedding", dtype=Array(Float32)),
+        Field(name="embedding_version", dtype=String),
+    ]
+    store = small_store(
+        tmp_path,
+        redis_url,
+        "versions_test",
+        "item_id",
+        "item_embedding",
+        timedelta(days=3650),
+        fields,
+        {"embedding": [[0.0]], "embedding_version": ["a"]},
     )
-    item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64)
-    view = FeatureView(
-        name="item_embedding",
-        entities=[item],
-        ttl=timedelta(days=3650),
-        schema=[
-            Field(name="embedding", dtype=Array(Float32)),
-            Field(name="embedding_version", dtype=String),
-        ],
-        source=FileSource(path=str(source), timestamp_field="event_timestamp"),
-    )
-    store.apply([item, view])
     now = datetime.now(UTC)
     rows = pd.DataFrame(
         {
