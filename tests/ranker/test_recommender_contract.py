@@ -6,6 +6,7 @@ A new model (the deep ranker too) gets the same checks by subclassing
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,13 +37,14 @@ def contract_data(ml_split: Split, ml_items: pl.DataFrame) -> ContractData:
     return ContractData(train, ml_items, users[order])
 
 
-class RecommenderContract:
+class RecommenderContract(ABC):
     """Shapes, item order, determinism, finite scores, popularity fallback for cold users."""
 
     seed = 7
 
+    @abstractmethod
     def make(self, seed: int, data: ContractData) -> Recommender:
-        raise NotImplementedError
+        """An unfitted recommender of the implementation under test."""
 
     @pytest.fixture(scope="class")
     def fitted(self, contract_data: ContractData) -> Recommender:
@@ -82,9 +84,12 @@ class RecommenderContract:
         scores = fitted.score(users)
         assert fitted.fallback_mask(users).tolist() == [False, True]
         np.testing.assert_array_equal(scores[1], fitted.popularity)
-        assert fitted.popularity.argmax() == np.bincount(
-            np.searchsorted(fitted.item_ids, contract_data.train["item_id"].to_numpy())
-        ).argmax()
+        assert (
+            fitted.popularity.argmax()
+            == np.bincount(
+                np.searchsorted(fitted.item_ids, contract_data.train["item_id"].to_numpy())
+            ).argmax()
+        )
 
     def test_accepts_cut_times(self, fitted: Recommender, contract_data: ContractData) -> None:
         users = contract_data.users[:3]
