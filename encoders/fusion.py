@@ -18,12 +18,9 @@ onnxruntime against torch eager (row cosine >= 0.9999, else it fails) and stores
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import tempfile
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,7 +34,7 @@ from encoders.onnx_export import (
     MIN_COSINE,
     Parity,
     compare,
-    quiet_exporter_loggers,
+    export_program,
     write_metadata,
 )
 
@@ -218,24 +215,14 @@ def export_onnx(
     args = tuple(torch.from_numpy(np.ascontiguousarray(sample[n][:2])) for n in INPUT_NAMES)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp_dir:
         tmp = Path(tmp_dir) / path.name
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(io.StringIO()),
-            quiet_exporter_loggers(),
-        ):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                model,
-                args,
-                input_names=list(INPUT_NAMES),
-                output_names=[OUTPUT_NAME],
-                dynamic_shapes={n: {0: batch} for n in INPUT_NAMES},
-                opset_version=OPSET,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
-            program.save(str(tmp), external_data=False)
+        export_program(
+            model,
+            args,
+            INPUT_NAMES,
+            OUTPUT_NAME,
+            {n: {0: batch} for n in INPUT_NAMES},
+            tmp,
+        )
         result = parity(tmp, model, sample)
         if not result.ok:
             raise RuntimeError(

@@ -152,7 +152,7 @@ def sample_pixels(limit: int = 8) -> np.ndarray:
     return np.stack([image_encoder.preprocess(torch.from_numpy(img)) for img in raw])
 
 
-def _export(
+def export_program(
     model: nn.Module,
     args: tuple[torch.Tensor, ...],
     input_names: Sequence[str],
@@ -160,6 +160,7 @@ def _export(
     dynamic_shapes: dict[str, dict[int, torch.export.Dim]],
     target: Path,
 ) -> None:
+    """``torch.onnx.export`` (dynamo) to ``target``, quietly, weights inside the file."""
     with (
         warnings.catch_warnings(),
         contextlib.redirect_stdout(io.StringIO()),
@@ -266,7 +267,9 @@ def export_text(path: Path | None = None) -> Parity:
     )
     with tempfile.TemporaryDirectory(dir=_tmp_parent(path)) as tmp_dir:
         tmp = Path(tmp_dir) / model_cache.MODEL_FILE
-        _export(model, args, text_encoder.INPUT_NAMES, text_encoder.OUTPUT_NAME, dynamic, tmp)
+        export_program(
+            model, args, text_encoder.INPUT_NAMES, text_encoder.OUTPUT_NAME, dynamic, tmp
+        )
         parity = text_parity(tmp, model, SAMPLE_TEXTS)
         return _finish(tmp, path, props, parity, text_encoder.SLUG)
 
@@ -291,7 +294,9 @@ def export_image(path: Path | None = None) -> Parity:
         tmp = Path(tmp_dir) / model_cache.MODEL_FILE
         args = (torch.from_numpy(pixels[:2]),)
         dynamic = {image_encoder.INPUT_NAME: {0: batch}}
-        _export(model, args, [image_encoder.INPUT_NAME], image_encoder.OUTPUT_NAME, dynamic, tmp)
+        export_program(
+            model, args, [image_encoder.INPUT_NAME], image_encoder.OUTPUT_NAME, dynamic, tmp
+        )
         parity = image_parity(tmp, model, pixels)
         return _finish(tmp, path, props, parity, image_encoder.SLUG)
 

@@ -80,9 +80,17 @@ def test_session_creation_is_quiet(tiny: Path) -> None:
 
 
 def test_naive_cuda_request_is_what_we_avoid(tiny: Path) -> None:
-    """Without a CUDA device, asking onnxruntime-gpu for CUDA logs errors; OnnxModel does not."""
-    if onnx_runtime.cuda_usable() or CUDA_EP not in ort.get_available_providers():
-        pytest.skip("only meaningful with onnxruntime-gpu on a machine without CUDA")
+    """Without a CUDA device, asking onnxruntime-gpu for CUDA logs errors; OnnxModel does not.
+
+    On a machine with a usable GPU the same model must run on the CUDA provider instead, and
+    with a CPU-only onnxruntime build the CPU provider is the only choice.
+    """
+    if onnx_runtime.cuda_usable():
+        assert onnx_runtime.OnnxModel(tiny).providers[0] == CUDA_EP
+        return
+    if CUDA_EP not in ort.get_available_providers():
+        assert onnx_runtime.default_providers() == [CPU_EP]
+        return
     code = (
         "import onnxruntime as ort\n"
         f"ort.InferenceSession({str(tiny)!r}, providers=['CUDAExecutionProvider',"
