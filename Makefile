@@ -21,6 +21,7 @@ setup: $(STAMP)
 	@$(PY) -c "import avrec, sys; sys.exit(not avrec.__file__.startswith('$(CURDIR)/'))" 2>/dev/null \
 	  || $(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=compat 2>&1 | grep -v '^WARNING: Location' || true
 	@$(PY) -c "import avrec, sys; assert avrec.__file__.startswith('$(CURDIR)/'), avrec.__file__"
+	@$(PY) -c "from server.stubs import ensure_stubs; ensure_stubs()"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

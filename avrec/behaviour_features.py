@@ -236,7 +236,7 @@ def write(features: BehaviourTables, out_dir: Path) -> dict[str, int]:
 
 
 def build(offline: Path | None = None, as_of: datetime | None = None) -> dict[str, int]:
-    """Read events and items from ``offline``, compute and write both feature tables."""
-    events, items = tables.read_table("events", offline), tables.read_table("items", offline)
+    """Read events (with those logged online) and items, compute and write both tables."""
+    events, items = tables.read_events(offline), tables.read_table("items", offline)
     root = offline or tables.table_path("events").parent
     return write(compute(events, items, as_of=as_of), root)

@@ -9,6 +9,7 @@
     avrec online                      read a user's online features (TTL enforced)
     avrec embed / neighbours / fuse   item encoders and the mixed embedding (encoders/)
     avrec train / evaluate            the ranker and its offline evaluation (ranker/)
+    avrec serve / recommend           the gRPC ranking service and a client of it (server/)
     avrec demo                        all of the above on the embedded default dataset
 
 Heavy imports (feast, torch) happen inside the subcommands, so ``avrec --help`` is instant.
@@ -17,6 +18,7 @@ Heavy imports (feast, torch) happen inside the subcommands, so ``avrec --help`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import sys
 import time
@@ -134,6 +136,8 @@ DELEGATED = {
     "fuse": "encoders.mixed_job",
     "train": "ranker.train_job",
     "evaluate": "ranker.evaluation",
+    "serve": "server.app",
+    "recommend": "server.client",
 }
 
 
@@ -183,9 +187,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # window and stamped at that cutoff, so no label sees vectors built from its future.
         run_delegated("fuse", ["--cutoff", "2017-01-01"])
         done()
-    done = _step("feast apply + materialize into Redis")
+    done = _step("feast apply + materialize into Redis (as of the replay clock)")
     feature_store.apply(status.url)
-    feature_store.materialize(redis_url=status.url)
+    feature_store.materialize(end=replay_now, redis_url=status.url)
     done()
     with_vectors = tables.table_path("item_embeddings").exists()
     service = "ranker_features" if with_vectors else "behaviour_features"
@@ -208,11 +212,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_delegated("neighbours", ["--source", mixed])
         done()
     print("==> online features from Redis (reader clock 2018-09-25, TTL enforced)")
-    return cmd_online(
+    cmd_online(
         argparse.Namespace(
             redis_url=status.url, view="user_behaviour", ids=[1, 414, 610], now=replay_now
         )
     )
+    if not embeddings:
+        return 0
+    done = _step("train the ranker and the retrieval towers, export to ONNX")
+    run_delegated("train", ["--epochs", "4", "--no-progress"])
+    done()
+    done = _step("evaluate: full ranking, per-user temporal split (quick baselines)")
+    run_delegated("evaluate", ["--models", "popularity,itemknn,als",
+                               "--out", str(config.data_dir() / "reports" / "demo")])
+    done()
+    done = _step("ranking service: avrec serve (gRPC) + a client call")
+    _demo_service(status.url, replay_now, args.port)
+    done()
+    return 0
+
+
+def _demo_service(redis_url: str, clock: datetime, port: int) -> None:
+    """Start ``avrec serve`` in the background (replacing an earlier demo server), wait until
+    it is serving, and ask it for recommendations with titles."""
+    import os
+    import signal
+    import subprocess
+
+    from server.client import RankingClient, format_answer
+
+    pid_file = config.data_dir() / "serve.pid"
+    if pid_file.exists():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            time.sleep(2)
+    log = config.data_dir() / "serve.log"
+    command = [sys.executable, "-m", "avrec.cli", "--redis-url", redis_url, "serve",
+               "--clock", clock.isoformat(), "--port", str(port)]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    pid_file.write_text(str(process.pid))
+    with RankingClient(f"127.0.0.1:{port}") as client:
+        try:
+            client.wait_until_serving(300)
+        except TimeoutError:
+            raise SystemExit(f"the ranking service did not start; see {log}") from None
+        for user in (414, 987654321):
+            print(f"    Recommend(user_id={user}, top_k=10, explain=true):")
+            answer = client.recommend(user, top_k=10, explain=True)
+            print("    " + format_answer(answer).replace("\n", "\n    "))
+    print(f"    the service keeps running on 127.0.0.1:{port} (pid {process.pid}, log {log});")
+    print(f"    try `avrec recommend 610 --explain`; stop it with `kill {process.pid}`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on the embedded default dataset")
     p.add_argument("--engine", choices=["feast", "duckdb"], default="duckdb")
     p.add_argument("--skip-embed", action="store_true")
+    p.add_argument("--port", type=int, default=50051, help="port of the demo's ranking service")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -71,6 +71,23 @@ def apply(redis_url: str | None = None) -> None:
         apply_total(repo_config(redis_url), config.FEATURE_REPO, skip_source_validation=False)
 
 
+def materialization_key(project: str) -> str:
+    """The Redis key :func:`materialize` bumps after writing a view; servers read it with each
+    request to know when their in-process item snapshot is stale."""
+    return f"avrec:{project}:materialization"
+
+
+def bump_materialization(store: FeatureStore, redis_url: str | None = None) -> int:
+    """Increment the materialization counter in the online store; returns its new value."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url or config.redis_url())
+    try:
+        return int(client.incr(materialization_key(store.config.project)))
+    finally:
+        client.close()
+
+
 def materialize(
     end: datetime | None = None,
     start: datetime | None = None,
@@ -81,6 +98,7 @@ def materialize(
 
     Without ``start`` this is incremental: from the last materialization of each view (the
     first run starts at the epoch, so historical datasets load whole, not just one TTL).
+    Afterwards the materialization counter is bumped (:func:`bump_materialization`).
     """
     store = get_store(redis_url)
     end = end or datetime.now(UTC)
@@ -96,4 +114,5 @@ def materialize(
         intervals = view.materialization_intervals
         since = max((iv[1] for iv in intervals), default=EPOCH)
         store.materialize(start_date=since, end_date=end, feature_views=[view.name])
+    bump_materialization(store, redis_url)
     return store

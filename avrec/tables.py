@@ -14,6 +14,7 @@ import polars as pl
 from avrec import config
 
 TS = pl.Datetime("us", "UTC")
+EVENT_LOG = "event_log"  # directory of events logged online (one Parquet file per batch)
 
 EVENTS_SCHEMA: dict[str, pl.DataType] = {
     "user_id": pl.Int64(),
@@ -54,3 +55,12 @@ def read_table(name: str, root: Path | None = None) -> pl.DataFrame:
             f"offline table {name!r} not found at {path}; run `avrec ingest` first"
         )
     return pl.read_parquet(path)
+
+
+def read_events(root: Path | None = None) -> pl.DataFrame:
+    """The events table plus every batch the ranking service logged under ``event_log/``."""
+    events = read_table("events", root)
+    logged = sorted(((root or config.offline_dir()) / EVENT_LOG).glob("*.parquet"))
+    if not logged:
+        return events
+    return pl.concat([events, *map(pl.read_parquet, logged)], how="vertical_relaxed")

@@ -1,11 +1,11 @@
 """The input contract of an exported model, written next to it as ``contract.json``.
 
-A :class:`ModelContract` says what an ONNX model (the ``ranker`` or the retrieval
-``user_tower``) expects: its inputs (names, dtypes, shapes with a symbolic batch), the
-ordered dense feature names on the user and item side, the history length, the item-vector
-dimension, which serving feature services must provide which ``<view>__<feature>`` fields,
-the item vectors (name and embedding version) it was trained with, and the rating mean used
-for centring. Its ``version`` is a hash of all of that.
+A :class:`ModelContract` says what an ONNX model (the ``ranker``, or the retrieval
+``user_tower`` / ``item_tower``) expects: its inputs (names, dtypes, shapes with a symbolic
+batch), the ordered dense feature names on the user and item side, the history length, the
+item-vector dimension, which serving feature services must provide which ``<view>__<feature>``
+fields, the item vectors (name and embedding version) it was trained with, and the rating mean
+used for centring. Its ``version`` is a hash of all of that.
 
 :func:`check_contract` compares a contract with an ONNX graph's inputs, the fields the
 serving feature services provide and the embedding version being served, and raises one
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
     from ranker.features import FeatureEncoder
 
-Kind = Literal["ranker", "user_tower"]
-KINDS: tuple[str, ...] = ("ranker", "user_tower")
+Kind = Literal["ranker", "user_tower", "item_tower"]
+KINDS: tuple[str, ...] = ("ranker", "user_tower", "item_tower")
 CONTRACT_FILE = "contract.json"
 FORMAT = 1
 BATCH = "batch"
@@ -42,6 +42,7 @@ TRAINING_SERVICE = "behaviour_features"
 INPUT_NAMES: dict[str, tuple[str, ...]] = {
     "ranker": ("user_dense", "history", "history_mask", "item_vector", "item_dense"),
     "user_tower": ("user_dense", "history", "history_mask"),
+    "item_tower": ("item_vector", "item_dense"),
 }
 # onnxruntime's type names (NodeArg.type) to numpy dtype names.
 ORT_DTYPES = {
@@ -189,13 +190,15 @@ class ModelContract:
             found.append(f"a {self.kind} takes inputs {list(expected)}, "
                          f"the contract lists {self.input_names}")
             return found
-        sizes = {
-            ("user_dense", 1): len(self.user_dense_names),
-            ("history", 1): self.history,
-            ("history", 2): self.item_vector_dim,
-            ("history_mask", 1): self.history,
-        }
-        if self.kind == "ranker":
+        sizes: dict[tuple[str, int], int] = {}
+        if self.kind != "item_tower":
+            sizes |= {
+                ("user_dense", 1): len(self.user_dense_names),
+                ("history", 1): self.history,
+                ("history", 2): self.item_vector_dim,
+                ("history_mask", 1): self.history,
+            }
+        if self.kind != "user_tower":
             sizes |= {("item_vector", 1): self.item_vector_dim,
                       ("item_dense", 1): len(self.item_dense_names)}
         for (name, axis), size in sizes.items():
@@ -367,3 +370,32 @@ def user_tower_contract(
         rating_mean=float(encoder.rating_mean),
     )
 
+
+
+def item_tower_contract(
+    encoder: FeatureEncoder,
+    item_vector_dim: int,
+    output_dim: int,
+    item_vectors: str,
+    embedding_version: str,
+    history: int = HISTORY,
+) -> ModelContract:
+    """The contract of a :class:`ranker.model.ItemTower`: item vector and behaviour in, a unit
+    vector out (the vectors an ANN index is built from)."""
+    item_names = (*encoder.item_dense_names, ITEM_NO_VECTOR)
+    return ModelContract(
+        kind="item_tower",
+        inputs=(
+            TensorSpec("item_vector", "float32", (BATCH, item_vector_dim)),
+            TensorSpec("item_dense", "float32", (BATCH, len(item_names))),
+        ),
+        outputs=(TensorSpec("item_tower_vector", "float32", (BATCH, output_dim)),),
+        user_dense_names=(),
+        item_dense_names=item_names,
+        history=history,
+        item_vector_dim=item_vector_dim,
+        feature_services={ITEM_SERVICE: item_fields()},
+        item_vectors=item_vectors,
+        embedding_version=embedding_version,
+        rating_mean=float(encoder.rating_mean),
+    )

@@ -1,10 +1,11 @@
 """Export the ranker and the retrieval user tower to ONNX, check parity, load with a contract.
 
-:func:`export_ranker` / :func:`export_user_tower` write ``<kind>.onnx`` (dynamic batch,
-opset 18, torch's dynamo exporter) and ``contract.json`` into one directory per model, with
-``kind`` and ``contract_hash`` in the model's ``metadata_props``. Given real batches they also
-run the ONNX model through :class:`avrec.onnx_runtime.OnnxModel` next to torch and refuse an
-export whose outputs differ by more than ``tolerance``.
+:func:`export_ranker` / :func:`export_user_tower` / :func:`export_item_tower` write
+``<kind>.onnx`` (dynamic batch, opset 18, torch's dynamo exporter) and ``contract.json`` into
+one directory per model, with ``kind`` and ``contract_hash`` in the model's
+``metadata_props``. Given real batches they also run the ONNX model through
+:class:`avrec.onnx_runtime.OnnxModel` next to torch and refuse an export whose outputs differ
+by more than ``tolerance``.
 
 :func:`load_model` is the serving side: it refuses a model whose metadata, graph or contract
 disagree, or whose contract asks for features the serving feature services do not provide.
@@ -33,7 +34,7 @@ from ranker.contract import (
 if TYPE_CHECKING:
     import torch
 
-    from ranker.model import Ranker, UserTower
+    from ranker.model import ItemTower, Ranker, UserTower
 
 OPSET = 18
 TOLERANCE = 1e-4
@@ -190,6 +191,19 @@ def export_user_tower(
     """Export a :class:`ranker.model.UserTower` (output ``user_vector``)."""
     if contract.kind != "user_tower":
         raise ValueError(f"a UserTower needs a 'user_tower' contract, not {contract.kind!r}")
+    return export_model(tower, contract, directory, batches, tolerance)
+
+
+def export_item_tower(
+    tower: ItemTower,
+    contract: ModelContract,
+    directory: Path,
+    batches: Iterable[Sequence[np.ndarray]] | None = None,
+    tolerance: float = TOLERANCE,
+) -> Exported:
+    """Export a :class:`ranker.model.ItemTower` (output ``item_tower_vector``)."""
+    if contract.kind != "item_tower":
+        raise ValueError(f"an ItemTower needs an 'item_tower' contract, not {contract.kind!r}")
     return export_model(tower, contract, directory, batches, tolerance)
 
 

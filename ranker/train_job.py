@@ -7,8 +7,11 @@ the latest 10% of labels and writes ``DATA/models/ranker/<version>/``:
 
 * ``model.pt`` (torch state dict), ``curves.png`` (loss per epoch),
 * ``manifest.json``: data window, seed, training config, item-vector source and its
-  embedding / encoder versions, the feature service, losses,
-* ``ranker.onnx`` + ``contract.json`` when the ONNX export is available (:mod:`ranker.export`).
+  embedding / encoder versions, the feature service, losses, ONNX parity,
+* ``ranker/`` (``ranker.onnx`` + ``contract.json``) and the retrieval pair ``user_tower/`` and
+  ``item_tower/`` (:mod:`ranker.export`), each checked against torch on real rows.
+
+``DATA/models/ranker/LATEST`` names the newest run; ``avrec serve`` loads it by default.
 """
 
 from __future__ import annotations
@@ -23,14 +26,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import torch
 
 from avrec import behaviour_features, config, tables
 from avrec.cli import parse_time
+from ranker.contract import ranker_contract
 from ranker.deep_ranker import DeepRanker
+from ranker.export import Exported, export_item_tower, export_ranker, export_user_tower
 from ranker.features import ItemVectors
-from ranker.training import TrainConfig, save_curves
+from ranker.training import TrainConfig, model_inputs, save_curves, torch_threads
+from ranker.two_tower import TwoTowerConfig, TwoTowerRecommender, encode_rows, positive_rows
+
+LATEST = "LATEST"
+PARITY_ROWS = 4096
+PARITY_BATCHES = (1, 7, 256, 1024, 2808)
 
 VECTOR_SOURCES = {
     "mixed": ("item_embeddings", "embedding"),
@@ -56,6 +67,92 @@ def load_vectors(kind: str, offline: Path | None = None) -> tuple[ItemVectors, d
     }
 
 
+def embedding_version(info: dict[str, Any]) -> str:
+    """The one embedding (or encoder) version the vectors were read with."""
+    versions = info.get("embedding_version") or [
+        "+".join(str(v) for k in ("text_encoder", "image_encoder") for v in info.get(k, []))
+    ]
+    if len(versions) != 1 or not versions[0]:
+        raise ValueError(f"item vectors of {info['table']} carry versions {versions}, need one")
+    return str(versions[0])
+
+
+def parity_batches(arrays_of, n: int, seed: int = 0) -> list[list[Any]]:
+    """Batches of several sizes (the dynamic batch axis) over up to PARITY_ROWS real rows."""
+    rows = np.random.default_rng(seed).permutation(n)[:PARITY_ROWS]
+    out, start = [], 0
+    for size in PARITY_BATCHES:
+        idx = np.sort(rows[start : start + size])
+        if idx.size:
+            out.append(arrays_of(idx))
+        start += size
+    return out
+
+
+def parity_info(exported: Exported) -> dict[str, Any]:
+    """Where an export went and how close it is to torch."""
+    parity = exported.parity
+    return {
+        "path": str(exported.path),
+        "contract_version": exported.contract.version,
+        "max_abs_diff": parity.max_abs_diff if parity else None,
+        "rows": parity.rows if parity else 0,
+    }
+
+
+def export_ranker_dir(
+    model: DeepRanker, window: pl.DataFrame, items: pl.DataFrame, version: str, out: Path
+) -> dict[str, Any]:
+    """Export the fitted ranker to ``out/ranker`` with parity on real training rows."""
+    assert model.model is not None and model.vectors is not None
+    data = model.encode(model.labelled_rows(window, items))
+    contract = ranker_contract(model.encoder, model.vectors.dim, model.vectors.name, version)
+    batches = parity_batches(
+        lambda idx: [t.numpy() for t in model_inputs(data, idx, model.vectors.vectors)],
+        len(data["item_idx"]),
+    )
+    return parity_info(export_ranker(model.model, contract, out / "ranker", batches))
+
+
+def train_retrieval(
+    vectors: ItemVectors,
+    window: pl.DataFrame,
+    items: pl.DataFrame,
+    genres: int,
+    version: str,
+    seed: int,
+    out: Path,
+) -> dict[str, Any]:
+    """Fit the two-tower pair and export both towers (``out/user_tower``, ``out/item_tower``)."""
+    from avrec.feature_store import get_store
+
+    store = get_store()
+    towers = TwoTowerRecommender(
+        vectors, store, genres, TwoTowerConfig(seed=seed), embedding_version=version
+    ).fit(window, items)
+    assert towers.user_tower is not None and towers.item_tower is not None
+    data = encode_rows(towers.encoder, vectors, positive_rows(window, items, store))
+    n = len(data["item_idx"])
+
+    def item_inputs(idx: np.ndarray) -> list[np.ndarray]:
+        _, _, _, item, dense = model_inputs(data, idx, vectors.vectors)
+        return [item.numpy(), dense.numpy()]
+
+    user = export_user_tower(
+        towers.user_tower, towers.contract(), out / "user_tower",
+        parity_batches(lambda idx: towers.user_inputs(data, idx), n, seed),
+    )
+    item = export_item_tower(
+        towers.item_tower, towers.item_contract(), out / "item_tower",
+        parity_batches(item_inputs, n, seed),
+    )
+    return {
+        "user_tower": parity_info(user),
+        "item_tower": parity_info(item),
+        "losses": asdict(towers.history),
+    }
+
+
 def run_version(payload: dict[str, Any]) -> str:
     """A short, content-derived run id: time plus a hash of the settings."""
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode())
@@ -69,8 +166,9 @@ def train(
     negatives: int = 4,
     train_config: TrainConfig | None = None,
     out_root: Path | None = None,
+    retrieval: bool = True,
 ) -> Path:
-    """Train one ranker and write its directory; returns the directory."""
+    """Train one ranker (and the retrieval towers) and write its directory; returns it."""
     from avrec.feature_store import get_store
 
     started = time.perf_counter()
@@ -83,6 +181,7 @@ def train(
     if window.filter(pl.col("event_type") == "rating").is_empty():
         raise ValueError(f"no rating events in the window [{start}, {end})")
     item_vectors, vector_info = load_vectors(vectors)
+    version = embedding_version(vector_info)
     genres = len(behaviour_features.genre_vocabulary(items))
     model = DeepRanker(
         item_vectors, get_store(), genres, negatives, train_config, seed=train_config.seed
@@ -96,6 +195,7 @@ def train(
         },
         "feature_service": "behaviour_features",
         "item_vectors": vector_info,
+        "embedding_version": version,
         "negatives_per_positive": negatives,
         "train_config": asdict(train_config),
         "dense_features": {
@@ -111,8 +211,17 @@ def train(
     assert model.model is not None
     torch.save(model.model.state_dict(), out / "model.pt")
     save_curves(model.history, out / "curves.png", f"ranker ({vectors} vectors)")
+    with torch_threads(1):
+        manifest["onnx"] = {"ranker": export_ranker_dir(model, window, items, version, out)}
+        if retrieval:
+            towers = train_retrieval(
+                item_vectors, window, items, genres, version, train_config.seed, out
+            )
+            manifest["retrieval_losses"] = towers.pop("losses")
+            manifest["onnx"] |= towers
     manifest["seconds"] = round(time.perf_counter() - started, 1)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    (root / LATEST).write_text(out.name + "\n")
     return out
 
 
@@ -132,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="models root (default: DATA/models/ranker)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--no-retrieval", action="store_true", help="skip the two-tower retrieval pair"
+    )
     args = parser.parse_args(argv)
     cfg = TrainConfig(
         epochs=args.epochs,
@@ -139,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    out = train(args.vectors, args.start, args.end, args.negatives, cfg, args.out)
+    out = train(
+        args.vectors, args.start, args.end, args.negatives, cfg, args.out, not args.no_retrieval
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     losses = manifest["losses"]
     print(f"ranker written to {out}")
@@ -147,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         f"  epochs run: {len(losses['train_loss'])}, kept epoch {losses['best_epoch'] + 1}, "
         f"validation BCE {min(losses['val_loss']):.4f}, {manifest['seconds']} s"
     )
+    for kind, info in manifest["onnx"].items():
+        print(f"  {kind}: {info['path']} (ONNX vs torch max abs diff {info['max_abs_diff']:.2e}"
+              f" over {info['rows']} rows)")
     return 0
 
 

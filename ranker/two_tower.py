@@ -38,6 +38,7 @@ from ranker.contract import (
     TRAINING_SERVICE,
     USER_SERVICE,
     ModelContract,
+    item_tower_contract,
     user_tower_contract,
 )
 from ranker.features import FeatureEncoder, ItemVectors
@@ -382,6 +383,16 @@ class TwoTowerRecommender(Recommender):
     def contract(self) -> ModelContract:
         """The contract under which :attr:`user_tower` is exported (:mod:`ranker.export`)."""
         return user_tower_contract(
+            self.encoder,
+            self.vectors.dim,
+            self.config.dim,
+            self.vectors.name,
+            self.embedding_version,
+        )
+
+    def item_contract(self) -> ModelContract:
+        """The contract under which :attr:`item_tower` is exported."""
+        return item_tower_contract(
             self.encoder,
             self.vectors.dim,
             self.config.dim,

@@ -29,6 +29,7 @@ from ranker.deep_ranker import DeepRanker
 from ranker.export import (
     HASH_KEY,
     KIND_KEY,
+    export_item_tower,
     export_ranker,
     export_user_tower,
     load_model,
@@ -130,7 +131,27 @@ def tower_export(real: Slice, tmp_path_factory: pytest.TempPathFactory):
     return exported, model, arrays
 
 
-@pytest.mark.parametrize("which", ["ranker_export", "tower_export"])
+@pytest.fixture(scope="module")
+def item_tower_export(tower_export, real: Slice, tmp_path_factory: pytest.TempPathFactory):
+    _, model, _ = tower_export
+    rows = positive_rows(real.train, real.items, real.store)
+    data = encode_rows(model.encoder, real.vectors, rows)
+
+    def item_inputs(idx: np.ndarray) -> list[np.ndarray]:
+        _, _, _, item, dense = model_inputs(data, idx, real.vectors.vectors)
+        return [item.numpy(), dense.numpy()]
+
+    arrays = batches(item_inputs, rows.height)
+    exported = export_item_tower(
+        model.item_tower, model.item_contract(), tmp_path_factory.mktemp("item_tower"), arrays
+    )
+    return exported, model, arrays
+
+
+EXPORTS = ["ranker_export", "tower_export", "item_tower_export"]
+
+
+@pytest.mark.parametrize("which", EXPORTS)
 def test_onnx_matches_torch_on_real_batches(which: str, request: pytest.FixtureRequest) -> None:
     exported, _, arrays = request.getfixturevalue(which)
     parity = exported.parity
@@ -143,7 +164,7 @@ def test_onnx_matches_torch_on_real_batches(which: str, request: pytest.FixtureR
     assert parity.max_abs_diff < 1e-4
 
 
-@pytest.mark.parametrize("which", ["ranker_export", "tower_export"])
+@pytest.mark.parametrize("which", EXPORTS)
 def test_files_metadata_and_dynamic_batch(which: str, request: pytest.FixtureRequest) -> None:
     exported, _, _ = request.getfixturevalue(which)
     contract = exported.contract

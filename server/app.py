@@ -1,0 +1,172 @@
+"""``avrec serve``: start the ranking service (gRPC + health + reflection + metrics).
+
+At start the server opens the Feast registry, loads the model directory (refusing a model
+whose contract does not match the feature services or the embedding version online), loads
+the item snapshot from Redis and builds the retrieval index, then listens. SIGTERM / SIGINT
+stop it gracefully: new calls are refused, calls in flight get ``grace_seconds`` to finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import redis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from avrec import config as avrec_config
+from avrec import tables
+from ranker.contract import ITEM_SERVICE, USER_SERVICE, service_fields
+from server import metrics
+from server.config import ServeConfig, load_config
+from server.engine import Clock, RankingEngine
+from server.event_log import EventLog
+from server.models import load_serving_models
+from server.service import (
+    SERVICE_NAME,
+    BearerTokenInterceptor,
+    RankingServicer,
+    ranking_pb2_grpc,
+)
+
+log = logging.getLogger("avrec.server")
+LATEST = "LATEST"
+
+
+def latest_model_dir(root: Path | None = None) -> Path:
+    """The newest run of ``avrec train`` (named by ``models/ranker/LATEST``)."""
+    root = root or avrec_config.data_dir() / "models" / "ranker"
+    pointer = root / LATEST
+    if not pointer.is_file():
+        raise FileNotFoundError(f"no trained model under {root}; run `avrec train` first")
+    return root / pointer.read_text().strip()
+
+
+@dataclass
+class Service:
+    """A running server and what it serves."""
+
+    server: grpc.Server
+    port: int
+    engine: RankingEngine
+    health: health.HealthServicer
+
+    def stop(self, grace: float | None = None) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(grace).wait()
+
+
+def build_engine(config: ServeConfig) -> tuple[RankingEngine, EventLog]:
+    """Registry, models (contract-checked), Redis client, first item snapshot."""
+    from avrec.feature_store import get_store
+
+    url = config.redis_url or avrec_config.redis_url()
+    store = get_store(url)
+    fields = service_fields(store, [USER_SERVICE, ITEM_SERVICE])
+    model_dir = Path(config.model_dir) if config.model_dir else latest_model_dir()
+    models = load_serving_models(model_dir, fields, None, threads=config.ort_threads)
+    client = redis.Redis.from_url(
+        url, socket_timeout=config.redis_timeout_seconds,
+        socket_connect_timeout=config.redis_timeout_seconds,
+    )
+    offline = avrec_config.offline_dir()
+    catalogue = tables.read_table("items", offline).select("item_id", "title")
+    engine = RankingEngine(store, client, models, catalogue, config, Clock(config.clock_start()))
+    now = engine.clock.now()
+    engine.ensure_snapshot(engine.read_user(1, now)[1], now)
+    return engine, EventLog(offline, catalogue["item_id"].to_numpy())
+
+
+def start(config: ServeConfig) -> Service:
+    """Build and start the server (returns at once; the port is bound)."""
+    engine, events = build_engine(config)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+    token = config.token()
+    interceptors = [BearerTokenInterceptor(token)] if token else []
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.workers),
+        options=options, interceptors=interceptors,
+    )
+    health_servicer = health.HealthServicer()
+    servicer = RankingServicer(engine, events, engine.store, health_servicer)
+    ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if config.metrics_port:
+        metrics.serve_metrics(config.metrics_port, config.host)
+    return Service(server, port, engine, health_servicer)
+
+
+def serve(config: ServeConfig) -> int:
+    """Run until SIGTERM / SIGINT, then stop gracefully."""
+    service = start(config)
+    models = service.engine.models
+    snapshot = service.engine.ensure_snapshot(None, service.engine.clock.now()).snapshot
+    print(f"avrec serve: listening on {config.host}:{service.port} "
+          f"(model {models.version}, {len(snapshot)} items, embeddings "
+          f"{snapshot.embedding_version}, ONNX {models.ranker.model.providers[0]}, "
+          f"clock {service.engine.clock.now().isoformat()})", flush=True)
+    stopped = threading.Event()
+
+    def stop(signum, _frame) -> None:
+        print(f"avrec serve: signal {signum}, stopping (grace {config.grace_seconds} s)",
+              flush=True)
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    stopped.wait()
+    service.stop(config.grace_seconds)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``avrec serve`` options (each overrides the config file and AVREC_SERVE_* variables)."""
+    parser = argparse.ArgumentParser(prog="avrec serve", description=__doc__)
+    parser.add_argument("--config", type=Path, help="YAML file of ServeConfig settings")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--model-dir", help="default: the newest `avrec train` run")
+    parser.add_argument("--redis-url")
+    parser.add_argument("--clock", help="replay clock start (ISO time); default: wall clock")
+    parser.add_argument("--metrics-port", type=int)
+    parser.add_argument("--max-candidates", type=int)
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    parser.add_argument("--auth-token-file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    return serve(load_config(args.config, overrides))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

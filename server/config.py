@@ -1,0 +1,115 @@
+"""``avrec serve`` settings: defaults, then a YAML file, then ``AVREC_SERVE_*`` variables, then
+command-line flags (each layer overrides the one before).
+
+Example ``serve.yaml``::
+
+    port: 50051
+    model_dir: data/models/ranker/20261129T030000-1a2b3c4d
+    clock: "2018-09-25T00:00:00Z"   # replay a historical dataset; omit for the wall clock
+    auth_token_file: /run/secrets/avrec-token
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "AVREC_SERVE_"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything the service reads at start."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model_dir: str | None = None  # default: the newest run of `avrec train`
+    redis_url: str | None = None  # default: $REDIS_URL
+    clock: str | None = None  # ISO time the replay clock starts at; None = wall clock
+    max_candidates: int = 2000
+    max_top_k: int = 1000
+    retrieval_candidates: int = 200
+    snapshot_refresh_seconds: float = 60.0
+    redis_timeout_seconds: float = 1.0
+    ort_threads: int = 1
+    workers: int = 8
+    max_message_bytes: int = 4 * 1024 * 1024
+    grace_seconds: float = 5.0
+    metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    auth_token: str | None = None  # bearer token every call must carry (health excepted)
+    auth_token_file: str | None = None
+
+    def clock_start(self) -> datetime | None:
+        """The replay clock's first instant (UTC), or None for the wall clock."""
+        if not self.clock:
+            return None
+        start = datetime.fromisoformat(self.clock.replace("Z", "+00:00"))
+        return start if start.tzinfo else start.replace(tzinfo=UTC)
+
+    def token(self) -> str | None:
+        """The bearer token, from ``auth_token`` or the file ``auth_token_file``."""
+        if self.auth_token_file:
+            return Path(self.auth_token_file).read_text().strip()
+        return self.auth_token
+
+    def problems(self) -> list[str]:
+        """Settings that cannot work together."""
+        found = []
+        if bool(self.tls_cert) != bool(self.tls_key):
+            found.append("tls_cert and tls_key go together")
+        for name in ("max_candidates", "max_top_k", "retrieval_candidates", "workers",
+                     "max_message_bytes"):
+            if getattr(self, name) <= 0:
+                found.append(f"{name} must be positive")
+        if self.clock:
+            try:
+                self.clock_start()
+            except ValueError as exc:
+                found.append(f"clock: {exc}")
+        return found
+
+
+def _coerce(field: dataclasses.Field, text: Any) -> Any:
+    if text is None or not isinstance(text, str):
+        return text
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    if kind.startswith("int"):
+        return int(text)
+    if kind.startswith("float"):
+        return float(text)
+    return text
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ServeConfig:
+    """Defaults < YAML file < ``AVREC_SERVE_<NAME>`` environment < ``overrides`` (non-None)."""
+    known = {f.name: f for f in fields(ServeConfig)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = sorted(set(loaded) - set(known))
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
+        values |= loaded
+    environ = os.environ if environ is None else environ
+    for name in known:
+        if f"{ENV_PREFIX}{name.upper()}" in environ:
+            values[name] = environ[f"{ENV_PREFIX}{name.upper()}"]
+    values |= {k: v for k, v in (overrides or {}).items() if v is not None}
+    config = ServeConfig(**{k: _coerce(known[k], v) for k, v in values.items()})
+    problems = config.problems()
+    if problems:
+        raise ValueError("serve config: " + "; ".join(problems))
+    return config

@@ -1,0 +1,323 @@
+"""The ranking engine behind the gRPC service, free of gRPC: features in, ranked items out.
+
+Per request the engine makes one Redis round trip: the user's ``user_behaviour`` hash and the
+materialization counter, in one pipeline. Candidates' features come from the in-process
+:class:`server.item_snapshot.ItemSnapshot`, reloaded when the counter moves or the snapshot
+expires (with the retrieval index rebuilt from it). The user's inputs are encoded with the
+model's own :class:`ranker.features.FeatureEncoder`, and the ranker scores all candidates in one
+ONNX run. Errors a caller can fix raise :class:`RequestError`; Redis failures raise
+:class:`StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import numpy as np
+import polars as pl
+import redis
+
+from avrec.feature_store import materialization_key
+from avrec.online_features import MixedVersionsError
+from avrec.pit_join import DERIVED_AGES
+from ranker.features import ItemVectors
+from server import metrics
+from server.feature_reader import OnlineRow, ViewReader
+from server.item_snapshot import BEHAVIOUR_VIEW, EMBEDDING_VIEW, ItemSnapshot, load_snapshot
+from server.models import ServingModels, UserInputs
+from server.retrieval import CandidateIndex
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+    from server.config import ServeConfig
+
+USER_VIEW = "user_behaviour"
+USER_AGE = "days_since_last_interaction"
+
+
+class RequestError(ValueError):
+    """A request the caller must fix (gRPC INVALID_ARGUMENT)."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The online store cannot be read (gRPC UNAVAILABLE)."""
+
+
+class Clock:
+    """Wall-clock UTC, or a replay clock that starts at ``start`` and ticks in real time."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.start, self._t0 = start, time.monotonic()
+
+    def now(self) -> datetime:
+        if self.start is None:
+            return datetime.now(UTC)
+        return self.start + timedelta(seconds=time.monotonic() - self._t0)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One ranked item (``row`` is its snapshot row)."""
+
+    item_id: int
+    row: int
+    score: float
+    title: str
+    missing_features: bool
+    explanation: tuple[int, float, str] | None = None
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A ranking answer."""
+
+    items: list[Scored]
+    cold_start_user: bool
+    user_row: OnlineRow
+    served_at: datetime
+    embedding_version: str | None
+    item_freshness: dict[str, datetime | None] = field(default_factory=dict)
+
+
+@dataclass
+class _Loaded:
+    snapshot: ItemSnapshot
+    vectors: ItemVectors
+    unit: np.ndarray
+    popular: np.ndarray
+    index: CandidateIndex | None
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def mmr(relevance: np.ndarray, unit: np.ndarray, k: int, lam: float) -> np.ndarray:
+    """Maximal marginal relevance: greedily pick ``argmax lam*rel - (1-lam)*max sim(chosen)``.
+
+    >>> mmr(np.array([1.0, 0.9, 0.1]), np.array([[1.0, 0], [1.0, 0], [0, 1.0]]), 2, 0.5)
+    array([0, 2])
+    """
+    chosen: list[int] = []
+    most_similar = np.full(len(relevance), -np.inf)
+    for _ in range(min(k, len(relevance))):
+        penalty = np.where(np.isfinite(most_similar), most_similar, 0.0)
+        gain = lam * relevance - (1.0 - lam) * penalty
+        gain[chosen] = -np.inf
+        best = int(np.argmax(gain))
+        chosen.append(best)
+        most_similar = np.maximum(most_similar, unit @ unit[best])
+    return np.asarray(chosen, dtype=np.int64)
+
+
+class RankingEngine:
+    """Rank, Recommend and user-feature reads over Redis, an item snapshot and ONNX models."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        client: redis.Redis,
+        models: ServingModels,
+        catalogue: pl.DataFrame,
+        config: ServeConfig,
+        clock: Clock,
+    ) -> None:
+        self.store, self.client, self.models = store, client, models
+        self.catalogue, self.config, self.clock = catalogue, config, clock
+        self.user_reader = ViewReader.from_store(store, USER_VIEW)
+        self.behaviour_reader = ViewReader.from_store(store, BEHAVIOUR_VIEW)
+        self.embedding_reader = ViewReader.from_store(store, EMBEDDING_VIEW)
+        self.version_key = materialization_key(store.config.project)
+        self._loaded: _Loaded | None = None
+        self._reload_lock = threading.Lock()
+        self.reloads = 0
+        self.snapshot_errors = 0
+
+    # -- item snapshot ---------------------------------------------------------------------
+
+    def _load(self, materialization: bytes | None, now: datetime) -> _Loaded:
+        snapshot = load_snapshot(
+            self.client, self.behaviour_reader, self.embedding_reader, self.catalogue,
+            self.models.encoder, now, timedelta(seconds=self.config.snapshot_refresh_seconds),
+            self.models.vector_field, materialization,
+        )
+        wanted = self.models.contract.embedding_version
+        if snapshot.embedding_version != wanted:
+            raise MixedVersionsError(
+                f"the online store serves embedding version {snapshot.embedding_version!r}, "
+                f"the model {self.models.version} was trained on {wanted!r}"
+            )
+        has = snapshot.has_vector
+        vectors = ItemVectors(snapshot.item_ids[has], snapshot.vectors[has], "served")
+        index = (CandidateIndex.build(self.models, snapshot)
+                 if self.models.user_tower is not None else None)
+        return _Loaded(snapshot, vectors, snapshot.unit_vectors(),
+                       np.argsort(-snapshot.popularity, kind="stable"), index)
+
+    def ensure_snapshot(self, materialization: bytes | None, now: datetime) -> _Loaded:
+        """The current snapshot, reloaded when stale; a failed reload keeps the old one."""
+        loaded = self._loaded
+        if (loaded is not None and loaded.snapshot.materialization == materialization
+                and now < loaded.snapshot.valid_until):
+            metrics.SNAPSHOT.labels("hit").inc()
+            metrics.SNAPSHOT_AGE.set((now - loaded.snapshot.loaded_at).total_seconds())
+            return loaded
+        with self._reload_lock:
+            loaded = self._loaded
+            if (loaded is not None and loaded.snapshot.materialization == materialization
+                    and now < loaded.snapshot.valid_until):
+                return loaded
+            try:
+                self._loaded = self._load(materialization, now)
+                self.reloads += 1
+                metrics.SNAPSHOT.labels("reload").inc()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise StoreUnavailable(f"online store unreachable: {exc}") from exc
+            except MixedVersionsError:
+                self.snapshot_errors += 1
+                if loaded is None:
+                    raise
+                loaded.snapshot.materialization = materialization
+                loaded.snapshot.valid_until = now + timedelta(
+                    seconds=self.config.snapshot_refresh_seconds)
+            return self._loaded
+
+    # -- user --------------------------------------------------------------------------------
+
+    def read_user(self, user_id: int, now: datetime) -> tuple[OnlineRow, bytes | None]:
+        """The user's row and the materialization counter, in one pipelined round trip."""
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                self.user_reader.queue(pipe, [user_id])
+                pipe.get(self.version_key)
+                reply, version = pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"online store unreachable: {exc}") from exc
+        return self.user_reader.decode_one(user_id, reply, now), version
+
+    def user_inputs(
+        self, row: OnlineRow, loaded: _Loaded, now: datetime, tower: bool = False
+    ) -> UserInputs:
+        """Encode a user's row exactly as the ranker's (or the user tower's) training rows."""
+        record = self.user_reader.prefixed(row)
+        last = record.get(DERIVED_AGES[USER_AGE])
+        age = None if last is None else (now - last).total_seconds() / 86_400
+        frame = pl.DataFrame([{**record, USER_AGE: age}], strict=False)
+        encoder = self.models.tower_encoder if tower else self.models.encoder
+        assert encoder is not None
+        dense = encoder.user_dense(frame)
+        history_rows = encoder.history_rows(frame, loaded.vectors)
+        mask = (history_rows >= 0).astype(np.float32)
+        history = loaded.vectors.vectors[np.maximum(history_rows, 0)] * mask[..., None]
+        return UserInputs(dense.astype(np.float32), history.astype(np.float32), mask)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def candidate_rows(self, item_ids: Sequence[int], loaded: _Loaded) -> np.ndarray:
+        """Snapshot rows of the candidates; RequestError for empty, huge, duplicate, unknown."""
+        n = len(item_ids)
+        if n == 0:
+            raise RequestError("candidate_item_ids is empty")
+        if n > self.config.max_candidates:
+            raise RequestError(f"{n} candidates; at most {self.config.max_candidates} per request")
+        ids = np.asarray(item_ids, dtype=np.int64)
+        if (ids <= 0).any():
+            raise RequestError(f"item ids must be positive: {ids[ids <= 0][:5].tolist()}")
+        unique, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise RequestError(f"duplicate candidates: {unique[counts > 1][:5].tolist()}")
+        rows = loaded.snapshot.rows(ids)
+        if (rows < 0).any():
+            unknown = ids[rows < 0]
+            raise RequestError(f"{unknown.size} unknown item id(s), e.g. {unknown[:5].tolist()}")
+        return rows
+
+    def _check(self, user_id: int, top_k: int, lam: float) -> None:
+        if user_id <= 0:
+            raise RequestError(f"user_id must be positive, got {user_id}")
+        if top_k < 0 or top_k > self.config.max_top_k:
+            raise RequestError(f"top_k must be in [0, {self.config.max_top_k}], got {top_k}")
+        if not np.isfinite(lam) or not 0.0 <= lam <= 1.0:
+            raise RequestError(f"diversity_lambda must be in [0, 1], got {lam}")
+
+    def _rank_rows(
+        self, user: UserInputs, row: OnlineRow, rows: np.ndarray, loaded: _Loaded, top_k: int,
+        explain: bool, lam: float, now: datetime,
+    ) -> Ranked:
+        snap = loaded.snapshot
+        logits = self.models.score(user, snap.vectors[rows], snap.dense[rows])
+        relevance = sigmoid(logits.astype(np.float64))
+        k = len(rows) if top_k == 0 else min(top_k, len(rows))
+        if 0.0 < lam < 1.0:
+            order = mmr(relevance, loaded.unit[rows], k, lam)
+        else:
+            order = np.argsort(-relevance, kind="stable")[:k]
+        history = self.history_rows(row, loaded) if explain else np.empty(0, np.int64)
+        items = []
+        for j in order:
+            r = int(rows[j])
+            why = None
+            if history.size:
+                sims = loaded.unit[history] @ loaded.unit[r]
+                best = int(np.argmax(sims))
+                h = int(history[best])
+                why = (int(snap.item_ids[h]), float(sims[best]), snap.titles[h])
+            items.append(Scored(int(snap.item_ids[r]), r, float(relevance[j]), snap.titles[r],
+                                bool(snap.missing[r]), why))
+        return Ranked(items, not row.fresh, row, now, snap.embedding_version,
+                      dict(snap.freshest))
+
+    def history_rows(self, row: OnlineRow, loaded: _Loaded) -> np.ndarray:
+        """Snapshot rows of the user's recent items that have a vector."""
+        recent = row.values.get("recent_items") or []
+        rows = loaded.snapshot.rows(np.asarray(recent, dtype=np.int64)) if recent else []
+        return np.asarray([r for r in rows if r >= 0 and loaded.snapshot.has_vector[r]], np.int64)
+
+    def rank(
+        self, user_id: int, item_ids: Sequence[int], top_k: int = 0, explain: bool = False,
+        diversity_lambda: float = 0.0,
+    ) -> Ranked:
+        """Score the caller's candidates for ``user_id`` and return them best first."""
+        self._check(user_id, top_k, diversity_lambda)
+        now = self.clock.now()
+        row, version = self.read_user(user_id, now)
+        loaded = self.ensure_snapshot(version, now)
+        rows = self.candidate_rows(item_ids, loaded)
+        user = self.user_inputs(row, loaded, now)
+        return self._rank_rows(user, row, rows, loaded, top_k, explain, diversity_lambda, now)
+
+    def recommend(
+        self, user_id: int, top_k: int, explain: bool = False, diversity_lambda: float = 0.0
+    ) -> Ranked:
+        """Retrieve candidates from the whole catalogue (user tower + ANN), then rank them.
+
+        The user's recent items are left out. A cold-start user (no fresh row) gets the
+        tower's candidates for a user without history, merged with the most popular items.
+        """
+        if top_k <= 0:
+            raise RequestError("top_k must be positive for Recommend")
+        self._check(user_id, top_k, diversity_lambda)
+        now = self.clock.now()
+        row, version = self.read_user(user_id, now)
+        loaded = self.ensure_snapshot(version, now)
+        user = self.user_inputs(row, loaded, now)
+        seen = set(self.history_rows(row, loaded).tolist())
+        recent = row.values.get("recent_items") or []
+        seen |= {int(r) for r in loaded.snapshot.rows(np.asarray(recent, np.int64)) if r >= 0}
+        wanted = max(self.config.retrieval_candidates, top_k)
+        pool: list[int] = []
+        if loaded.index is not None:
+            query = self.models.user_vector(self.user_inputs(row, loaded, now, tower=True))
+            found, _ = loaded.index.search(query, wanted, seen)
+            pool = found.tolist()
+        if not row.fresh or loaded.index is None:
+            popular = [int(r) for r in loaded.popular[: wanted + len(seen)] if int(r) not in seen]
+            pool = list(dict.fromkeys(pool + popular[:wanted]))
+        rows = np.asarray(pool, dtype=np.int64)
+        return self._rank_rows(user, row, rows, loaded, top_k, explain, diversity_lambda, now)

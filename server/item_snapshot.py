@@ -1,0 +1,188 @@
+"""The catalogue held in process: item behaviour, item vectors and titles, loaded from Redis.
+
+Rank requests read only the user's row from Redis; every candidate's features come from an
+:class:`ItemSnapshot`, a consistent copy of the ``item_behaviour`` and ``item_embedding`` rows of
+the whole catalogue taken in one pipelined pass. A snapshot is replaced when
+
+* the materialization counter (``avrec.feature_store.materialization_key``, read in the same
+  round trip as the user's row) changes: a materialization wrote new rows;
+* its ``valid_until`` passes: the refresh interval (catching writes that bypassed
+  ``avrec materialize``, e.g. a bare ``feast materialize``) or the first item row to outlive
+  its view's TTL, so an expired row is never served from memory.
+
+A snapshot whose vectors mix two embedding versions is refused
+(:class:`avrec.online_features.MixedVersionsError`); the server keeps the one it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from avrec.online_features import MixedVersionsError
+from avrec.pit_join import DERIVED_AGES
+from server.feature_reader import OnlineRow, ViewReader
+
+if TYPE_CHECKING:
+    import redis
+
+    from ranker.features import FeatureEncoder
+
+BEHAVIOUR_VIEW = "item_behaviour"
+EMBEDDING_VIEW = "item_embedding"
+AGE = "item_age_days"
+PIPELINE_CHUNK = 2000
+
+
+def age_days(now: datetime, stamps: Sequence[datetime | None]) -> list[float | None]:
+    """Days from each stamp to ``now`` (None stays None), as the training sets derive ages."""
+    day_us = 86_400_000_000
+    out: list[float | None] = []
+    for stamp in stamps:
+        if stamp is None:
+            out.append(None)
+            continue
+        delta = now - stamp
+        micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+        out.append(micros / day_us)
+    return out
+
+
+@dataclass
+class ItemSnapshot:
+    """Every catalogue item's serving inputs as of ``loaded_at``; row ``i`` is ``item_ids[i]``."""
+
+    item_ids: np.ndarray
+    titles: list[str]
+    vectors: np.ndarray
+    has_vector: np.ndarray
+    dense: np.ndarray
+    missing: np.ndarray
+    popularity: np.ndarray
+    frame: pl.DataFrame
+    embedding_version: str | None
+    materialization: bytes | None
+    loaded_at: datetime
+    valid_until: datetime
+    freshest: dict[str, datetime | None] = field(default_factory=dict)
+    _order: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._order = np.argsort(self.item_ids, kind="stable")
+
+    def __len__(self) -> int:
+        return int(self.item_ids.size)
+
+    def rows(self, item_ids: np.ndarray) -> np.ndarray:
+        """Row of each id, -1 for ids outside the catalogue."""
+        ids = np.asarray(item_ids, dtype=np.int64)
+        sorted_ids = self.item_ids[self._order]
+        pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sorted_ids) - 1, 0))
+        found = sorted_ids[pos] == ids if len(sorted_ids) else np.zeros(ids.shape, bool)
+        return np.where(found, self._order[pos], -1)
+
+    def dense_for(self, encoder: FeatureEncoder) -> np.ndarray:
+        """Item dense inputs under another model's encoder (e.g. the item tower's)."""
+        flag = (~self.has_vector).astype(np.float32)[:, None]
+        return np.concatenate([encoder.item_dense(self.frame), flag], 1).astype(np.float32)
+
+    def unit_vectors(self) -> np.ndarray:
+        """L2-normalised item vectors (zeros where an item has none)."""
+        norms = np.linalg.norm(self.vectors, axis=1, keepdims=True)
+        return self.vectors / np.maximum(norms, 1e-12)
+
+
+def _read_rows(
+    client: redis.Redis, reader: ViewReader, ids: np.ndarray, now: datetime
+) -> list[OnlineRow]:
+    rows: list[OnlineRow] = []
+    for start in range(0, len(ids), PIPELINE_CHUNK):
+        chunk = ids[start : start + PIPELINE_CHUNK]
+        with client.pipeline(transaction=False) as pipe:
+            reader.queue(pipe, chunk)
+            rows += reader.decode(chunk, pipe.execute(), now)
+    return rows
+
+
+def _expiry(rows: list[OnlineRow], ttl: timedelta | None) -> datetime | None:
+    stamps = [r.event_timestamp for r in rows if r.fresh and r.event_timestamp is not None]
+    if ttl is None or not stamps:
+        return None
+    return min(stamps) + ttl
+
+
+def item_frame(reader: ViewReader, rows: list[OnlineRow], now: datetime) -> pl.DataFrame:
+    """Item behaviour rows as training-set columns (``item_behaviour__*`` + derived age)."""
+    records: dict[str, list[Any]] = {f"{reader.view}__{f}": [] for f in reader.features}
+    for row in rows:
+        for name, value in reader.prefixed(row).items():
+            records[name].append(value)
+    frame = pl.DataFrame(records, strict=False)
+    first = DERIVED_AGES[AGE]
+    ages = age_days(now, frame[first].to_list()) if first in frame.columns else []
+    return frame.with_columns(pl.Series(AGE, ages, dtype=pl.Float64))
+
+
+def load_snapshot(
+    client: redis.Redis,
+    behaviour: ViewReader,
+    embedding: ViewReader,
+    catalogue: pl.DataFrame,
+    encoder: FeatureEncoder,
+    now: datetime,
+    refresh: timedelta,
+    vector_field: str = "embedding",
+    materialization: bytes | None = None,
+) -> ItemSnapshot:
+    """Read the whole catalogue's item rows from Redis (pipelined) into an :class:`ItemSnapshot`.
+
+    ``catalogue``: ``item_id`` and ``title`` of every servable item (the offline items table).
+    Item dense features are encoded with the model's own :class:`FeatureEncoder`, plus the
+    ``item_has_no_vector`` flag, exactly as in training.
+    """
+    ids = catalogue["item_id"].to_numpy().astype(np.int64)
+    behaviour_rows = _read_rows(client, behaviour, ids, now)
+    embedding_rows = _read_rows(client, embedding, ids, now)
+    versions = {r.values.get("embedding_version") for r in embedding_rows if r.fresh}
+    versions.discard(None)
+    if len(versions) > 1:
+        raise MixedVersionsError(f"item embeddings of several versions online: {sorted(versions)}")
+    vectors_list = [r.values.get(vector_field) if r.fresh else None for r in embedding_rows]
+    dim = next((len(v) for v in vectors_list if v), 0)
+    vectors = np.zeros((len(ids), dim), dtype=np.float32)
+    has_vector = np.zeros(len(ids), dtype=bool)
+    for i, vector in enumerate(vectors_list):
+        if vector:
+            vectors[i], has_vector[i] = vector, True
+    frame = item_frame(behaviour, behaviour_rows, now)
+    fresh_behaviour = np.array([r.fresh for r in behaviour_rows], dtype=bool)
+    expiries = [
+        e for e in (_expiry(behaviour_rows, behaviour.ttl), _expiry(embedding_rows, embedding.ttl))
+        if e is not None
+    ]
+    freshest = {
+        view: max((r.event_timestamp for r in rows if r.fresh), default=None)
+        for view, rows in ((behaviour.view, behaviour_rows), (embedding.view, embedding_rows))
+    }
+    snapshot = ItemSnapshot(
+        item_ids=ids,
+        titles=[t or "" for t in catalogue["title"].to_list()],
+        vectors=vectors,
+        has_vector=has_vector,
+        dense=np.empty((len(ids), 0), np.float32),
+        missing=~(fresh_behaviour & has_vector),
+        popularity=frame[f"{behaviour.view}__popularity_all"].fill_null(0).to_numpy(),
+        frame=frame,
+        embedding_version=next(iter(versions), None),
+        materialization=materialization,
+        loaded_at=now,
+        valid_until=min([now + refresh, *expiries]),
+        freshest=freshest,
+    )
+    snapshot.dense = snapshot.dense_for(encoder)
+    return snapshot

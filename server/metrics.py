@@ -1,0 +1,33 @@
+"""Prometheus metrics of the ranking service (exposed by ``avrec serve --metrics-port``).
+
+* ``avrec_request_seconds{method}``: latency histogram per RPC,
+* ``avrec_requests_total{method, code}``: calls by gRPC status code,
+* ``avrec_item_snapshot_total{result}``: snapshot lookups (``hit``) and reloads (``reload``),
+  whose ratio is the cache hit ratio,
+* ``avrec_item_snapshot_age_seconds``: how old the served item snapshot is.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+REQUEST_SECONDS = Histogram(
+    "avrec_request_seconds", "RPC latency in seconds", ["method"], buckets=BUCKETS
+)
+REQUESTS = Counter("avrec_requests_total", "RPCs by method and status code", ["method", "code"])
+SNAPSHOT = Counter("avrec_item_snapshot_total", "Item snapshot hits and reloads", ["result"])
+SNAPSHOT_AGE = Gauge("avrec_item_snapshot_age_seconds", "Age of the served item snapshot")
+
+
+def observe(method: str, code: str, seconds: float) -> None:
+    """Count one finished call and its latency."""
+    REQUESTS.labels(method, code).inc()
+    if method != "auth":
+        REQUEST_SECONDS.labels(method).observe(seconds)
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
+    """Expose ``/metrics`` over HTTP on ``port``."""
+    start_http_server(port, addr=host)

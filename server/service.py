@@ -1,0 +1,201 @@
+"""The gRPC service ``avrec.v1.RankingService``: proto in, :class:`RankingEngine` calls, proto out.
+
+Status codes: INVALID_ARGUMENT for requests the caller must fix (the message says what),
+UNAVAILABLE when Redis cannot be read (the process stays up and recovers when Redis returns;
+health turns NOT_SERVING meanwhile), DEADLINE_EXCEEDED when the caller's deadline passed before
+scoring, FAILED_PRECONDITION when the online embeddings no longer match the model,
+UNAUTHENTICATED without the configured bearer token, INTERNAL for anything else (logged).
+Every call is counted and timed in Prometheus metrics (:mod:`server.metrics`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health, health_pb2
+
+from avrec.online_features import MixedVersionsError
+from server import metrics
+from server.engine import Ranked, RankingEngine, RequestError, StoreUnavailable
+from server.event_log import EventError, EventLog, LoggedEvent
+from server.stubs import ensure_stubs
+
+ensure_stubs()
+from avrec.v1 import ranking_pb2, ranking_pb2_grpc  # noqa: E402
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+log = logging.getLogger("avrec.server")
+SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value.astimezone(UTC))
+    return stamp
+
+
+def to_proto(answer: Ranked, model_version: str) -> ranking_pb2.RankResponse:
+    """A :class:`Ranked` answer as a ``RankResponse``."""
+    items = []
+    for item in answer.items:
+        scored = ranking_pb2.ScoredItem(
+            item_id=item.item_id, score=item.score, title=item.title,
+            missing_features=item.missing_features,
+        )
+        if item.explanation is not None:
+            history_id, similarity, title = item.explanation
+            scored.explanation.CopyFrom(ranking_pb2.Explanation(
+                history_item_id=history_id, similarity=similarity, history_title=title))
+        items.append(scored)
+    row = answer.user_row
+    freshness = [ranking_pb2.FeatureFreshness(
+        feature_view="user_behaviour", event_timestamp=timestamp(row.event_timestamp),
+        expired=row.expired)]
+    freshness += [ranking_pb2.FeatureFreshness(feature_view=view, event_timestamp=timestamp(ts))
+                  for view, ts in answer.item_freshness.items()]
+    return ranking_pb2.RankResponse(
+        items=items,
+        model_version=model_version,
+        embedding_version=answer.embedding_version or "",
+        cold_start_user=answer.cold_start_user,
+        user_features=freshness,
+        served_at=timestamp(answer.served_at),
+        items_missing_features=sum(i.missing_features for i in answer.items),
+    )
+
+
+class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
+    """Adapts :class:`RankingEngine` and :class:`EventLog` to gRPC."""
+
+    def __init__(
+        self,
+        engine: RankingEngine,
+        events: EventLog,
+        store: FeatureStore,
+        health_servicer: health.HealthServicer | None = None,
+    ) -> None:
+        self.engine, self.events, self.store = engine, events, store
+        self.health = health_servicer
+
+    def _serving(self, ok: bool) -> None:
+        if self.health is None:
+            return
+        status = (health_pb2.HealthCheckResponse.SERVING if ok
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def _call(self, method: str, context: grpc.ServicerContext, work: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                context.abort(code, "deadline passed before the request was handled")
+            result = work()
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                context.abort(code, f"deadline passed while handling {method}")
+            self._serving(True)
+            return result
+        except (RequestError, EventError) as exc:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            context.abort(code, str(exc))
+        except StoreUnavailable as exc:
+            code = grpc.StatusCode.UNAVAILABLE
+            self._serving(False)
+            context.abort(code, str(exc))
+        except MixedVersionsError as exc:
+            code = grpc.StatusCode.FAILED_PRECONDITION
+            context.abort(code, str(exc))
+        except Exception as exc:
+            if isinstance(exc, grpc.RpcError) or _is_abort(exc):
+                raise
+            if _redis_error(exc):
+                code = grpc.StatusCode.UNAVAILABLE
+                self._serving(False)
+                context.abort(code, f"online store unreachable: {exc}")
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", method)
+            context.abort(code, f"internal error in {method}: {type(exc).__name__}")
+        finally:
+            metrics.observe(method, code.name, time.perf_counter() - started)
+
+    def Rank(self, request, context):
+        options = request.options
+        return self._call("Rank", context, lambda: to_proto(self.engine.rank(
+            request.user_id, list(request.candidate_item_ids), request.top_k,
+            options.explain, options.diversity_lambda,
+        ), self.engine.models.version))
+
+    def Recommend(self, request, context):
+        options = request.options
+        return self._call("Recommend", context, lambda: to_proto(self.engine.recommend(
+            request.user_id, request.top_k, options.explain, options.diversity_lambda,
+        ), self.engine.models.version))
+
+    def LogEvents(self, request, context):
+        def work() -> ranking_pb2.LogEventsResponse:
+            events = [
+                LoggedEvent(
+                    e.user_id, e.item_id, e.event_type,
+                    e.rating if e.event_type == "rating" else None,
+                    e.event_timestamp.ToDatetime(tzinfo=UTC)
+                    if e.HasField("event_timestamp") else None,
+                )
+                for e in request.events
+            ]
+            if len(events) > self.engine.config.max_candidates:
+                raise RequestError(f"{len(events)} events; at most "
+                                   f"{self.engine.config.max_candidates} per call")
+            result = self.events.log(self.store, events, self.engine.clock.now())
+            return ranking_pb2.LogEventsResponse(
+                accepted=result.accepted, users_updated=result.users,
+                offline_path=str(result.path))
+        return self._call("LogEvents", context, work)
+
+
+def _is_abort(exc: Exception) -> bool:
+    """grpc's ``context.abort`` raises a bare Exception subclass internal to grpc."""
+    return type(exc).__module__.startswith("grpc")
+
+
+def _redis_error(exc: Exception) -> bool:
+    import redis
+
+    return isinstance(exc, redis.ConnectionError | redis.TimeoutError)
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """Refuses calls without ``authorization: Bearer <token>`` (health checks excepted)."""
+
+    OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, token: str) -> None:
+        self.expected = f"Bearer {token}"
+
+        def deny(request, context):
+            metrics.observe("auth", grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(self.OPEN):
+            return continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if metadata.get("authorization") == self.expected:
+            return continuation(handler_call_details)
+        return self._deny
