@@ -65,7 +65,9 @@ class Service:
         self.server.stop(grace).wait()
 
 
-def build_engine(config: ServeConfig) -> tuple[RankingEngine, EventLog]:
+def build_engine(
+    config: ServeConfig, engine_class: type[RankingEngine] = RankingEngine
+) -> tuple[RankingEngine, EventLog]:
     """Registry, models (contract-checked), Redis client, first item snapshot."""
     from avrec.feature_store import get_store
 
@@ -80,15 +82,15 @@ def build_engine(config: ServeConfig) -> tuple[RankingEngine, EventLog]:
     )
     offline = avrec_config.offline_dir()
     catalogue = tables.read_table("items", offline).select("item_id", "title")
-    engine = RankingEngine(store, client, models, catalogue, config, Clock(config.clock_start()))
+    engine = engine_class(store, client, models, catalogue, config, Clock(config.clock_start()))
     now = engine.clock.now()
     engine.ensure_snapshot(engine.read_user(1, now)[1], now)
     return engine, EventLog(offline, catalogue["item_id"].to_numpy())
 
 
-def start(config: ServeConfig) -> Service:
+def start(config: ServeConfig, engine_class: type[RankingEngine] = RankingEngine) -> Service:
     """Build and start the server (returns at once; the port is bound)."""
-    engine, events = build_engine(config)
+    engine, events = build_engine(config, engine_class)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),

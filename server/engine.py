@@ -258,18 +258,23 @@ class RankingEngine:
             order = mmr(relevance, loaded.unit[rows], k, lam)
         else:
             order = np.argsort(-relevance, kind="stable")[:k]
+        chosen = rows[order]
+        explanations: list[tuple[int, float, str] | None] = [None] * len(chosen)
         history = self.history_rows(row, loaded) if explain else np.empty(0, np.int64)
-        items = []
-        for j in order:
-            r = int(rows[j])
-            why = None
-            if history.size:
-                sims = loaded.unit[history] @ loaded.unit[r]
-                best = int(np.argmax(sims))
-                h = int(history[best])
-                why = (int(snap.item_ids[h]), float(sims[best]), snap.titles[h])
-            items.append(Scored(int(snap.item_ids[r]), r, float(relevance[j]), snap.titles[r],
-                                bool(snap.missing[r]), why))
+        if history.size:
+            sims = loaded.unit[chosen] @ loaded.unit[history].T  # [k, len(history)]
+            best = sims.argmax(1)
+            explanations = [
+                (int(snap.item_ids[history[b]]), float(sims[i, b]), snap.titles[history[b]])
+                for i, b in enumerate(best)
+            ]
+        items = [
+            Scored(item_id, r, score, snap.titles[r], missing, why)
+            for item_id, r, score, missing, why in zip(
+                snap.item_ids[chosen].tolist(), chosen.tolist(), relevance[order].tolist(),
+                snap.missing[chosen].tolist(), explanations, strict=True,
+            )
+        ]
         return Ranked(items, not row.fresh, row, now, snap.embedding_version,
                       dict(snap.freshest))
 
