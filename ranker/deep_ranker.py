@@ -1,9 +1,10 @@
 """The deep ranker as a :class:`ranker.recommender.Recommender`, for full-ranking evaluation.
 
 ``fit`` turns the fit interactions into point-in-time training rows (positives, explicit
-negatives and ``negatives`` sampled per positive, features as of each label through
-:mod:`avrec.pit_join`), holds out the latest 10% of labels for early stopping and trains
-:class:`ranker.model.Ranker`. ``score`` ranks the whole catalogue for each user with the
+negatives and ``negatives`` sampled per positive, uniformly or by popularity, features as of
+each label through :mod:`avrec.pit_join`), holds out the latest 10% of labels for early
+stopping and trains :class:`ranker.model.Ranker` (loss, item-feature dropout:
+:class:`ranker.training.TrainConfig`). ``score`` ranks the whole catalogue for each user with the
 user's features as of their cut (``as_of``) and every item's features as of the same cut.
 
 The item representation is a constructor argument (:class:`ranker.features.ItemVectors`):
@@ -25,7 +26,7 @@ from avrec import training_set
 from avrec.pit_join import join_features_duckdb
 from ranker.features import FeatureEncoder, ItemVectors
 from ranker.recommender import Recommender
-from ranker.training import TrainConfig, TrainHistory, fit_ranker, model_inputs, torch_threads
+from ranker.training import TrainConfig, TrainHistory, fit_ranker, torch_threads
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -43,6 +44,22 @@ def _as_utc(values: np.ndarray) -> list[datetime]:
     ]
 
 
+def sampling_log_q(
+    interactions: pl.DataFrame, items: pl.DataFrame, spec: training_set.TrainingSetSpec
+) -> dict[int, float]:
+    """``log q`` of each catalogue item under the negative sampling of ``spec``.
+
+    Uniform: ``1 / catalogue``; popularity: the item's share of the interactions before the
+    window end (as :func:`avrec.training_set.sample_negatives` draws them).
+    """
+    catalogue = np.unique(items["item_id"].to_numpy())
+    if spec.sampling == "uniform":
+        return dict.fromkeys(catalogue.tolist(), -float(np.log(len(catalogue))))
+    counts = interactions.filter(pl.col("event_timestamp") < spec.end).group_by("item_id").len()
+    share = counts.with_columns((pl.col("len") / pl.col("len").sum()).log().alias("log_q"))
+    return dict(zip(share["item_id"].to_list(), share["log_q"].to_list(), strict=True))
+
+
 class DeepRanker(Recommender):
     """Ranker over point-in-time behaviour features and a table of item vectors."""
 
@@ -55,11 +72,13 @@ class DeepRanker(Recommender):
         config: TrainConfig | None = None,
         seed: int = 0,
         name: str | None = None,
+        sampling: training_set.Sampling = "uniform",
     ) -> None:
         super().__init__(seed)
         self.vector_factory = None if isinstance(vectors, ItemVectors) else vectors
         self.vectors = vectors if isinstance(vectors, ItemVectors) else None
-        self.store, self.negatives = store, negatives
+        self.store, self.negatives, self.sampling = store, negatives, sampling
+        self.log_q: dict[int, float] = {}
         self.config = config or TrainConfig(seed=seed)
         self.encoder = FeatureEncoder(genres=genres)
         self.name = name or f"deep[{getattr(vectors, 'name', 'fitted vectors')}]"
@@ -74,9 +93,11 @@ class DeepRanker(Recommender):
             start=ratings["event_timestamp"].min(),
             end=ratings["event_timestamp"].max() + timedelta(microseconds=1),
             negatives=self.negatives,
+            sampling=self.sampling,
             seed=self.seed,
             feature_service="behaviour_features",
         )
+        self.log_q = sampling_log_q(interactions, items, spec)
         labels = training_set.build_labels(interactions, items, spec)
         return join_features_duckdb(labels, self.store, spec.feature_service)
 
@@ -91,6 +112,18 @@ class DeepRanker(Recommender):
         }
         if "label" in rows.columns:
             data["label"] = rows["label"].to_numpy().astype(np.float32)
+            data["group"] = (
+                rows.select(pl.struct("user_id", "label_timestamp").rank("dense"))
+                .to_series()
+                .to_numpy()
+                .astype(np.int64)
+            )
+            sampled = (rows["sample_type"] == "sampled_negative").to_numpy()
+            log_q = rows["item_id"].replace_strict(self.log_q, default=0.0, return_dtype=pl.Float64)
+            data["log_kq"] = np.where(
+                sampled, np.log(max(self.negatives, 1)) + log_q.to_numpy(), 0.0
+            ).astype(np.float32)
+            data["item_blank"] = np.append(self.encoder.blank_item(), np.nan)
         return data
 
     def item_dense(self, rows: pl.DataFrame, item_idx: np.ndarray) -> np.ndarray:
@@ -112,7 +145,11 @@ class DeepRanker(Recommender):
         self.encoder.fit(train)
         with torch_threads(1):
             self.model, self.history = fit_ranker(
-                self.encode(train), self.encode(valid), self.vectors.vectors, self.config
+                self.encode(train),
+                self.encode(valid),
+                self.vectors.vectors,
+                self.config,
+                width=self.negatives,
             )
 
     def _score(self, user_ids: np.ndarray, as_of: np.ndarray | None) -> np.ndarray:
@@ -138,6 +175,8 @@ class DeepRanker(Recommender):
         }
         n_items = len(self.item_ids)
         item_idx = self.vectors.rows(self.item_ids)
+        with torch.no_grad(), torch_threads(1):
+            candidates = self.model.project_items(torch.from_numpy(self._item_matrix(item_idx)))
         out = np.empty((len(user_ids), n_items), dtype=np.float32)
         for start in range(0, len(user_ids), self.users_per_join):
             chunk = range(start, min(start + self.users_per_join, len(user_ids)))
@@ -154,15 +193,16 @@ class DeepRanker(Recommender):
             items = join_features_duckdb(pairs, self.store, "item_features")
             dense = self.item_dense(items, np.tile(item_idx, len(chunk)))
             for j, u in enumerate(chunk):
-                rows = np.arange(j * n_items, (j + 1) * n_items)
-                data = {
-                    "user_dense": np.repeat(user["user_dense"][u : u + 1], n_items, 0),
-                    "history_idx": np.repeat(user["history_idx"][u : u + 1], n_items, 0),
-                    "item_idx": item_idx,
-                    "item_dense": dense[rows],
-                }
+                history_idx = user["history_idx"][u : u + 1]
+                mask = (history_idx >= 0).astype(np.float32)
+                history = self.vectors.vectors[np.maximum(history_idx, 0)] * mask[..., None]
+                one = [torch.from_numpy(a) for a in (user["user_dense"][u : u + 1], history, mask)]
+                rows = torch.from_numpy(dense[j * n_items : (j + 1) * n_items])
                 with torch.no_grad(), torch_threads(1):
-                    out[u] = self.model(
-                        *model_inputs(data, np.arange(n_items), self.vectors.vectors)
-                    ).numpy()
+                    out[u] = self.model.score_items(*one, candidates, rows).numpy()
         return out
+
+    def _item_matrix(self, item_idx: np.ndarray) -> np.ndarray:
+        """The item vectors of the catalogue, zeros where an item has none."""
+        present = (item_idx >= 0)[:, None]
+        return self.vectors.vectors[np.maximum(item_idx, 0)] * present

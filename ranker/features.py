@@ -116,6 +116,12 @@ class FeatureEncoder:
         extra = np.stack([rating - self.rating_mean, missing], axis=1).astype(np.float32)
         return np.concatenate([self._log_counts(rows, ITEM_COUNTS + ITEM_AGES), extra], 1)
 
+    def blank_item(self) -> np.ndarray:
+        """``item_dense`` of an item without any history (what a cold item looks like)."""
+        out = np.zeros(len(self.item_dense_names), dtype=np.float32)
+        out[self.item_dense_names.index("item_missing")] = 1.0
+        return out
+
     @staticmethod
     def history_rows(rows: pl.DataFrame, vectors: ItemVectors) -> np.ndarray:
         """``[n, HISTORY]`` rows of ``vectors`` for the user's recent items (-1: none/padding)."""

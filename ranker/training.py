@@ -1,9 +1,20 @@
 """Train the deep ranker on point-in-time rows: seeded, early-stopped, with curves.
 
-``fit_ranker`` takes encoded arrays (see :mod:`ranker.features`), trains
-:class:`ranker.model.Ranker` with binary cross-entropy, keeps the weights of the epoch with
-the best validation loss and stops after ``patience`` epochs without improvement.
-``save_curves`` draws loss curves as a PNG.
+``fit_ranker`` takes encoded arrays (see :mod:`ranker.features`) and trains
+:class:`ranker.model.Ranker` with one of two losses (``TrainConfig.loss``):
+
+* ``bce``: pointwise binary cross-entropy over positives, explicit and sampled negatives;
+* ``softmax``: sampled softmax. Each positive is scored against the negatives drawn for it
+  (the rows of its ``group``: same user, same label time); a sampled negative's logit is
+  corrected by ``-log(K q)`` (``q``: its probability under the sampling distribution, ``K``:
+  the negatives per positive), which makes the loss an estimate of the softmax over the whole
+  catalogue, the quantity full ranking is judged on.
+
+``item_dropout`` replaces a share of training rows' item behaviour features by those of an
+item without history, so items without interactions (cold items) are scored from their
+vectors rather than pushed to the bottom. The weights of the epoch with the best validation
+loss are kept; training stops after ``patience`` epochs without improvement. ``save_curves``
+draws loss curves as a PNG.
 """
 
 from __future__ import annotations
@@ -14,12 +25,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ranker.model import Ranker
+
+Loss = Literal["bce", "softmax"]
 
 
 @dataclass
@@ -33,7 +47,9 @@ class TrainConfig:
     patience: int = 2
     dim: int = 32
     seed: int = 0
-    positive_weight: float = 1.0
+    positive_weight: float = 1.0  # bce only
+    loss: Loss = "bce"
+    item_dropout: float = 0.0  # share of training rows whose item behaviour is blanked
     progress: bool = True
 
 
@@ -83,27 +99,109 @@ def model_inputs(
     return [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in arrays]
 
 
-def _loss(
-    model: Ranker, data: dict[str, np.ndarray], idx: np.ndarray, weight: float, vectors: np.ndarray
-):
-    feeds = model_inputs(data, idx, vectors)
-    labels = torch.from_numpy(data["label"][idx].astype(np.float32))
-    logits = model(*feeds)
-    pos_weight = torch.tensor(weight)
+def candidate_lists(labels: np.ndarray, groups: np.ndarray, width: int) -> np.ndarray:
+    """``[positives, 1 + width]`` row indices: each positive, then up to ``width`` negatives
+    of its group (-1 pads); positives whose group has no negative are left out.
+
+    >>> candidate_lists(np.array([1, 0, 0, 1, 0]), np.array([0, 0, 0, 1, 2]), 2).tolist()
+    [[0, 1, 2]]
+    """
+    negatives = np.flatnonzero(labels == 0)
+    negatives = negatives[np.argsort(groups[negatives], kind="stable")]
+    negative_groups = groups[negatives]
+    positives = np.flatnonzero(labels == 1)
+    start = np.searchsorted(negative_groups, groups[positives], "left")
+    end = np.searchsorted(negative_groups, groups[positives], "right")
+    offsets = start[:, None] + np.arange(width)[None, :]
+    picked = np.where(
+        offsets < end[:, None], negatives[np.minimum(offsets, max(len(negatives) - 1, 0))], -1
+    )
+    keep = end > start
+    return np.concatenate([positives[keep, None], picked[keep]], axis=1)
+
+
+def _inputs(
+    data: dict[str, np.ndarray],
+    rows: np.ndarray,
+    vectors: np.ndarray,
+    dropout: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> list[torch.Tensor]:
+    """Model inputs of ``rows``; with ``rng``, a ``dropout`` share of them get the item
+    behaviour features of an item without history (``data["item_blank"]``: the value per
+    column, NaN for a column kept as is)."""
+    feeds = model_inputs(data, rows, vectors)
+    if rng is None or dropout <= 0 or "item_blank" not in data:
+        return feeds
+    blank = torch.from_numpy(data["item_blank"].astype(np.float32))
+    blanked = torch.where(torch.isnan(blank), feeds[4], torch.nan_to_num(blank))
+    drop = torch.from_numpy(rng.random(len(rows)) < dropout)[:, None]
+    feeds[4] = torch.where(drop, blanked, feeds[4])
+    return feeds
+
+
+def _bce(model: Ranker, feeds: list[torch.Tensor], labels: np.ndarray, weight: float):
     return torch.nn.functional.binary_cross_entropy_with_logits(
-        logits, labels, pos_weight=pos_weight
+        model(*feeds), torch.from_numpy(labels.astype(np.float32)), pos_weight=torch.tensor(weight)
     )
 
 
+def _softmax(
+    model: Ranker, feeds: list[torch.Tensor], lists: np.ndarray, log_kq: np.ndarray
+) -> torch.Tensor:
+    """Cross-entropy of each list's first row (the positive) against its negatives."""
+    logits = model(*feeds).view(lists.shape) - torch.from_numpy(log_kq.astype(np.float32))
+    logits = logits.masked_fill(torch.from_numpy(lists < 0), -1e9)
+    return -torch.log_softmax(logits, dim=1)[:, 0].mean()
+
+
+class _Objective:
+    """The configured loss over batches of training units (rows for bce, lists for softmax)."""
+
+    def __init__(self, data: dict[str, np.ndarray], config: TrainConfig, width: int) -> None:
+        self.data, self.config = data, config
+        if config.loss == "softmax":
+            self.units = candidate_lists(data["label"], data["group"], width)
+        elif config.loss == "bce":
+            self.units = np.arange(len(data["label"]))[:, None]
+        else:
+            raise ValueError(f"loss must be bce or softmax, not {config.loss!r}")
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __call__(
+        self,
+        model: Ranker,
+        batch: np.ndarray,
+        vectors: np.ndarray,
+        rng: np.random.Generator | None = None,
+    ) -> torch.Tensor:
+        units = self.units[batch]
+        rows = np.maximum(units.ravel(), 0)
+        feeds = _inputs(self.data, rows, vectors, self.config.item_dropout, rng)
+        if self.config.loss == "softmax":
+            log_kq = np.where(units >= 0, self.data["log_kq"][rows].reshape(units.shape), 0.0)
+            return _softmax(model, feeds, units, log_kq)
+        weight = self.config.positive_weight if rng is not None else 1.0
+        return _bce(model, feeds, self.data["label"][rows], weight)
+
+
 def evaluate_loss(
-    model: Ranker, data: dict[str, np.ndarray], vectors: np.ndarray, batch: int = 8192
+    model: Ranker,
+    data: dict[str, np.ndarray],
+    vectors: np.ndarray,
+    config: TrainConfig | None = None,
+    width: int = 4,
+    batch: int = 8192,
 ) -> float:
-    """Mean binary cross-entropy over ``data`` (no gradient)."""
+    """Mean loss of ``config`` (default: binary cross-entropy) over ``data``, no gradient."""
+    objective = _Objective(data, config or TrainConfig(), width)
     model.eval()
-    total, n = 0.0, len(data["label"])
+    total, n = 0.0, len(objective)
     with torch.no_grad():
-        for idx in _batches(n, batch, None):
-            total += float(_loss(model, data, idx, 1.0, vectors)) * len(idx)
+        for idx in _batches(n, max(1, batch // objective.units.shape[1]), None):
+            total += float(objective(model, idx, vectors)) * len(idx)
     return total / max(n, 1)
 
 
@@ -112,8 +210,13 @@ def fit_ranker(
     valid: dict[str, np.ndarray],
     vectors: np.ndarray,
     config: TrainConfig,
+    width: int = 4,
 ) -> tuple[Ranker, TrainHistory]:
-    """Train a Ranker on encoded ``train`` rows, early-stopped on ``valid``."""
+    """Train a Ranker on encoded ``train`` rows, early-stopped on ``valid``.
+
+    ``width``: negatives per positive in the softmax lists (the sampled negatives per
+    positive). ``batch_size`` counts scored rows, so both losses see similar batches.
+    """
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = Ranker(
@@ -125,27 +228,27 @@ def fit_ranker(
     optimiser = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
+    objective = _Objective(train, config, width)
+    per_batch = max(1, config.batch_size // objective.units.shape[1])
     history, best, best_loss, waited = TrainHistory(), None, math.inf, 0
-    n = len(train["label"])
     for epoch in range(config.epochs):
         model.train()
         running, steps = 0.0, 0
-        batches = _batches(n, config.batch_size, rng)
         bar = tqdm(
-            batches,
-            total=math.ceil(n / config.batch_size),
+            _batches(len(objective), per_batch, rng),
+            total=math.ceil(len(objective) / per_batch),
             disable=not config.progress,
             desc=f"epoch {epoch + 1}/{config.epochs}",
             leave=False,
         )
         for idx in bar:
             optimiser.zero_grad()
-            loss = _loss(model, train, idx, config.positive_weight, vectors)
+            loss = objective(model, idx, vectors, rng)
             loss.backward()
             optimiser.step()
             running, steps = running + loss.item(), steps + 1
         history.train_loss.append(running / max(steps, 1))
-        history.val_loss.append(evaluate_loss(model, valid, vectors))
+        history.val_loss.append(evaluate_loss(model, valid, vectors, config, width))
         if history.val_loss[-1] < best_loss - 1e-4:
             best, best_loss, waited = copy.deepcopy(model.state_dict()), history.val_loss[-1], 0
             history.best_epoch = epoch
