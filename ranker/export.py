@@ -89,25 +89,34 @@ def _example(contract: ModelContract, batch: int = 2) -> tuple[torch.Tensor, ...
                  for t, s in zip(contract.inputs, shapes, strict=True))
 
 
-def _write_onnx(model: torch.nn.Module, contract: ModelContract, path: Path) -> None:
+def _write_onnx(
+    model: torch.nn.Module,
+    contract: ModelContract,
+    path: Path,
+    kind: str | None = None,
+    example: tuple[torch.Tensor, ...] | None = None,
+    batched: Sequence[str] | None = None,
+) -> None:
     import onnx
     import torch
 
     batch = torch.export.Dim("batch")
+    batched = contract.input_names if batched is None else batched
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
         program = torch.onnx.export(
             model.eval(),
-            _example(contract),
+            example or _example(contract),
             input_names=contract.input_names,
             output_names=contract.output_names,
-            dynamic_shapes={name: {0: batch} for name in contract.input_names},
+            dynamic_shapes={name: {0: batch} if name in batched else {}
+                            for name in contract.input_names},
             opset_version=OPSET,
             dynamo=True,
             verbose=False,
         )
     proto = program.model_proto
-    meta = {KIND_KEY: contract.kind, HASH_KEY: contract.version,
+    meta = {KIND_KEY: kind or contract.kind, HASH_KEY: contract.version,
             EMBEDDING_KEY: contract.embedding_version}
     kept = [p for p in proto.metadata_props if p.key not in meta]
     del proto.metadata_props[:]
@@ -179,6 +188,93 @@ def export_ranker(
     if contract.kind != "ranker":
         raise ValueError(f"a Ranker needs a 'ranker' contract, not {contract.kind!r}")
     return export_model(model, contract, directory, batches, tolerance)
+
+
+ONE_USER = "ranker_one_user"
+USER_INPUTS = ("user_dense", "history", "history_mask")
+
+
+def one_user_path(directory: Path) -> Path:
+    """The serving graph of a ranker directory (see :func:`export_one_user_ranker`)."""
+    return Path(directory) / f"{ONE_USER}.onnx"
+
+
+def one_user_batch(batch: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """A batch-aligned ranker batch turned into one user's: row 0's user inputs for all items."""
+    return [np.repeat(a[:1], len(a), 0) if i < len(USER_INPUTS) else a
+            for i, a in enumerate(batch)]
+
+
+def export_one_user_ranker(
+    model: Ranker,
+    contract: ModelContract,
+    directory: Path,
+    batches: Iterable[Sequence[np.ndarray]],
+    tolerance: float = TOLERANCE,
+) -> Exported:
+    """Write the serving graph ``ranker_one_user.onnx``: one user's inputs ``[1, ...]`` against
+    ``N`` candidates, the user side computed once.
+
+    Same weights, inputs and contract as ``ranker.onnx`` (whose batch-aligned graph remains the
+    reference); parity is checked against the torch model on real batches, each turned into
+    one user's (:func:`one_user_batch`), and an export outside ``tolerance`` is refused.
+    """
+    import torch
+
+    class OneUserRanker(torch.nn.Module):
+        """``Ranker.forward`` for one user. The attention MLP's first layer is linear in
+        ``[h, q, h*q, h-q]``, so its weight blocks apply to the history once, to each candidate
+        once, and to ``h*q`` as one matrix product; the user's dense arch runs once."""
+
+        def __init__(self, ranker: Ranker) -> None:
+            super().__init__()
+            self.ranker = ranker
+
+        def attend(self, history, mask, queries):
+            first, rest = self.ranker.attention.score[0], self.ranker.attention.score[1:]
+            w_h, w_q, w_hq, w_d = first.weight.split(history.shape[-1], dim=1)
+            per_history = history @ (w_h + w_d).T + first.bias  # [L, hidden]
+            per_query = queries @ (w_q - w_d).T  # [N, hidden]
+            crossing = (history[:, None, :] * w_hq[None]).flatten(0, 1)  # [L*hidden, dim]
+            crossed = (queries @ crossing.T).reshape(-1, history.shape[0], w_h.shape[0])
+            logits = rest(crossed + per_history[None] + per_query[:, None]).squeeze(-1)
+            logits = logits.masked_fill(mask[None] <= 0, -1e4)
+            weights = torch.softmax(logits, dim=1) * (mask[None] > 0).to(history.dtype)
+            return weights @ history
+
+        def forward(self, user_dense, history, history_mask, item_vector, item_dense):
+            r = self.ranker
+            items = r.item_proj(item_vector)
+            pooled = self.attend(r.item_proj(history[0]), history_mask[0], items)
+            user = r.user_arch(user_dense).expand(items.shape[0], -1)
+            return r.over(r.interaction([user, pooled, items, r.item_arch(item_dense)]))
+
+    if contract.kind != "ranker":
+        raise ValueError(f"the one-user graph needs a 'ranker' contract, not {contract.kind!r}")
+    path = one_user_path(directory)
+    example = tuple(t[:1] if spec.name in USER_INPUTS else t.repeat(3, *[1] * (t.dim() - 1))
+                    for spec, t in zip(contract.inputs, _example(contract), strict=True))
+    _write_onnx(OneUserRanker(model), contract, path, ONE_USER, example,
+                batched=("item_vector", "item_dense"))
+    onnx_model = OnnxModel(path, threads=1)
+    worst, total, values, rows, count = 0.0, 0.0, 0, 0, 0
+    model.eval()
+    for batch in batches:
+        arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in one_user_batch(batch)]
+        with torch.no_grad():
+            expected = model(*map(torch.from_numpy, arrays)).numpy().astype(np.float64)
+        feeds = {name: a[:1] if name in USER_INPUTS else a
+                 for name, a in zip(contract.input_names, arrays, strict=True)}
+        got = next(iter(onnx_model.run(feeds).values())).astype(np.float64)
+        diff = np.abs(got - expected)
+        worst, total = max(worst, float(diff.max(initial=0.0))), total + float(diff.sum())
+        values, rows, count = values + diff.size, rows + len(got), count + 1
+    result = Parity(worst, total / max(values, 1), rows, count)
+    if not result.max_abs_diff < tolerance:
+        path.unlink()
+        raise ValueError(f"{ONE_USER}: ONNX differs from torch by {result.max_abs_diff:.3g}"
+                         f" (tolerance {tolerance:g}); export removed")
+    return Exported(path, directory / CONTRACT_FILE, contract, result)
 
 
 def export_user_tower(

@@ -15,7 +15,10 @@ written into the model's contract (:mod:`ranker.contract`) and checked by the se
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -108,6 +111,36 @@ class FeatureEncoder:
         share = rows[f"{USER}positive_share"].fill_null(0.0).to_numpy()
         extra = np.stack([rating - self.rating_mean, share, missing], axis=1).astype(np.float32)
         return np.concatenate([self._log_counts(rows, USER_COUNTS + USER_AGES), extra, genre], 1)
+
+    def user_dense_record(self, record: Mapping[str, Any]) -> np.ndarray:
+        """:meth:`user_dense` of one row given as ``{column: value}``, as ``[1, n]``, without
+        building a frame (the server's per-request path; equal to the frame path, tested)."""
+        logs = [
+            0.0 if record.get(c) is None else math.log1p(max(float(record[c]), 0.0))
+            for c in USER_COUNTS + USER_AGES
+        ]
+        rating = record.get(f"{USER}mean_rating")
+        share = record.get(f"{USER}positive_share")
+        extra = [
+            (self.rating_mean if rating is None else rating) - self.rating_mean,
+            0.0 if share is None else share,
+            float(record.get(f"{USER}interactions_all") is None),
+        ]
+        genre = np.zeros(self.genres, dtype=np.float32)
+        affinity = record.get(f"{USER}genre_affinity")
+        if affinity is not None:
+            genre[: len(affinity)] = affinity
+        head = np.asarray(logs, dtype=np.float64).astype(np.float32)
+        tail = np.asarray(extra, dtype=np.float64).astype(np.float32)
+        return np.concatenate([head, tail, genre])[None, :]
+
+    @staticmethod
+    def history_row(recent: Sequence[int] | None, vectors: ItemVectors) -> np.ndarray:
+        """:meth:`history_rows` of one user's ``recent_items``, as ``[1, HISTORY]``."""
+        ids = np.full(HISTORY, -1, dtype=np.int64)
+        if recent:
+            ids[: min(len(recent), HISTORY)] = list(recent)[:HISTORY]
+        return np.where(ids >= 0, vectors.rows(ids), -1)[None, :]
 
     def item_dense(self, rows: pl.DataFrame) -> np.ndarray:
         """``[n, len(item_dense_names)]`` float32."""

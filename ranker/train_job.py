@@ -34,7 +34,13 @@ from avrec import behaviour_features, config, tables
 from avrec.cli import parse_time
 from ranker.contract import ranker_contract
 from ranker.deep_ranker import DeepRanker
-from ranker.export import Exported, export_item_tower, export_ranker, export_user_tower
+from ranker.export import (
+    Exported,
+    export_item_tower,
+    export_one_user_ranker,
+    export_ranker,
+    export_user_tower,
+)
 from ranker.features import ItemVectors
 from ranker.training import TrainConfig, model_inputs, save_curves, torch_threads
 from ranker.two_tower import TwoTowerConfig, TwoTowerRecommender, encode_rows, positive_rows
@@ -103,7 +109,8 @@ def parity_info(exported: Exported) -> dict[str, Any]:
 def export_ranker_dir(
     model: DeepRanker, window: pl.DataFrame, items: pl.DataFrame, version: str, out: Path
 ) -> dict[str, Any]:
-    """Export the fitted ranker to ``out/ranker`` with parity on real training rows."""
+    """Export the fitted ranker to ``out/ranker`` (the batch-aligned reference graph and the
+    one-user serving graph) with parity on real training rows."""
     assert model.model is not None and model.vectors is not None
     data = model.encode(model.labelled_rows(window, items))
     contract = ranker_contract(model.encoder, model.vectors.dim, model.vectors.name, version)
@@ -111,7 +118,9 @@ def export_ranker_dir(
         lambda idx: [t.numpy() for t in model_inputs(data, idx, model.vectors.vectors)],
         len(data["item_idx"]),
     )
-    return parity_info(export_ranker(model.model, contract, out / "ranker", batches))
+    info = parity_info(export_ranker(model.model, contract, out / "ranker", batches))
+    one_user = export_one_user_ranker(model.model, contract, out / "ranker", batches)
+    return info | {"one_user": parity_info(one_user)}
 
 
 def train_retrieval(
@@ -262,8 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         f"validation BCE {min(losses['val_loss']):.4f}, {manifest['seconds']} s"
     )
     for kind, info in manifest["onnx"].items():
-        print(f"  {kind}: {info['path']} (ONNX vs torch max abs diff {info['max_abs_diff']:.2e}"
-              f" over {info['rows']} rows)")
+        parts = [(kind, info)]
+        if "one_user" in info:
+            parts.append((f"{kind} (one-user serving graph)", info["one_user"]))
+        for name, part in parts:
+            print(f"  {name}: {part['path']} (ONNX vs torch max abs diff "
+                  f"{part['max_abs_diff']:.2e} over {part['rows']} rows)")
     return 0
 
 

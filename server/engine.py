@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -61,8 +61,7 @@ class Clock:
         return self.start + timedelta(seconds=time.monotonic() - self._t0)
 
 
-@dataclass(frozen=True)
-class Scored:
+class Scored(NamedTuple):
     """One ranked item (``row`` is its snapshot row)."""
 
     item_id: int
@@ -207,12 +206,11 @@ class RankingEngine:
         """Encode a user's row exactly as the ranker's (or the user tower's) training rows."""
         record = self.user_reader.prefixed(row)
         last = record.get(DERIVED_AGES[USER_AGE])
-        age = None if last is None else (now - last).total_seconds() / 86_400
-        frame = pl.DataFrame([{**record, USER_AGE: age}], strict=False)
+        record[USER_AGE] = None if last is None else (now - last).total_seconds() / 86_400
         encoder = self.models.tower_encoder if tower else self.models.encoder
         assert encoder is not None
-        dense = encoder.user_dense(frame)
-        history_rows = encoder.history_rows(frame, loaded.vectors)
+        dense = encoder.user_dense_record(record)
+        history_rows = encoder.history_row(row.values.get("recent_items"), loaded.vectors)
         mask = (history_rows >= 0).astype(np.float32)
         history = loaded.vectors.vectors[np.maximum(history_rows, 0)] * mask[..., None]
         return UserInputs(dense.astype(np.float32), history.astype(np.float32), mask)

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from avrec.onnx_runtime import OnnxModel
 from ranker.contract import ContractError, ModelContract
-from ranker.export import LoadedModel, load_model
+from ranker.export import HASH_KEY, KIND_KEY, ONE_USER, LoadedModel, load_model, one_user_path
 from ranker.features import FeatureEncoder
 
 GENRE_PREFIX = "genre_affinity["
@@ -55,6 +56,7 @@ class ServingModels:
     item_tower: LoadedModel | None
     encoder: FeatureEncoder
     tower_encoder: FeatureEncoder | None = None
+    one_user: OnnxModel | None = None
 
     @property
     def contract(self) -> ModelContract:
@@ -77,7 +79,22 @@ class ServingModels:
         return VECTOR_FIELDS[name]
 
     def score(self, user: UserInputs, vectors: np.ndarray, dense: np.ndarray) -> np.ndarray:
-        """Logits of one user against ``n`` items (``vectors [n, D]``, ``dense [n, I]``)."""
+        """Logits of one user against ``n`` items (``vectors [n, D]``, ``dense [n, I]``).
+
+        Runs the one-user serving graph when the model directory has it (the user side
+        computed once), else the batch-aligned ranker with the user's inputs broadcast.
+        """
+        if self.one_user is not None:
+            feeds = {"user_dense": user.dense, "history": user.history,
+                     "history_mask": user.mask, "item_vector": vectors, "item_dense": dense}
+            feeds = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
+            return self.one_user.run(feeds, ["logit"])["logit"]
+        return self.score_batched(user, vectors, dense)
+
+    def score_batched(
+        self, user: UserInputs, vectors: np.ndarray, dense: np.ndarray
+    ) -> np.ndarray:
+        """Logits through the batch-aligned reference graph ``ranker.onnx``."""
         n = len(vectors)
         feeds = {
             "user_dense": np.broadcast_to(user.dense, (n, user.dense.shape[1])),
@@ -119,6 +136,44 @@ def _same_encoding(ranker: ModelContract, other: ModelContract) -> list[str]:
     return found
 
 
+def load_one_user(
+    directory: Path, ranker: LoadedModel, threads: int | None, tolerance: float = 1e-4,
+    seed: int = 0,
+) -> OnnxModel | None:
+    """The one-user serving graph next to ``ranker.onnx``, if exported; refused unless it is
+    stamped with the ranker's contract and agrees with the reference graph on seeded inputs."""
+    path = one_user_path(directory)
+    if not path.is_file():
+        return None
+    model = OnnxModel(path, threads=threads)
+    contract = ranker.contract
+    found = [f"{path.name}: metadata {key}={model.metadata.get(key)!r}, expected {want!r}"
+             for key, want in ((KIND_KEY, ONE_USER), (HASH_KEY, contract.version))
+             if model.metadata.get(key) != want]
+    if model.input_names != contract.input_names:
+        found.append(f"{path.name}: inputs {model.input_names}, contract {contract.input_names}")
+    if found:
+        raise ContractError(str(directory), found)
+    rng = np.random.default_rng(seed)
+    n, dims = 16, {"user_dense": len(contract.user_dense_names),
+                   "item_dense": len(contract.item_dense_names)}
+    user = UserInputs(
+        rng.normal(size=(1, dims["user_dense"])).astype(np.float32),
+        rng.normal(size=(1, contract.history, contract.item_vector_dim)).astype(np.float32),
+        (rng.random((1, contract.history)) < 0.7).astype(np.float32),
+    )
+    vectors = rng.normal(size=(n, contract.item_vector_dim)).astype(np.float32)
+    dense = rng.normal(size=(n, dims["item_dense"])).astype(np.float32)
+    reference = ServingModels(directory, ranker, None, None, encoder_from_contract(contract))
+    fast = ServingModels(directory, ranker, None, None, reference.encoder, None, model)
+    diff = float(np.abs(fast.score(user, vectors, dense)
+                        - reference.score(user, vectors, dense)).max())
+    if not diff < tolerance:
+        raise ContractError(str(directory), [
+            f"{path.name} differs from ranker.onnx by {diff:.3g} (tolerance {tolerance:g})"])
+    return model
+
+
 def load_serving_models(
     directory: Path,
     feature_fields: Mapping[str, Collection[str]],
@@ -132,6 +187,7 @@ def load_serving_models(
         raise FileNotFoundError(f"{directory} holds no ranker/ (write one with `avrec train`)")
     kwargs = {"embedding_version": embedding_version, "threads": threads}
     ranker = load_model(directory / "ranker", feature_fields, **kwargs)
+    one_user = load_one_user(directory / "ranker", ranker, threads)
     towers: dict[str, LoadedModel | None] = {"user_tower": None, "item_tower": None}
     if retrieval:
         for kind in towers:
@@ -151,7 +207,7 @@ def load_serving_models(
         raise ContractError(str(directory), problems)
     models = ServingModels(
         directory, ranker, user_tower, item_tower, encoder_from_contract(ranker.contract),
-        encoder_from_contract(user_tower.contract) if user_tower else None,
+        encoder_from_contract(user_tower.contract) if user_tower else None, one_user,
     )
     _ = models.vector_field
     return models

@@ -96,42 +96,35 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             self.health.set(name, status)
 
     def _call(self, method: str, context: grpc.ServicerContext, work: Callable[[], Any]) -> Any:
+        """Run ``work``; map failures to status codes; count and time the call."""
         started = time.perf_counter()
-        code = grpc.StatusCode.OK
+        code, message = grpc.StatusCode.OK, ""
         try:
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
-                context.abort(code, "deadline passed before the request was handled")
+            _check_deadline(context, "before the request was handled")
             result = work()
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
-                context.abort(code, f"deadline passed while handling {method}")
+            _check_deadline(context, f"while handling {method}")
             self._serving(True)
             return result
         except (RequestError, EventError) as exc:
-            code = grpc.StatusCode.INVALID_ARGUMENT
-            context.abort(code, str(exc))
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        except DeadlinePassed as exc:
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
         except StoreUnavailable as exc:
-            code = grpc.StatusCode.UNAVAILABLE
-            self._serving(False)
-            context.abort(code, str(exc))
+            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
         except MixedVersionsError as exc:
-            code = grpc.StatusCode.FAILED_PRECONDITION
-            context.abort(code, str(exc))
+            code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
         except Exception as exc:
-            if isinstance(exc, grpc.RpcError) or _is_abort(exc):
-                raise
             if _redis_error(exc):
-                code = grpc.StatusCode.UNAVAILABLE
-                self._serving(False)
-                context.abort(code, f"online store unreachable: {exc}")
-            code = grpc.StatusCode.INTERNAL
-            log.exception("%s failed", method)
-            context.abort(code, f"internal error in {method}: {type(exc).__name__}")
+                code, message = grpc.StatusCode.UNAVAILABLE, f"online store unreachable: {exc}"
+            else:
+                log.exception("%s failed", method)
+                code = grpc.StatusCode.INTERNAL
+                message = f"internal error in {method}: {type(exc).__name__}"
         finally:
             metrics.observe(method, code.name, time.perf_counter() - started)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self._serving(False)
+        context.abort(code, message)
 
     def Rank(self, request, context):
         options = request.options
@@ -167,9 +160,14 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return self._call("LogEvents", context, work)
 
 
-def _is_abort(exc: Exception) -> bool:
-    """grpc's ``context.abort`` raises a bare Exception subclass internal to grpc."""
-    return type(exc).__module__.startswith("grpc")
+class DeadlinePassed(RuntimeError):
+    """The caller's deadline passed (gRPC DEADLINE_EXCEEDED)."""
+
+
+def _check_deadline(context: grpc.ServicerContext, when: str) -> None:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlinePassed(f"deadline passed {when}")
 
 
 def _redis_error(exc: Exception) -> bool:

@@ -29,11 +29,14 @@ from ranker.deep_ranker import DeepRanker
 from ranker.export import (
     HASH_KEY,
     KIND_KEY,
+    USER_INPUTS,
     export_item_tower,
+    export_one_user_ranker,
     export_ranker,
     export_user_tower,
     load_model,
     model_path,
+    one_user_batch,
 )
 from ranker.features import ItemVectors
 from ranker.splits import Split
@@ -149,6 +152,24 @@ def item_tower_export(tower_export, real: Slice, tmp_path_factory: pytest.TempPa
 
 
 EXPORTS = ["ranker_export", "tower_export", "item_tower_export"]
+
+
+def test_one_user_graph_equals_the_reference_graph(ranker_export) -> None:
+    exported, deep, arrays = ranker_export
+    one_user = export_one_user_ranker(deep.model, exported.contract, exported.path.parent, arrays)
+    print(f"one-user graph: max |onnx - torch| {one_user.parity.max_abs_diff:.2e} "
+          f"over {one_user.parity.rows} rows")
+    assert one_user.parity.max_abs_diff < 1e-4 and one_user.parity.batches == len(arrays)
+    fast, reference = OnnxModel(one_user.path), OnnxModel(exported.path)
+    assert fast.metadata[HASH_KEY] == exported.contract.version
+    for batch in arrays:
+        batch = one_user_batch(batch)
+        names = exported.contract.input_names
+        expected = reference.run(dict(zip(names, batch, strict=True)))["logit"]
+        feeds = {n: a[:1] if n in USER_INPUTS else a for n, a in zip(names, batch, strict=True)}
+        got = fast.run(feeds)["logit"]
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("which", EXPORTS)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -81,9 +82,10 @@ def test_tls_and_bearer_token(stack, tmp_path: Path) -> None:
     key, cert = self_signed(tmp_path)
     token_file = tmp_path / "token"
     token_file.write_text("s3cret\n")
+    metrics_port = free_port()
     with stack_env(stack):
         service = start(serve_config(stack, tls_cert=str(cert), tls_key=str(key),
-                                     auth_token_file=str(token_file)))
+                                     auth_token_file=str(token_file), metrics_port=metrics_port))
     target = f"127.0.0.1:{service.port}"
     try:
         with RankingClient(target, "s3cret", cert.read_bytes()) as client:
@@ -97,6 +99,10 @@ def test_tls_and_bearer_token(stack, tmp_path: Path) -> None:
                 assert client.serving()  # health stays open to probes
         with RankingClient(target, "s3cret") as plaintext, pytest.raises(grpc.RpcError):
             plaintext.rank(USER, [1, 2, 3], timeout=2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as reply:
+            text = reply.read().decode()
+        assert 'avrec_requests_total{code="UNAUTHENTICATED",method="auth"}' in text
+        assert "avrec_request_seconds_bucket" in text
     finally:
         service.stop(0)
 
