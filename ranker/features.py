@@ -35,6 +35,19 @@ USER_AGES = ["days_since_last_interaction"]
 ITEM_AGES = ["item_age_days"]
 
 
+def lookup_rows(table_ids: np.ndarray, order: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Row of each of ``ids`` in ``table_ids`` (``order`` = its argsort), -1 when absent.
+
+    >>> lookup_rows(np.array([30, 10, 20]), np.array([1, 2, 0]), np.array([20, 99]))
+    array([ 2, -1])
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    sorted_ids = table_ids[order]
+    pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sorted_ids) - 1, 0))
+    found = sorted_ids[pos] == ids if len(sorted_ids) else np.zeros(ids.shape, bool)
+    return np.where(found, order[pos], -1)
+
+
 @dataclass
 class ItemVectors:
     """A fixed table of item vectors: ``vectors[index[item_id]]``."""
@@ -55,11 +68,7 @@ class ItemVectors:
 
     def rows(self, item_ids: np.ndarray) -> np.ndarray:
         """Row of each id in ``vectors``, -1 where the id has no vector."""
-        ids = np.asarray(item_ids, dtype=np.int64)
-        sorted_ids = self.item_ids[self._order]
-        pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sorted_ids) - 1, 0))
-        found = sorted_ids[pos] == ids if len(sorted_ids) else np.zeros(ids.shape, bool)
-        return np.where(found, self._order[pos], -1)
+        return lookup_rows(self.item_ids, self._order, item_ids)
 
     @classmethod
     def from_frame(cls, frame: pl.DataFrame, column: str, name: str | None = None) -> ItemVectors:

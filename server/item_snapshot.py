@@ -26,6 +26,7 @@ import polars as pl
 
 from avrec.online_features import MixedVersionsError
 from avrec.pit_join import DERIVED_AGES
+from ranker.features import lookup_rows
 from server.feature_reader import OnlineRow, ViewReader
 
 if TYPE_CHECKING:
@@ -80,11 +81,7 @@ class ItemSnapshot:
 
     def rows(self, item_ids: np.ndarray) -> np.ndarray:
         """Row of each id, -1 for ids outside the catalogue."""
-        ids = np.asarray(item_ids, dtype=np.int64)
-        sorted_ids = self.item_ids[self._order]
-        pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sorted_ids) - 1, 0))
-        found = sorted_ids[pos] == ids if len(sorted_ids) else np.zeros(ids.shape, bool)
-        return np.where(found, self._order[pos], -1)
+        return lookup_rows(self.item_ids, self._order, item_ids)
 
     def dense_for(self, encoder: FeatureEncoder) -> np.ndarray:
         """Item dense inputs under another model's encoder (e.g. the item tower's)."""
