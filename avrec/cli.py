@@ -189,7 +189,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         done()
     done = _step("feast apply + materialize into Redis (as of the replay clock)")
     feature_store.apply(status.url)
-    feature_store.materialize(end=replay_now, redis_url=status.url)
+    feature_store.reset_online(feature_store.get_store(status.url), status.url)
+    feature_store.materialize(start=feature_store.EPOCH, end=replay_now, redis_url=status.url)
     done()
     with_vectors = tables.table_path("item_embeddings").exists()
     service = "ranker_features" if with_vectors else "behaviour_features"
@@ -247,7 +248,7 @@ def _demo_service(redis_url: str, clock: datetime, port: int) -> None:
             os.kill(int(pid_file.read_text()), signal.SIGTERM)
             time.sleep(2)
     log = config.data_dir() / "serve.log"
-    command = [sys.executable, "-m", "avrec.cli", "--redis-url", redis_url, "serve",
+    command = [sys.executable, "-m", "avrec.cli", "serve", "--redis-url", redis_url,
                "--clock", clock.isoformat(), "--port", str(port)]
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
@@ -255,9 +256,9 @@ def _demo_service(redis_url: str, clock: datetime, port: int) -> None:
     pid_file.write_text(str(process.pid))
     with RankingClient(f"127.0.0.1:{port}") as client:
         try:
-            client.wait_until_serving(300)
-        except TimeoutError:
-            raise SystemExit(f"the ranking service did not start; see {log}") from None
+            client.wait_until_serving(300, process)
+        except (TimeoutError, RuntimeError) as exc:
+            raise SystemExit(f"the ranking service did not start ({exc}); see {log}") from None
         for user in (414, 987654321):
             print(f"    Recommend(user_id={user}, top_k=10, explain=true):")
             answer = client.recommend(user, top_k=10, explain=True)

@@ -88,6 +88,19 @@ def bump_materialization(store: FeatureStore, redis_url: str | None = None) -> i
         client.close()
 
 
+def reset_online(store: FeatureStore, redis_url: str | None = None) -> None:
+    """Delete every feature view's rows from the online store (Feast's ``delete_table``).
+
+    Follow it with ``materialize(start=EPOCH, end=...)`` to rebuild the online state as of
+    ``end`` (e.g. a replay clock): Feast never overwrites a stored row with an older one, so
+    without a reset rows newer than ``end`` would stay.
+    """
+    online = store._get_provider().online_store
+    for view in store.list_feature_views():
+        online.delete_table(store.config, view)
+    bump_materialization(store, redis_url)
+
+
 def materialize(
     end: datetime | None = None,
     start: datetime | None = None,

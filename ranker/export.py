@@ -100,9 +100,11 @@ def _write_onnx(
     import onnx
     import torch
 
+    from encoders.onnx_export import quiet_exporter_loggers
+
     batch = torch.export.Dim("batch")
     batched = contract.input_names if batched is None else batched
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_exporter_loggers():
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
         program = torch.onnx.export(
             model.eval(),

@@ -30,12 +30,8 @@ from server.config import ServeConfig, load_config
 from server.engine import Clock, RankingEngine
 from server.event_log import EventLog
 from server.models import load_serving_models
-from server.service import (
-    SERVICE_NAME,
-    BearerTokenInterceptor,
-    RankingServicer,
-    ranking_pb2_grpc,
-)
+from server.protocol import SERVICE_NAME, ranking_pb2_grpc
+from server.service import BearerTokenInterceptor, RankingServicer
 
 log = logging.getLogger("avrec.server")
 LATEST = "LATEST"

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.service import SERVICE_NAME, ranking_pb2, ranking_pb2_grpc
+from server.protocol import SERVICE_NAME, ranking_pb2, ranking_pb2_grpc
 
 
 class RankingClient:
@@ -81,10 +82,15 @@ class RankingClient:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
-    def wait_until_serving(self, timeout: float = 120.0) -> None:
-        """Poll health until SERVING, or TimeoutError."""
+    def wait_until_serving(
+        self, timeout: float = 120.0, process: subprocess.Popen | None = None
+    ) -> None:
+        """Poll health until SERVING; TimeoutError, or RuntimeError when ``process`` (the
+        server's, if the caller started it) exits first."""
         deadline = time.monotonic() + timeout
         while not self.serving():
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the server exited with code {process.returncode}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"ranking service not serving after {timeout} s")
             time.sleep(0.5)

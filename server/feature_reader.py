@@ -6,8 +6,9 @@ view's values (Feast's own ``_redis_key`` for the hash, ``_mmh3("<view>:<feature
 fields, ``_ts:<view>`` for the row's event time) and decodes them with Feast's own
 ``ValueProto`` and ``feast_value_type_to_python_type``: no encoding is re-implemented here.
 
-A row is served only when it is present and ``now - event_time <= ttl`` (Feast's Redis store
-serves rows of any age); an expired row is reported as such, its values withheld.
+A row is served only when it is present and ``0 <= now - event_time <= ttl`` (Feast's Redis
+store serves rows of any age, and rows newer than a replay clock); an expired or future row is
+reported as such, its values withheld.
 
 Example::
 
@@ -40,7 +41,8 @@ class OnlineRow:
     """One entity's row of one view as served at ``now``.
 
     ``values`` is empty unless the row is ``fresh``; ``expired`` marks a row that exists but
-    is older than the view's TTL.
+    is older than the view's TTL, ``future`` one stamped after ``now`` (a replay clock behind
+    the data): neither is served.
     """
 
     entity_id: int
@@ -48,6 +50,7 @@ class OnlineRow:
     fresh: bool
     expired: bool
     values: dict[str, Any] = field(default_factory=dict)
+    future: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ class ViewReader:
         stamp = Timestamp()
         stamp.ParseFromString(ts_raw or b"")
         event_ts = datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, tz=UTC)
+        if event_ts > now:
+            return OnlineRow(entity_id, event_ts, fresh=False, expired=False, future=True)
         if self.ttl is not None and now - event_ts > self.ttl:
             return OnlineRow(entity_id, event_ts, fresh=False, expired=True)
         decoded = {}

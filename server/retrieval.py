@@ -13,12 +13,15 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
+
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines tell CPU probing
+import faiss  # noqa: E402
 
 if TYPE_CHECKING:
     from server.item_snapshot import ItemSnapshot

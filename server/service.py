@@ -24,16 +24,12 @@ from avrec.online_features import MixedVersionsError
 from server import metrics
 from server.engine import Ranked, RankingEngine, RequestError, StoreUnavailable
 from server.event_log import EventError, EventLog, LoggedEvent
-from server.stubs import ensure_stubs
-
-ensure_stubs()
-from avrec.v1 import ranking_pb2, ranking_pb2_grpc  # noqa: E402
+from server.protocol import SERVICE_NAME, ranking_pb2, ranking_pb2_grpc
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
 log = logging.getLogger("avrec.server")
-SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:
@@ -60,7 +56,7 @@ def to_proto(answer: Ranked, model_version: str) -> ranking_pb2.RankResponse:
     row = answer.user_row
     freshness = [ranking_pb2.FeatureFreshness(
         feature_view="user_behaviour", event_timestamp=timestamp(row.event_timestamp),
-        expired=row.expired)]
+        expired=row.expired, after_clock=row.future)]
     freshness += [ranking_pb2.FeatureFreshness(feature_view=view, event_timestamp=timestamp(ts))
                   for view, ts in answer.item_freshness.items()]
     return ranking_pb2.RankResponse(

@@ -79,3 +79,41 @@ def test_ttl_is_enforced_where_feast_serves_stale_rows(stack) -> None:
     # the same rows read one TTL later are all expired
     later = reader.decode(ids, replies, CLOCK + timedelta(days=731))
     assert not any(r.fresh for r in later)
+
+
+def test_rows_after_the_clock_are_not_served(stack) -> None:
+    reader = ViewReader.from_store(stack.store, "user_behaviour")
+    client = redis.Redis.from_url(stack.redis_url)
+    ids = [414, 610]
+    with client.pipeline(transaction=False) as pipe:
+        reader.queue(pipe, ids)
+        replies = pipe.execute()
+    rows = reader.decode(ids, replies, CLOCK)
+    early = min(r.event_timestamp for r in rows) - timedelta(seconds=1)
+    for row in reader.decode(ids, replies, early):
+        assert row.future and not row.fresh and not row.expired and row.values == {}
+
+
+def test_reset_online_rebuilds_the_state_as_of_an_earlier_end(stack) -> None:
+    from avrec import feature_store
+    from tests.server.conftest import stack_env
+
+    url = stack.redis_url.rsplit("/", 1)[0] + "/3"
+    reader = ViewReader.from_store(stack.store, "user_behaviour")
+    client = redis.Redis.from_url(url)
+
+    def row_time(user: int):
+        return reader.decode_one(user, client.hmget(reader.key(user), reader.fields),
+                                 CLOCK + timedelta(days=3650)).event_timestamp
+
+    with stack_env(stack, url):
+        store = feature_store.get_store(url)
+        epoch = feature_store.EPOCH
+        feature_store.materialize(start=epoch, end=CLOCK, redis_url=url)
+        latest = row_time(414)
+        feature_store.reset_online(store, url)
+        assert row_time(414) is None
+        earlier = CLOCK - timedelta(days=200)
+        feature_store.materialize(start=epoch, end=earlier, redis_url=url)
+        assert row_time(414) is not None and row_time(414) <= earlier < latest
+        feature_store.reset_online(store, url)

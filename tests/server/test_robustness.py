@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from avrec.online_features import MixedVersionsError
 from server.client import RankingClient
-from server.service import SERVICE_NAME
+from server.protocol import SERVICE_NAME
 from tests.conftest import free_port
 from tests.server.conftest import CLOCK, env_of, serve_config, stack_env
 

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from avrec import online_features, tables
 from server.models import encoder_from_contract
-from server.service import SERVICE_NAME, ranking_pb2
+from server.protocol import SERVICE_NAME, ranking_pb2
 from tests.server.conftest import CLOCK
 
 USER = 414  # active until 2018: fresh at the replay clock
