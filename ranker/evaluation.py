@@ -26,6 +26,7 @@ from avrec import config, tables
 from ranker import baselines, metrics
 from ranker.recommender import Recommender, catalogue
 from ranker.splits import Split, Stage, global_split, per_user_split
+from ranker.training import CHOSEN_NEGATIVES, CHOSEN_SAMPLING, CHOSEN_TRAINING
 
 SHORT_HISTORY = 20
 PAIRED_METRICS = ("recall", "ndcg", "mrr")
@@ -411,9 +412,9 @@ class FusedVectors:
 _FUSED: dict[Path, FusedVectors] = {}
 
 # The deep ranker's training, chosen on the per-user split's validation NDCG@10 (README).
-DEEP_NEGATIVES = 4
-DEEP_SAMPLING = "uniform"
-DEEP_TRAIN = {"loss": "softmax", "item_dropout": 0.3}
+DEEP_NEGATIVES = CHOSEN_NEGATIVES
+DEEP_SAMPLING = CHOSEN_SAMPLING
+DEEP_TRAIN = CHOSEN_TRAINING
 
 
 def _deep_builder(

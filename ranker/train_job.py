@@ -42,7 +42,15 @@ from ranker.export import (
     export_user_tower,
 )
 from ranker.features import ItemVectors
-from ranker.training import TrainConfig, model_inputs, save_curves, torch_threads
+from ranker.training import (
+    CHOSEN_NEGATIVES,
+    CHOSEN_SAMPLING,
+    CHOSEN_TRAINING,
+    TrainConfig,
+    model_inputs,
+    save_curves,
+    torch_threads,
+)
 from ranker.two_tower import TwoTowerConfig, TwoTowerRecommender, encode_rows, positive_rows
 
 LATEST = "LATEST"
@@ -172,10 +180,11 @@ def train(
     vectors: str = "mixed",
     start: datetime | None = None,
     end: datetime | None = None,
-    negatives: int = 4,
+    negatives: int = CHOSEN_NEGATIVES,
     train_config: TrainConfig | None = None,
     out_root: Path | None = None,
     retrieval: bool = True,
+    sampling: str = CHOSEN_SAMPLING,
 ) -> Path:
     """Train one ranker (and the retrieval towers) and write its directory; returns it."""
     from avrec.feature_store import get_store
@@ -193,7 +202,8 @@ def train(
     version = embedding_version(vector_info)
     genres = len(behaviour_features.genre_vocabulary(items))
     model = DeepRanker(
-        item_vectors, get_store(), genres, negatives, train_config, seed=train_config.seed
+        item_vectors, get_store(), genres, negatives, train_config, seed=train_config.seed,
+        sampling=sampling,
     )
     model.fit(window, items)
     manifest = {
@@ -206,6 +216,7 @@ def train(
         "item_vectors": vector_info,
         "embedding_version": version,
         "negatives_per_positive": negatives,
+        "negative_sampling": sampling,
         "train_config": asdict(train_config),
         "dense_features": {
             "user": model.encoder.user_dense_names,
@@ -244,7 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vectors", choices=sorted(VECTOR_SOURCES), default="mixed")
     parser.add_argument("--start", type=parse_time, help="first label time (default: all)")
     parser.add_argument("--end", type=parse_time, help="label times before this (default: all)")
-    parser.add_argument("--negatives", type=int, default=4)
+    parser.add_argument("--negatives", type=int, default=CHOSEN_NEGATIVES)
+    parser.add_argument("--sampling", choices=["uniform", "popularity"], default=CHOSEN_SAMPLING)
+    parser.add_argument("--loss", choices=["bce", "softmax"], default=CHOSEN_TRAINING["loss"])
+    parser.add_argument("--item-dropout", type=float, default=CHOSEN_TRAINING["item_dropout"])
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--seed", type=int, default=0)
@@ -258,17 +272,20 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         seed=args.seed,
+        loss=args.loss,
+        item_dropout=args.item_dropout,
         progress=not args.no_progress,
     )
     out = train(
-        args.vectors, args.start, args.end, args.negatives, cfg, args.out, not args.no_retrieval
+        args.vectors, args.start, args.end, args.negatives, cfg, args.out, not args.no_retrieval,
+        args.sampling,
     )
     manifest = json.loads((out / "manifest.json").read_text())
     losses = manifest["losses"]
     print(f"ranker written to {out}")
     print(
         f"  epochs run: {len(losses['train_loss'])}, kept epoch {losses['best_epoch'] + 1}, "
-        f"validation BCE {min(losses['val_loss']):.4f}, {manifest['seconds']} s"
+        f"validation {cfg.loss} loss {min(losses['val_loss']):.4f}, {manifest['seconds']} s"
     )
     for kind, info in manifest["onnx"].items():
         parts = [(kind, info)]

@@ -36,6 +36,13 @@ from ranker.model import Ranker
 Loss = Literal["bce", "softmax"]
 
 
+# The deep ranker's training as chosen on the per-user split's validation NDCG@10 (README,
+# "what was tried"): used by `avrec train` and by the evaluation harness alike.
+CHOSEN_NEGATIVES = 4
+CHOSEN_SAMPLING = "uniform"
+CHOSEN_TRAINING: dict[str, object] = {"loss": "softmax", "item_dropout": 0.3}
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings; the defaults suit ml-latest-small on 2 CPU cores."""

@@ -82,10 +82,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     ) -> None:
         self.engine, self.events, self.store = engine, events, store
         self.health = health_servicer
+        self._healthy = True
 
     def _serving(self, ok: bool) -> None:
-        if self.health is None:
+        """Report the health status, on changes only (a set notifies every watcher)."""
+        if self.health is None or ok == self._healthy:
             return
+        self._healthy = ok
         status = (health_pb2.HealthCheckResponse.SERVING if ok
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ("", SERVICE_NAME):
