@@ -67,6 +67,10 @@ def apply(redis_url: str | None = None) -> None:
 
     if str(config.FEATURE_REPO) not in sys.path:  # as the feast CLI does
         sys.path.append(str(config.FEATURE_REPO))
+    # Feast imports the repo's files as modules; drop earlier imports so the sources' paths
+    # follow the current AVREC_DATA_DIR (a process may apply for several data directories).
+    for path in config.FEATURE_REPO.glob("*.py"):
+        sys.modules.pop(path.stem, None)
     with _cwd(config.FEATURE_REPO):
         apply_total(repo_config(redis_url), config.FEATURE_REPO, skip_source_validation=False)
 

@@ -80,7 +80,7 @@ def build_engine(
     catalogue = tables.read_table("items", offline).select("item_id", "title")
     engine = engine_class(store, client, models, catalogue, config, Clock(config.clock_start()))
     now = engine.clock.now()
-    engine.ensure_snapshot(engine.read_user(1, now)[1], now)
+    engine.ensure_snapshot(engine.materialization(), now)  # refuses mismatched embeddings
     return engine, EventLog(offline, catalogue["item_id"].to_numpy())
 
 

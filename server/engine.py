@@ -189,6 +189,13 @@ class RankingEngine:
 
     # -- user --------------------------------------------------------------------------------
 
+    def materialization(self) -> bytes | None:
+        """The materialization counter alone (at start; requests read it with the user)."""
+        try:
+            return self.client.get(self.version_key)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"online store unreachable: {exc}") from exc
+
     def read_user(self, user_id: int, now: datetime) -> tuple[OnlineRow, bytes | None]:
         """The user's row and the materialization counter, in one pipelined round trip."""
         try:
