@@ -307,13 +307,50 @@ def service_fields(store: FeatureStore, services: Iterable[str]) -> dict[str, se
     return out
 
 
-def _common(
-    user_dense_names: Sequence[str], item_vector_dim: int, history: int
-) -> tuple[TensorSpec, ...]:
-    return (
-        TensorSpec("user_dense", "float32", (BATCH, len(user_dense_names))),
-        TensorSpec("history", "float32", (BATCH, history, item_vector_dim)),
-        TensorSpec("history_mask", "float32", (BATCH, history)),
+OUTPUTS: dict[str, str] = {
+    "ranker": "logit", "user_tower": "user_vector", "item_tower": "item_tower_vector",
+}
+
+
+def contract_for(
+    kind: Kind,
+    encoder: FeatureEncoder,
+    item_vector_dim: int,
+    item_vectors: str,
+    embedding_version: str,
+    output_dim: int | None = None,
+    history: int = HISTORY,
+) -> ModelContract:
+    """The contract of a model of ``kind`` trained on ``encoder``'s features: the inputs of
+    :data:`INPUT_NAMES`, the user side and/or the item side (item dense features end with the
+    ``item_has_no_vector`` flag, as in DeepRanker), and the services that provide them."""
+    user_names = tuple(encoder.user_dense_names) if kind != "item_tower" else ()
+    item_names = (*encoder.item_dense_names, ITEM_NO_VECTOR) if kind != "user_tower" else ()
+    shapes: dict[str, tuple[Dim, ...]] = {
+        "user_dense": (BATCH, len(user_names)),
+        "history": (BATCH, history, item_vector_dim),
+        "history_mask": (BATCH, history),
+        "item_vector": (BATCH, item_vector_dim),
+        "item_dense": (BATCH, len(item_names)),
+    }
+    services = {}
+    if user_names:
+        services[USER_SERVICE] = user_fields()
+    if item_names:
+        services[ITEM_SERVICE] = item_fields()
+    output = (BATCH,) if kind == "ranker" else (BATCH, output_dim)
+    return ModelContract(
+        kind=kind,
+        inputs=tuple(TensorSpec(name, "float32", shapes[name]) for name in INPUT_NAMES[kind]),
+        outputs=(TensorSpec(OUTPUTS[kind], "float32", output),),
+        user_dense_names=user_names,
+        item_dense_names=item_names,
+        history=history,
+        item_vector_dim=item_vector_dim,
+        feature_services=services,
+        item_vectors=item_vectors,
+        embedding_version=embedding_version,
+        rating_mean=float(encoder.rating_mean),
     )
 
 
@@ -324,27 +361,9 @@ def ranker_contract(
     embedding_version: str,
     history: int = HISTORY,
 ) -> ModelContract:
-    """The contract of a :class:`ranker.model.Ranker` trained on ``encoder``'s features
-    (item dense features end with the ``item_has_no_vector`` flag, as in DeepRanker)."""
-    item_names = (*encoder.item_dense_names, ITEM_NO_VECTOR)
-    inputs = (
-        *_common(encoder.user_dense_names, item_vector_dim, history),
-        TensorSpec("item_vector", "float32", (BATCH, item_vector_dim)),
-        TensorSpec("item_dense", "float32", (BATCH, len(item_names))),
-    )
-    return ModelContract(
-        kind="ranker",
-        inputs=inputs,
-        outputs=(TensorSpec("logit", "float32", (BATCH,)),),
-        user_dense_names=tuple(encoder.user_dense_names),
-        item_dense_names=item_names,
-        history=history,
-        item_vector_dim=item_vector_dim,
-        feature_services={USER_SERVICE: user_fields(), ITEM_SERVICE: item_fields()},
-        item_vectors=item_vectors,
-        embedding_version=embedding_version,
-        rating_mean=float(encoder.rating_mean),
-    )
+    """The contract of a :class:`ranker.model.Ranker` (output ``logit``)."""
+    return contract_for("ranker", encoder, item_vector_dim, item_vectors, embedding_version,
+                        history=history)
 
 
 def user_tower_contract(
@@ -356,20 +375,8 @@ def user_tower_contract(
     history: int = HISTORY,
 ) -> ModelContract:
     """The contract of a :class:`ranker.model.UserTower`: user features in, a unit vector out."""
-    return ModelContract(
-        kind="user_tower",
-        inputs=_common(encoder.user_dense_names, item_vector_dim, history),
-        outputs=(TensorSpec("user_vector", "float32", (BATCH, output_dim)),),
-        user_dense_names=tuple(encoder.user_dense_names),
-        item_dense_names=(),
-        history=history,
-        item_vector_dim=item_vector_dim,
-        feature_services={USER_SERVICE: user_fields()},
-        item_vectors=item_vectors,
-        embedding_version=embedding_version,
-        rating_mean=float(encoder.rating_mean),
-    )
-
+    return contract_for("user_tower", encoder, item_vector_dim, item_vectors, embedding_version,
+                        output_dim, history)
 
 
 def item_tower_contract(
@@ -382,20 +389,5 @@ def item_tower_contract(
 ) -> ModelContract:
     """The contract of a :class:`ranker.model.ItemTower`: item vector and behaviour in, a unit
     vector out (the vectors an ANN index is built from)."""
-    item_names = (*encoder.item_dense_names, ITEM_NO_VECTOR)
-    return ModelContract(
-        kind="item_tower",
-        inputs=(
-            TensorSpec("item_vector", "float32", (BATCH, item_vector_dim)),
-            TensorSpec("item_dense", "float32", (BATCH, len(item_names))),
-        ),
-        outputs=(TensorSpec("item_tower_vector", "float32", (BATCH, output_dim)),),
-        user_dense_names=(),
-        item_dense_names=item_names,
-        history=history,
-        item_vector_dim=item_vector_dim,
-        feature_services={ITEM_SERVICE: item_fields()},
-        item_vectors=item_vectors,
-        embedding_version=embedding_version,
-        rating_mean=float(encoder.rating_mean),
-    )
+    return contract_for("item_tower", encoder, item_vector_dim, item_vectors, embedding_version,
+                        output_dim, history)

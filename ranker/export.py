@@ -43,6 +43,17 @@ HASH_KEY = "contract_hash"
 EMBEDDING_KEY = "embedding_version"
 
 
+LATEST = "LATEST"
+
+
+def latest_model_dir(root: Path) -> Path:
+    """The newest run under a models root, named by its ``LATEST`` file (``avrec train``)."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        raise FileNotFoundError(f"no trained model under {root}; run `avrec train` first")
+    return Path(root) / pointer.read_text().strip()
+
+
 def model_path(directory: Path, kind: str) -> Path:
     """Where the ONNX file of a model of ``kind`` lives in its directory."""
     return Path(directory) / f"{kind}.onnx"

@@ -35,6 +35,7 @@ from avrec.cli import parse_time
 from ranker.contract import ranker_contract
 from ranker.deep_ranker import DeepRanker
 from ranker.export import (
+    LATEST,
     Exported,
     export_item_tower,
     export_one_user_ranker,
@@ -53,7 +54,6 @@ from ranker.training import (
 )
 from ranker.two_tower import TwoTowerConfig, TwoTowerRecommender, encode_rows, positive_rows
 
-LATEST = "LATEST"
 PARITY_ROWS = 4096
 PARITY_BATCHES = (1, 7, 256, 1024, 2808)
 

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from avrec import config as avrec_config
 from avrec import tables
 from ranker.contract import ITEM_SERVICE, USER_SERVICE, service_fields
+from ranker.export import latest_model_dir
 from server import metrics
 from server.config import ServeConfig, load_config
 from server.engine import Clock, RankingEngine
@@ -34,18 +35,6 @@ from server.protocol import SERVICE_NAME, ranking_pb2_grpc
 from server.service import BearerTokenInterceptor, RankingServicer
 
 log = logging.getLogger("avrec.server")
-LATEST = "LATEST"
-
-
-def latest_model_dir(root: Path | None = None) -> Path:
-    """The newest run of ``avrec train`` (named by ``models/ranker/LATEST``)."""
-    root = root or avrec_config.data_dir() / "models" / "ranker"
-    pointer = root / LATEST
-    if not pointer.is_file():
-        raise FileNotFoundError(f"no trained model under {root}; run `avrec train` first")
-    return root / pointer.read_text().strip()
-
-
 @dataclass
 class Service:
     """A running server and what it serves."""
@@ -70,7 +59,8 @@ def build_engine(
     url = config.redis_url or avrec_config.redis_url()
     store = get_store(url)
     fields = service_fields(store, [USER_SERVICE, ITEM_SERVICE])
-    model_dir = Path(config.model_dir) if config.model_dir else latest_model_dir()
+    model_dir = (Path(config.model_dir) if config.model_dir
+                 else latest_model_dir(avrec_config.data_dir() / "models" / "ranker"))
     models = load_serving_models(model_dir, fields, None, threads=config.ort_threads)
     client = redis.Redis.from_url(
         url, socket_timeout=config.redis_timeout_seconds,

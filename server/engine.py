@@ -28,7 +28,13 @@ from avrec.pit_join import DERIVED_AGES
 from ranker.features import ItemVectors
 from server import metrics
 from server.feature_reader import OnlineRow, ViewReader
-from server.item_snapshot import BEHAVIOUR_VIEW, EMBEDDING_VIEW, ItemSnapshot, load_snapshot
+from server.item_snapshot import (
+    BEHAVIOUR_VIEW,
+    EMBEDDING_VIEW,
+    ItemSnapshot,
+    age_days,
+    load_snapshot,
+)
 from server.models import ServingModels, UserInputs
 from server.retrieval import CandidateIndex
 
@@ -213,7 +219,7 @@ class RankingEngine:
         """Encode a user's row exactly as the ranker's (or the user tower's) training rows."""
         record = self.user_reader.prefixed(row)
         last = record.get(DERIVED_AGES[USER_AGE])
-        record[USER_AGE] = None if last is None else (now - last).total_seconds() / 86_400
+        (record[USER_AGE],) = age_days(now, [last])
         encoder = self.models.tower_encoder if tower else self.models.encoder
         assert encoder is not None
         dense = encoder.user_dense_record(record)
