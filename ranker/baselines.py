@@ -5,6 +5,8 @@
 * ``ItemKNN``: cosine similarity of item columns of the binary user-item matrix, each item
   scored from its ``k`` most similar items that the user has.
 * ``BPR`` / ``ALS``: implicit's CPU matrix factorisation (threads capped, BLAS single-threaded).
+* ``EASE``: Steck's closed-form item-item regression with a zero diagonal (2019).
+* ``RecentPopularity``: the most consumed items in the ``days`` before each user's own cut.
 * ``ContentKNN``: cosine between an item's vector and the mean vector of the user's positive
   training items, for any ``item_id -> vector`` table (text or image embeddings).
 
@@ -171,6 +173,109 @@ class ALS(_FactorModel):
         )
 
 
+class EASE(_MatrixModel):
+    """EASE: ``B = I - P diagMat(1 / diag(P))``, ``P = (X'X + λI)^-1`` (zero diagonal).
+
+    Items without any fit interaction have zero columns in ``X``: they are left out of the
+    inversion (their weights are zero either way), which keeps the cubic cost on the items that
+    matter. Scores are ``X_u B``.
+
+    >>> import polars as pl
+    >>> rows = pl.DataFrame({"user_id": [1, 1, 2], "item_id": [10, 20, 10], "value": [5.0] * 3})
+    >>> model = EASE(l2=1.0).fit(rows, pl.DataFrame({"item_id": [10, 20, 30]}))
+    >>> bool(model.score([2])[0, 1] > model.score([2])[0, 2])
+    True
+    """
+
+    name = "ease"
+
+    def __init__(self, l2: float = 200.0, min_value: float | None = None, seed: int = 0) -> None:
+        super().__init__(min_value, seed)
+        if not l2 > 0:
+            raise ValueError("EASE needs l2 > 0")
+        self.l2 = l2
+        self.active = np.empty(0, dtype=np.int64)
+        self.weights = np.empty((0, 0), dtype=np.float32)
+
+    def _fit_matrix(self, matrix: sparse.csr_matrix) -> None:
+        counts = np.asarray(matrix.sum(axis=0)).ravel()
+        self.active = np.flatnonzero(counts > 0)
+        x = matrix[:, self.active].astype(np.float64)
+        gram = np.asarray((x.T @ x).toarray())
+        gram[np.diag_indices_from(gram)] += self.l2
+        precision = np.linalg.inv(gram)
+        weights = precision / -np.diag(precision)[None, :]
+        weights[np.diag_indices_from(weights)] = 0.0
+        self.weights = weights.astype(np.float32)
+
+    def _score(self, user_ids: np.ndarray, as_of: np.ndarray | None) -> np.ndarray:
+        assert self.train is not None
+        rows = self.train.matrix[self._rows(user_ids)][:, self.active]
+        out = np.zeros((user_ids.size, self.item_ids.size))
+        out[:, self.active] = np.asarray(rows @ self.weights)
+        return out
+
+    def query(self, columns: list[np.ndarray]) -> np.ndarray:
+        """Scores of ad-hoc histories (catalogue columns per row), e.g. a user's last items."""
+        position = np.full(self.item_ids.size, -1)
+        position[self.active] = np.arange(self.active.size)
+        out = np.zeros((len(columns), self.item_ids.size))
+        for row, cols in enumerate(columns):
+            inside = position[cols]
+            inside = inside[inside >= 0]
+            if inside.size:
+                out[row, self.active] = self.weights[inside].sum(axis=0)
+        return out
+
+
+class RecentPopularity(Recommender):
+    """Interactions per item in the ``days`` before each user's cut (point in time).
+
+    With ``as_of`` (the harness passes every user's cut) only events strictly before the
+    user's cut and within ``days`` of it count; without it the window ends at the last fit
+    event. Ties and empty windows fall back to all-time popularity, scaled below one count.
+    """
+
+    name = "recent-popularity"
+
+    def __init__(self, days: float = 30.0, seed: int = 0) -> None:
+        super().__init__(seed)
+        if not days > 0:
+            raise ValueError("RecentPopularity needs days > 0")
+        self.days = days
+        self.times = np.empty(0, dtype="datetime64[us]")
+        self.columns = np.empty(0, dtype=np.int64)
+
+    def _fit(self, interactions: pl.DataFrame, items: pl.DataFrame) -> None:
+        frame = interactions.sort("event_timestamp")
+        stamps = frame["event_timestamp"]
+        if isinstance(stamps.dtype, pl.Datetime) and stamps.dtype.time_zone is not None:
+            stamps = stamps.dt.replace_time_zone(None)
+        self.times = stamps.to_numpy().astype("datetime64[us]")
+        self.columns = np.searchsorted(self.item_ids, frame["item_id"].to_numpy())
+
+    def _known(self, user_ids: np.ndarray) -> np.ndarray:
+        return np.ones(user_ids.size, dtype=bool)
+
+    def _score(self, user_ids: np.ndarray, as_of: np.ndarray | None) -> np.ndarray:
+        n = self.item_ids.size
+        window = np.timedelta64(int(self.days * 86_400e6), "us")
+        ends = (
+            np.full(user_ids.size, self.times[-1] + np.timedelta64(1, "us"))
+            if as_of is None or not self.times.size
+            else np.asarray(as_of, dtype="datetime64[us]")
+        )
+        tiebreak = self.popularity / max(self.popularity.max(initial=0.0), 1e-12) * 0.5
+        out = np.empty((user_ids.size, n))
+        for row, end in enumerate(ends):
+            if np.isnat(end):
+                out[row] = tiebreak
+                continue
+            lo, hi = np.searchsorted(self.times, [end - window, end], side="left")
+            out[row] = np.bincount(self.columns[lo:hi], minlength=n) + tiebreak
+        return out
+
+
 def read_item_vectors(path: Path, column: str) -> pl.DataFrame:
     """``item_id, vector`` from a Parquet table with a list-of-floats ``column`` (nulls dropped)."""
     frame = pl.read_parquet(path, columns=["item_id", column])
@@ -248,6 +353,8 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         iterations=[50, 100],
         min_value=[None, 4.0],
     ),
+    "ease": grid(l2=[10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0], min_value=[None, 4.0]),
+    "recent-popularity": grid(days=[7.0, 30.0, 90.0, 365.0]),
     "als": grid(
         factors=[64, 128],
         regularization=[1.0, 3.0, 10.0, 30.0],
@@ -263,4 +370,6 @@ QUICK_GRIDS: dict[str, list[dict[str, Any]]] = {
     "itemknn": grid(k=[20, 100], min_value=[4.0]),
     "bpr": grid(factors=[16], iterations=[20], min_value=[4.0]),
     "als": grid(factors=[16], regularization=[10.0], iterations=[5], min_value=[4.0]),
+    "ease": grid(l2=[100.0, 1000.0], min_value=[None]),
+    "recent-popularity": grid(days=[30.0]),
 }

@@ -152,6 +152,47 @@ class Tuned:
     score: float
     threshold: float  # the F1-maximising score threshold on the validation pairs
     trials: list[dict[str, Any]]
+    model: Recommender | None = None  # the best setting's model, fitted on the training part
+
+
+EXPLORE_SLOTS = (0, 1, 2, 3, 5, 8, 10)
+EXPLORE_TOLERANCE = 0.05  # NDCG@20 a model may lose on validation to show new items
+
+
+def exploration_curve(
+    model: Recommender, data: StageData, ks: Sequence[int], seed: int,
+    slots: Sequence[int] = EXPLORE_SLOTS,
+) -> list[dict[str, float]]:
+    """NDCG@k and cold-item Recall@max(k) for each number of exploration slots.
+
+    ``model`` must have just scored ``data`` (its users and the labelled pairs' users, as
+    :func:`stage_scores` does); ``rescore`` re-orders those scores without recomputing.
+    """
+    users = np.union1d(data.users, data.pairs["user_id"].to_numpy())
+    rows = np.searchsorted(users, data.users)
+    priority = metrics.tiebreak_priority(len(data.item_ids), seed)
+    curve = []
+    for n in slots:
+        result = metrics.ranking_metrics(
+            model.rescore(n)[rows], data.relevant, data.exclude, ks, priority  # type: ignore[attr-defined]
+        )
+        _, cold, _ = _cold_recall(result, data, max(ks))
+        point = {"slots": n, **{f"ndcg@{k}": float(result.per_user[f"ndcg@{k}"].mean())
+                                for k in ks}}
+        point[f"cold_recall@{max(ks)}"] = float(cold.mean()) if cold.size else 0.0
+        curve.append(point)
+    return curve
+
+
+def choose_slots(curve: list[dict[str, float]], ks: Sequence[int],
+                 tolerance: float = EXPLORE_TOLERANCE) -> int:
+    """The most exploration slots whose validation NDCG@max(k) stays within ``tolerance`` of
+    the curve's no-slot value: the share of ranking quality the product spends on showing new
+    items. (Validation stages hold few cold positives, too few to pick by cold recall.)"""
+    guard = f"ndcg@{max(ks)}"
+    base = next(p[guard] for p in curve if p["slots"] == 0)
+    allowed = [p for p in curve if p[guard] >= (1.0 - tolerance) * base]
+    return int(max(p["slots"] for p in allowed))
 
 
 def tune(
@@ -161,7 +202,7 @@ def tune(
     select = f"ndcg@{min(ks)}"
     priority = metrics.tiebreak_priority(len(validation.item_ids), seed)
     trials: list[dict[str, Any]] = []
-    best: tuple[float, dict[str, Any], tuple[np.ndarray, np.ndarray]] | None = None
+    best: tuple[float, dict[str, Any], tuple[np.ndarray, np.ndarray], Recommender] | None = None
     for params in spec.grid:
         model = spec.build(params, seed).fit(validation.stage.fit, items)
         scores, pairs = stage_scores(model, validation)
@@ -171,11 +212,13 @@ def tune(
         value = float(result.per_user[select].mean())
         trials.append({"params": params, f"validation_{select}": value})
         if best is None or value > best[0]:
-            best = (value, params, pairs)
+            if hasattr(model, "rescore"):
+                model.validation_curve = exploration_curve(model, validation, ks, seed)
+            best = (value, params, pairs, model)
     if best is None:
         raise ValueError(f"{spec.name}: empty hyperparameter grid")
     labels, scores = best[2]
-    return Tuned(best[1], best[0], metrics.best_f1_threshold(labels, scores), trials)
+    return Tuned(best[1], best[0], metrics.best_f1_threshold(labels, scores), trials, best[3])
 
 
 def run_model(
@@ -190,10 +233,20 @@ def run_model(
     """Tune ``spec`` on validation, refit the best setting, evaluate it on test."""
     started = time.perf_counter()
     tuned = tune(spec, validation, items, ks, seed)
+    if spec.baseline:
+        TUNED_PARAMS[spec.name] = tuned.params
     tuned_at = time.perf_counter()
     model = spec.build(tuned.params, seed).fit(test.stage.fit, items)
     fitted_at = time.perf_counter()
+    exploration: dict[str, Any] = {}
+    if hasattr(model, "rescore") and tuned.model is not None:
+        validation_curve = tuned.model.validation_curve  # type: ignore[attr-defined]
+        model.explore = choose_slots(validation_curve, ks)  # type: ignore[attr-defined]
+        exploration = {"chosen_slots": model.explore, "validation": validation_curve,
+                       "tolerance": EXPLORE_TOLERANCE}
     scores, (labels, pair_scores) = stage_scores(model, test)
+    if exploration:
+        exploration["test"] = exploration_curve(model, test, ks, seed)
     scored_at = time.perf_counter()
     priority = metrics.tiebreak_priority(len(test.item_ids), seed)
     result = metrics.ranking_metrics(scores, test.relevant, test.exclude, ks, priority)
@@ -211,6 +264,10 @@ def run_model(
             "short_history": _summary(result.subset(short)) if short.any() else {},
         },
         "fallback_users": int(model.fallback_mask(test.users).sum()),
+        "per_user_ndcg": {f"ndcg@{k}": result.per_user[f"ndcg@{k}"] for k in ks},
+        "test_users": test.users,
+        **({"exploration": exploration} if exploration else {}),
+        **({"training": training_curves(model)} if training_curves(model) else {}),
         "seconds": {
             "tuning": tuned_at - started,
             "fit": fitted_at - tuned_at,
@@ -219,6 +276,16 @@ def run_model(
         },
     }
     return ModelRun(spec.name, spec.baseline, tuned.score, result, report)
+
+
+TUNED_PARAMS: dict[str, dict[str, Any]] = {}  # baselines' validation-chosen settings
+
+
+def training_curves(model: Recommender) -> dict[str, list[float]]:
+    """Per-epoch curves of a learned model (empty for models without training epochs)."""
+    history = getattr(model, "history", None)
+    names = ("train_loss", "val_loss", "heldout_ndcg")
+    return {n: list(getattr(history, n)) for n in names if getattr(history, n, None)}
 
 
 def _iso(value: Any) -> str | None:
@@ -265,8 +332,13 @@ def evaluate(
     k: Sequence[int] = (10, 20),
     seed: int = 0,
     short_history: int = SHORT_HISTORY,
+    on_model: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Tune, fit and evaluate every model on ``split``; the report as a JSON-ready dict."""
+    """Tune, fit and evaluate every model on ``split``; the report as a JSON-ready dict.
+
+    ``on_model(split kind, reports so far)`` runs after each model, so a caller can write
+    results as they come (a late failure loses nothing).
+    """
     started = time.perf_counter()
     ks = sorted(set(k))
     specs = [m if isinstance(m, ModelSpec) else _fixed(m) for m in models]
@@ -278,7 +350,12 @@ def evaluate(
             f"{split.kind} split: {validation.users.size} validation and {test.users.size} test "
             "users with a positive to find; nothing to tune or evaluate"
         )
-    runs = [run_model(s, validation, test, items, ks, seed, short_history) for s in specs]
+    runs = []
+    for spec in specs:
+        print(f"    {split.kind}: {spec.name}", flush=True)
+        runs.append(run_model(spec, validation, test, items, ks, seed, short_history))
+        if on_model is not None:
+            on_model(split.kind, {run.name: run.report for run in runs})
     report = {
         "split": split.kind,
         "params": split.params,
@@ -342,6 +419,8 @@ def model_specs(
         "itemknn": baselines.ItemKNN,
         "bpr": baselines.BPR,
         "als": baselines.ALS,
+        "ease": baselines.EASE,
+        "recent-popularity": baselines.RecentPopularity,
     }
     columns = {"text-knn": "text_embedding", "image-knn": "image_embedding"}
     specs = []
@@ -349,6 +428,10 @@ def model_specs(
         if name in factories:
             factory = factories[name]
             specs.append(ModelSpec(name, _builder(factory), grids[name]))
+        elif name in HYBRID_MODELS or name in SEQUENTIAL_MODELS:
+            specs.append(ModelSpec(name, _content_model_builder(name, encodings, quick),
+                                   HYBRID_GRID if name in HYBRID_MODELS else [{}],
+                                   baseline=False))
         elif name in DEEP_MODELS:
             specs.append(ModelSpec(name, _deep_builder(name, encodings, quick), baseline=False))
         elif name in columns:
@@ -357,7 +440,8 @@ def model_specs(
             vectors = baselines.read_item_vectors(encodings, columns[name])
             specs.append(ModelSpec(name, _content_builder(vectors, positive_threshold)))
         else:
-            raise ValueError(f"unknown model {name!r}; known: {[*factories, *columns]}")
+            known = [*factories, *columns, *HYBRID_MODELS, *SEQUENTIAL_MODELS, *DEEP_MODELS]
+            raise ValueError(f"unknown model {name!r}; known: {known}")
     return specs
 
 
@@ -371,8 +455,70 @@ def _content_builder(
     return lambda params, seed: baselines.ContentKNN(vectors, threshold, seed=seed, **params)
 
 
-ALL_MODELS = ("random", "popularity", "itemknn", "bpr", "als", "text-knn", "image-knn")
+ALL_MODELS = (
+    "random", "popularity", "recent-popularity", "itemknn", "bpr", "als", "ease", "text-knn",
+    "image-knn",
+)
 DEEP_MODELS = ("deep-mixed", "deep-asum", "deep-text", "deep-image", "two-tower")
+HYBRID_MODELS = ("hybrid-mixed", "hybrid-asum", "hybrid-text", "hybrid-image", "hybrid-id")
+SEQUENTIAL_MODELS = ("sequential-mixed", "sequential-id")
+# The hybrid's candidate generators: tuned baselines (run first when not asked for).
+HYBRID_GENERATORS = ("ease", "als", "itemknn")
+HYBRID_GRID = [{"inner_folds": 1}, {"inner_folds": 2}]
+
+
+def with_generators(names: Sequence[str]) -> list[str]:
+    """``names`` with the hybrid's generator baselines added in front when a hybrid is asked
+    for (their validation-tuned settings feed the hybrid)."""
+    if not any(n in HYBRID_MODELS for n in names):
+        return list(names)
+    return [g for g in HYBRID_GENERATORS if g not in names] + list(names)
+
+
+def _vector_source(kind: str, frame: pl.DataFrame, fused: FusedVectors) -> Any:
+    """Item vectors of ``kind``: raw text / image encodings, or a fusion fitted per stage."""
+    from ranker.features import ItemVectors
+
+    column = {"text": "text_embedding", "image": "image_embedding"}.get(kind)
+    if column:
+        return ItemVectors.from_frame(frame, column, kind)
+    return functools.partial(fused, kind)
+
+
+def _content_model_builder(
+    name: str, encodings: Path | None, quick: bool
+) -> Callable[[dict[str, Any], int], Recommender]:
+    """``hybrid-*`` and ``sequential-*`` over one item representation (``id``: none)."""
+    from ranker.hybrid import ContentGenerator, HybridConfig, HybridRecommender
+    from ranker.sequential import SequentialConfig, SequentialRecommender
+
+    kind = name.split("-", 1)[1]
+    vectors = None
+    if kind != "id":
+        if encodings is None or not encodings.exists():
+            raise FileNotFoundError(f"{name} needs item encodings; not found at {encodings}")
+        frame = pl.read_parquet(encodings)
+        vectors = _vector_source(kind, frame, _FUSED.setdefault(encodings, FusedVectors(frame)))
+    factories = {"random": baselines.RandomRecommender, "popularity": baselines.Popularity,
+                 "itemknn": baselines.ItemKNN, "als": baselines.ALS, "ease": baselines.EASE,
+                 "bpr": baselines.BPR}
+
+    def build(params: dict[str, Any], seed: int) -> Recommender:
+        if name in SEQUENTIAL_MODELS:
+            cfg = SequentialConfig(seed=seed, epochs=3 if quick else 60, **params)
+            return SequentialRecommender(cfg, vectors, seed, name)
+        generators: dict[str, Callable[[], Recommender]] = {}
+        for generator in HYBRID_GENERATORS:
+            tuned = TUNED_PARAMS.get(generator)
+            if tuned is None:
+                raise RuntimeError(f"{name}: generator {generator} has not been tuned yet")
+            generators[generator] = functools.partial(factories[generator], seed=seed, **tuned)
+        if vectors is not None:
+            generators["content"] = functools.partial(ContentGenerator, vectors)
+        cfg = HybridConfig(seed=seed, bag=2 if quick else 5, **params)
+        return HybridRecommender(generators, vectors, cfg, seed, name)
+
+    return build
 
 
 class FusedVectors:
@@ -496,7 +642,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--positive-threshold", type=float, default=4.0)
     parser.add_argument(
         "--models", default=None,
-        help=f"comma-separated subset of {','.join(ALL_MODELS + DEEP_MODELS)} "
+        help="comma-separated subset of "
+        f"{','.join(ALL_MODELS + HYBRID_MODELS + SEQUENTIAL_MODELS + DEEP_MODELS)} "
         "(default: all; the content models only when the encodings exist)",
     )
     parser.add_argument("--offline", type=Path, help="offline tables directory")
@@ -522,6 +669,20 @@ def build_splits(events: pl.DataFrame, args: argparse.Namespace) -> list[Split]:
     return out
 
 
+def check_preconditions(names: Sequence[str], offline: Path) -> None:
+    """Fail before any work when a requested model cannot run (clear message, no traceback)."""
+    missing = [t for t in ("events", "items") if not tables.table_path(t, offline).exists()]
+    if missing:
+        raise SystemExit(f"avrec evaluate: no {', '.join(missing)} table in {offline}; "
+                         "run `avrec ingest` first")
+    if any(n in DEEP_MODELS for n in names):
+        registry = config.registry_path()
+        if not registry.exists():
+            raise SystemExit(f"avrec evaluate: {', '.join(n for n in names if n in DEEP_MODELS)}"
+                             f" read features through Feast, but there is no registry at "
+                             f"{registry}; run `avrec features && avrec apply` first")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``avrec evaluate``: evaluate the baselines, write report.json / report.md / report.png."""
     from ranker import report as report_io
@@ -534,11 +695,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         skipped = []
     else:
         has_encodings = encodings.exists()
-        names = [n for n in ALL_MODELS if has_encodings or not n.endswith("-knn")]
-        skipped = [n for n in ALL_MODELS if n not in names]
+        wanted = (*ALL_MODELS, "hybrid-mixed")
+        names = [n for n in wanted if has_encodings or not n.endswith(("-knn", "-mixed"))]
+        skipped = [n for n in wanted if n not in names]
+    names = with_generators(names)
+    check_preconditions(names, offline)
     events = tables.read_table("events", offline)
     items = tables.read_table("items", offline)
     specs = model_specs(names, args.quick, args.positive_threshold, encodings)
+    out = args.out or config.data_dir() / "evaluation"
     report: dict[str, Any] = {
         "seed": args.seed,
         "k": sorted(set(args.k)),
@@ -547,11 +712,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "skipped_models": {n: f"no item encodings at {encodings}" for n in skipped},
         "splits": {},
     }
+
+    def partial(kind: str, models: dict[str, Any]) -> None:
+        report["splits"][kind] = {"partial": True, "models": models}
+        report_io.write_json(report, out)
+
     for split in build_splits(events, args):
         print(f"==> evaluating {len(specs)} models on the {split.kind} split", flush=True)
         report["splits"][split.kind] = evaluate(specs, split, items, args.k, args.seed,
-                                                args.short_history)
-    out = args.out or config.data_dir() / "evaluation"
+                                                args.short_history, partial)
     for path in report_io.write_report(report, out):
         print(f"wrote {path}")
     print(report_io.markdown(report))

@@ -149,12 +149,20 @@ def chart(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def write_json(report: dict[str, Any], out: Path) -> Path:
+    """Write ``report.json`` under ``out`` (also for partial reports, after each model)."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "report.json"
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n")
+    tmp.replace(json_path)
+    return json_path
+
+
 def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     """Write ``report.json``, ``report.md`` and ``report.png`` under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
     clean = jsonable(report)
-    json_path = out / "report.json"
-    json_path.write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    json_path = write_json(clean, out)
     md_path = out / "report.md"
     md_path.write_text(markdown(clean))
     return [json_path, md_path, chart(clean, out / "report.png")]
