@@ -254,9 +254,6 @@ class RecentPopularity(Recommender):
         self.times = stamps.to_numpy().astype("datetime64[us]")
         self.columns = np.searchsorted(self.item_ids, frame["item_id"].to_numpy())
 
-    def _known(self, user_ids: np.ndarray) -> np.ndarray:
-        return np.ones(user_ids.size, dtype=bool)
-
     def _score(self, user_ids: np.ndarray, as_of: np.ndarray | None) -> np.ndarray:
         n = self.item_ids.size
         window = np.timedelta64(int(self.days * 86_400e6), "us")

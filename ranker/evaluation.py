@@ -264,8 +264,8 @@ def run_model(
             "short_history": _summary(result.subset(short)) if short.any() else {},
         },
         "fallback_users": int(model.fallback_mask(test.users).sum()),
-        "per_user_ndcg": {f"ndcg@{k}": result.per_user[f"ndcg@{k}"] for k in ks},
-        "test_users": test.users,
+        "per_user_ndcg": {f"ndcg@{k}": result.per_user[f"ndcg@{k}"].tolist() for k in ks},
+        "test_users": test.users.tolist(),
         **({"exploration": exploration} if exploration else {}),
         **({"training": training_curves(model)} if training_curves(model) else {}),
         "seconds": {
@@ -464,7 +464,8 @@ HYBRID_MODELS = ("hybrid-mixed", "hybrid-asum", "hybrid-text", "hybrid-image", "
 SEQUENTIAL_MODELS = ("sequential-mixed", "sequential-id")
 # The hybrid's candidate generators: tuned baselines (run first when not asked for).
 HYBRID_GENERATORS = ("ease", "als", "itemknn")
-HYBRID_GRID = [{"inner_folds": 1}, {"inner_folds": 2}]
+HYBRID_GRID = [{"inner_folds": 2}, {"inner_folds": 3},
+               {"inner_folds": 3, "hidden": 128, "lr": 1e-3}]
 
 
 def with_generators(names: Sequence[str]) -> list[str]:

@@ -60,10 +60,11 @@ class HybridConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     batch_users: int = 32
-    inner_folds: int = 2  # label blocks (newest first), each with generators fitted before it
+    catalogue_features: bool = True  # genre match and year offset (with content only)
+    inner_folds: int = 3  # label blocks (newest first), each with generators fitted before it
     bag: int = 5  # scorers trained on different seeds and early-stopping users, averaged
     seed: int = 0
-    threads: int = 2
+    threads: int = 1  # one thread: deterministic reductions, and faster for models this small
 
 
 def ranks(scores: np.ndarray, exclude: np.ndarray) -> np.ndarray:
@@ -170,15 +171,55 @@ def pool_z_scores(scores: np.ndarray, seen: np.ndarray, pool: np.ndarray) -> np.
     return np.clip(np.nan_to_num(z), -10, 50)
 
 
+@dataclass(frozen=True)
+class CatalogueFacts:
+    """Genres (multi-hot, unit rows) and years of the catalogue, in catalogue order."""
+
+    genres: np.ndarray  # [items, genres] float64, rows scaled to unit length
+    years: np.ndarray  # float64, NaN where unknown
+
+    @classmethod
+    def from_items(cls, items: pl.DataFrame, item_ids: np.ndarray) -> CatalogueFacts:
+        frame = pl.DataFrame({"item_id": item_ids}).join(
+            items.unique("item_id"), on="item_id", how="left", maintain_order="left")
+        lists = (frame["genres"].to_list() if "genres" in frame.columns
+                 else [None] * frame.height)
+        vocabulary = sorted({g for row in lists if row for g in row if g})
+        index = {g: i for i, g in enumerate(vocabulary)}
+        genres = np.zeros((item_ids.size, len(vocabulary)))
+        for row, values in enumerate(lists):
+            for g in values or []:
+                if g in index:
+                    genres[row, index[g]] = 1.0
+        years = (frame["year"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+                 if "year" in frame.columns else np.full(item_ids.size, np.nan))
+        return cls(unit_rows(genres), years)
+
+    def features(self, context: UserContext, pool: np.ndarray) -> list[np.ndarray]:
+        """Genre match to the user's positives; year offset/distance to their newest ones."""
+        profile = unit_rows(np.stack([self.genres[p].sum(0) for p in context.positives])
+                            if context.positives else np.zeros((0, self.genres.shape[1])))
+        match = np.einsum("upg,ug->up", self.genres[pool], profile)
+        recent_year = np.array([np.nanmean(self.years[p[-RECENT:]])
+                                if np.isfinite(self.years[p[-RECENT:]]).any() else np.nan
+                                for p in context.positives])
+        offset = (self.years[pool] - recent_year[:, None]) / 10.0
+        missing = np.isnan(offset)
+        offset = np.nan_to_num(offset)
+        return [match, offset, np.abs(offset), missing.astype(np.float64)]
+
+
 class CandidateFeatures:
     """Builds the ``[users, pool, features]`` tensor for the listwise scorer."""
 
     WINDOWS = (30.0, 365.0)
 
     def __init__(self, generator_names: Sequence[str], vectors: np.ndarray | None,
-                 query_names: Sequence[str] = ()) -> None:
+                 query_names: Sequence[str] = (), catalogue: CatalogueFacts | None = None
+                 ) -> None:
         self.generator_names = list(generator_names)
         self.query_names = list(query_names)
+        self.catalogue = catalogue
         self.vectors = None if vectors is None else unit_rows(vectors)
         self.has_vector = None if vectors is None else np.linalg.norm(vectors, axis=1) > 0
 
@@ -191,6 +232,8 @@ class CandidateFeatures:
         out += [f"{g}_recent{RECENT}_z" for g in self.query_names]
         if self.vectors is not None:
             out += ["sim_profile", "sim_last", "no_vector"]
+        if self.catalogue is not None:
+            out += ["genre_match", "year_offset", "year_distance", "year_missing"]
         return [*out, "log_history", "log_days_since_last"]
 
     def build(
@@ -231,6 +274,8 @@ class CandidateFeatures:
                 np.einsum("upd,ud->up", candidate, last),
                 (~self.has_vector[pool]).astype(np.float64),
             ]
+        if self.catalogue is not None:
+            columns += self.catalogue.features(context, pool)
         days = (context.cuts - context.last_time).astype(np.int64) / 86_400e6
         days = np.where(np.isnat(context.last_time), 0.0, np.maximum(days, 0.0))
         columns.append(np.repeat(np.log1p(context.history)[:, None], size, 1).astype(np.float64))
@@ -371,7 +416,8 @@ class ScoredPool:
         if explore > 0:
             pool_scores = with_exploration_slots(pool_scores, self.cold, explore, depth)
         floor = pool_scores.min(axis=1, keepdims=True) - 2.0
-        out = floor + self.fused / max(float(self.fused.max(initial=0.0)), 1e-12)
+        top = self.fused.max(axis=1, keepdims=True)
+        out = floor + self.fused / np.where(top > 0, top, 1.0)
         np.put_along_axis(out, self.pool, pool_scores, axis=1)
         return out
 
@@ -468,6 +514,12 @@ class HybridRecommender(Recommender):
         out[rows >= 0] = table.vectors[rows[rows >= 0]]
         return out
 
+    def _catalogue(self, items: pl.DataFrame) -> CatalogueFacts | None:
+        """Genres and years, when the model uses content (never for the ID-only ablation)."""
+        if self.vector_source is None or not self.config.catalogue_features:
+            return None
+        return CatalogueFacts.from_items(items, self.item_ids)
+
     def _fit_generators(self, interactions: pl.DataFrame, items: pl.DataFrame
                         ) -> dict[str, Recommender]:
         return {name: make().fit(interactions, items) for name, make in self.factories.items()}
@@ -507,7 +559,7 @@ class HybridRecommender(Recommender):
         inner = self._fit_generators(before, items)
         queries = [n for n, g in inner.items() if hasattr(g, "query")]
         self.features = CandidateFeatures(list(self.factories), self._vectors(before, items),
-                                          queries)
+                                          queries, self._catalogue(items))
         positive = labels.filter(pl.col("value") >= cfg.positive_threshold)
         users = np.unique(positive["user_id"].to_numpy())
         users = users[np.isin(users, before["user_id"].unique().to_numpy())]
@@ -538,7 +590,7 @@ class HybridRecommender(Recommender):
         self.fitted = self._fit_generators(interactions, items)
         queries = [n for n, g in self.fitted.items() if hasattr(g, "query")]
         self.features = CandidateFeatures(list(self.factories), self._vectors(interactions, items),
-                                          queries)
+                                          queries, self._catalogue(items))
         self.interactions = interactions
 
     def _score(self, user_ids: np.ndarray, as_of: np.ndarray | None) -> np.ndarray:

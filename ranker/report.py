@@ -114,7 +114,30 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"Skipped {model}: {why}.")
     for name, split in report["splits"].items():
         lines += ["", split_markdown(name, split, ks)]
+        lines += exploration_markdown(split, ks)
     return "\n".join(lines) + "\n"
+
+
+def exploration_markdown(split: dict[str, Any], ks: list[int]) -> list[str]:
+    """The cold-item trade-off of models with exploration slots (chosen on validation)."""
+    lines = []
+    cold = f"cold_recall@{max(ks)}"
+    metrics = [f"ndcg@{k}" for k in ks] + [cold]
+    for model, run in split["models"].items():
+        exploration = run.get("exploration")
+        if not exploration:
+            continue
+        lines += ["", f"Exploration slots of {model} (cold items at the end of the top "
+                  f"{max(ks)}; chosen on validation: {exploration['chosen_slots']}, the most "
+                  f"slots losing at most {exploration['tolerance']:.0%} of validation "
+                  f"ndcg@{max(ks)}):", "",
+                  "| slots | " + " | ".join(f"validation {m}" for m in metrics) + " | "
+                  + " | ".join(f"test {m}" for m in metrics) + " |",
+                  "|---" * (1 + 2 * len(metrics)) + "|"]
+        for val, test in zip(exploration["validation"], exploration["test"], strict=True):
+            lines.append(f"| {val['slots']} | " + " | ".join(_num(val[m]) for m in metrics)
+                         + " | " + " | ".join(_num(test[m]) for m in metrics) + " |")
+    return lines
 
 
 def chart(report: dict[str, Any], path: Path) -> Path:
@@ -149,6 +172,69 @@ def chart(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def tradeoff_chart(report: dict[str, Any], path: Path) -> Path | None:
+    """NDCG@k against cold-item Recall@max(k) per number of exploration slots (test and
+    validation curves; the chosen operating point circled), one panel per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = report["k"]
+    cold, guard = f"cold_recall@{max(ks)}", f"ndcg@{max(ks)}"
+    panels = [(name, model, run["exploration"]) for name, split in report["splits"].items()
+              for model, run in split["models"].items() if run.get("exploration")]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (split, model, exploration) in zip(axes[0], panels, strict=True):
+        for stage, style in (("test", "o-"), ("validation", "s--")):
+            curve = exploration.get(stage, [])
+            for metric in (f"ndcg@{min(ks)}", guard):
+                ax.plot([p[cold] for p in curve], [p[metric] for p in curve], style,
+                        label=f"{stage} {metric}", markersize=4)
+            for p in curve:
+                if stage == "test":
+                    ax.annotate(str(p["slots"]), (p[cold], p[guard]), fontsize=7)
+        chosen = [p for p in exploration.get("test", []) if p["slots"] ==
+                  exploration["chosen_slots"]]
+        for p in chosen:
+            ax.plot([p[cold]], [p[guard]], "o", markersize=12, fillstyle="none", color="k",
+                    label=f"shipped: {p['slots']} slots")
+        ax.set_xlabel(f"cold-item recall@{max(ks)}")
+        ax.set_ylabel("NDCG")
+        ax.set_title(f"{model}, {split} split: exploration slots")
+        ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def training_chart(report: dict[str, Any], path: Path) -> Path | None:
+    """Per-epoch training curves of the learned models (test-stage fit)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(name, model, run["training"]) for name, split in report["splits"].items()
+              for model, run in split["models"].items() if run.get("training")]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (split, model, curves) in zip(axes[0], panels, strict=True):
+        for name, values in curves.items():
+            ax.plot(range(1, len(values) + 1), values, label=name)
+        ax.set_title(f"{model} ({split})", fontsize="small")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_json(report: dict[str, Any], out: Path) -> Path:
     """Write ``report.json`` under ``out`` (also for partial reports, after each model)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -165,4 +251,6 @@ def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     json_path = write_json(clean, out)
     md_path = out / "report.md"
     md_path.write_text(markdown(clean))
-    return [json_path, md_path, chart(clean, out / "report.png")]
+    extra = [tradeoff_chart(clean, out / "tradeoff.png"),
+             training_chart(clean, out / "training.png")]
+    return [json_path, md_path, chart(clean, out / "report.png"), *[p for p in extra if p]]

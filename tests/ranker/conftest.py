@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -36,3 +38,20 @@ def ml_items(ml_offline: Path) -> pl.DataFrame:
 @pytest.fixture(scope="session")
 def ml_split(ml_events: pl.DataFrame) -> Split:
     return per_user_split(ml_events)
+
+
+@dataclass(frozen=True)
+class ContractData:
+    """Real training interactions (a slice of users) and the whole real catalogue."""
+
+    train: pl.DataFrame
+    items: pl.DataFrame
+    users: np.ndarray  # users with history, in an unsorted order
+
+
+@pytest.fixture(scope="session")
+def contract_data(ml_split: Split, ml_items: pl.DataFrame) -> ContractData:
+    users = np.sort(ml_split.train["user_id"].unique().to_numpy())[:150]
+    train = ml_split.train.filter(pl.col("user_id").is_in(users.tolist()))
+    order = np.random.default_rng(0).permutation(users.size)[:40]
+    return ContractData(train, ml_items, users[order])

@@ -123,3 +123,51 @@ def test_interaction_matrix_rejects_unknown_items_and_maps_users() -> None:
 
 def test_grid_is_the_full_product_in_order() -> None:
     assert baselines.grid(a=[1, 2], b=["x"]) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
+
+
+def test_ease_equals_the_dense_closed_form() -> None:
+    # Oracle: B = I - P diagMat(1/diag P), P = (X'X + l2 I)^-1 over items with interactions.
+    rng = np.random.default_rng(4)
+    users, items = 12, 6
+    dense = (rng.random((users, items)) < 0.4).astype(np.float64)
+    dense[:, 5] = 0  # nobody has item 6: no column in the inversion, zero scores
+    dense[0, 0] = 1
+    rows = [(u + 1, i + 1, 5.0) for u in range(users) for i in range(items) if dense[u, i]]
+    catalogue = pl.DataFrame({"item_id": list(range(1, items + 1))})
+    model = baselines.EASE(l2=2.0).fit(_interactions(rows), catalogue)
+    active = dense[:, :5]
+    precision = np.linalg.inv(active.T @ active + 2.0 * np.eye(5))
+    weights = np.eye(5) - precision / np.diag(precision)[None, :]
+    np.testing.assert_allclose(np.diag(weights), 0.0, atol=1e-12)
+    present = np.flatnonzero(dense.sum(axis=1) > 0)
+    scores = model.score(present + 1)
+    np.testing.assert_allclose(scores[:, :5], active[present] @ weights, rtol=1e-5, atol=1e-6)
+    assert (scores[:, 5] == 0).all()
+    # an ad-hoc query of a user's whole history is the same score
+    histories = [np.flatnonzero(dense[u]) for u in present]
+    np.testing.assert_allclose(model.query(histories), scores, rtol=1e-6, atol=1e-7)
+
+
+def test_ease_rejects_a_non_positive_l2() -> None:
+    with pytest.raises(ValueError, match="l2"):
+        baselines.EASE(l2=0.0)
+
+
+def test_recent_popularity_counts_only_the_window_before_each_cut() -> None:
+    day = 86_400
+    rows = pl.DataFrame({
+        "user_id": [1, 2, 3, 4, 5],
+        "item_id": [A, A, B, C, C],
+        "value": [5.0] * 5,
+        "event_timestamp": [datetime.fromtimestamp(1_600_000_000 + d * day, UTC)
+                            for d in (0, 1, 5, 9, 10)],
+    })
+    model = baselines.RecentPopularity(days=3).fit(rows, ITEMS)
+    cut = np.datetime64(datetime.fromtimestamp(1_600_000_000 + 6 * day), "us")
+    cuts = np.array([cut, cut + np.timedelta64(5 * day, "s")], dtype="datetime64[us]")
+    scores = model.score([1, 2], cuts)
+    # window (3, 6] days: only B; window (8, 11]: C twice, the event at the cut itself never
+    assert np.floor(scores[0]).tolist() == [0, 1, 0, 0]
+    assert np.floor(scores[1]).tolist() == [0, 0, 2, 0]
+    # ties inside the window are broken by all-time popularity (A: 2 > D: 0)
+    assert scores[0, 0] > scores[0, 3]

@@ -141,3 +141,85 @@ def test_a_split_without_validation_cannot_be_tuned(
     split = per_user_split(ml_events, validation_fraction=0.0)
     with pytest.raises(ValueError, match="nothing to tune"):
         evaluation.evaluate(evaluation.model_specs(["popularity"]), split, ml_items)
+
+
+def test_exploration_slots_are_the_most_within_the_tolerance() -> None:
+    curve = [{"slots": n, "ndcg@10": 0.2, "ndcg@20": 0.30 - 0.006 * n,
+              "cold_recall@20": 0.01 * n} for n in (0, 1, 2, 3, 5)]
+    # 5% of 0.30 = 0.015: 2 slots cost 0.012, 3 slots 0.018
+    assert evaluation.choose_slots(curve, [10, 20], tolerance=0.05) == 2
+    assert evaluation.choose_slots(curve, [10, 20], tolerance=0.0) == 0
+
+
+def test_hybrids_bring_their_generators_in_front() -> None:
+    assert evaluation.with_generators(["popularity", "hybrid-id", "als"]) == [
+        "ease", "itemknn", "popularity", "hybrid-id", "als"]
+    assert evaluation.with_generators(["popularity"]) == ["popularity"]
+
+
+def test_missing_inputs_fail_before_any_work(tmp_path: Path, ml_offline: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SystemExit, match="avrec ingest"):
+        evaluation.main(["--offline", str(tmp_path), "--models", "popularity"])
+    monkeypatch.setenv("AVREC_DATA_DIR", str(tmp_path))
+    with pytest.raises(SystemExit, match="avrec apply"):
+        evaluation.main(["--offline", str(ml_offline), "--models", "popularity,deep-text"])
+    with pytest.raises(FileNotFoundError, match="encodings"):
+        evaluation.main(["--offline", str(ml_offline), "--models", "hybrid-text",
+                         "--encodings", str(tmp_path / "none.parquet")])
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_each_model_is_reported_as_soon_as_it_finishes(
+    ml_split: Split, ml_items: pl.DataFrame
+) -> None:
+    def broken(params: dict, seed: int) -> Recommender:
+        raise RuntimeError("a late failure")
+
+    specs = [*evaluation.model_specs(["popularity"], quick=True),
+             evaluation.ModelSpec("broken", broken)]
+    seen: list[list[str]] = []
+    with pytest.raises(RuntimeError, match="late failure"):
+        evaluation.evaluate(specs, ml_split, ml_items,
+                            on_model=lambda kind, models: seen.append(list(models)))
+    assert seen == [["popularity"]]
+
+
+def test_evaluate_runs_on_a_generic_catalogue_end_to_end(tmp_path: Path) -> None:
+    """The shared MovieLens data written as events.csv + items.csv (a slice of users),
+    ingested through the generic import, then the baselines and the hybrid (ID only, and over
+    item vectors that a third of the items have) evaluated with the CLI."""
+    from avrec import config, ingest
+
+    source = config.datasets_dir() / "ml-latest-small"
+    ratings = pl.read_csv(source / "ratings.csv").filter(pl.col("userId") <= 120)
+    movies = pl.read_csv(source / "movies.csv").filter(
+        pl.col("movieId").is_in(ratings["movieId"].unique().to_list()))
+    ratings.select(pl.col("userId").alias("user_id"), pl.col("movieId").alias("item_id"),
+                   pl.lit("rating").alias("event_type"), pl.col("rating").alias("value"),
+                   "timestamp").write_csv(tmp_path / "events.csv")
+    movies.select(pl.col("movieId").alias("item_id"), "title",
+                  pl.col("genres").str.replace_all(r"\(no genres listed\)", "").alias("genres"),
+                  ).write_csv(tmp_path / "items.csv")
+    offline = tmp_path / "offline"
+    ingest.ingest_generic(tmp_path / "events.csv", tmp_path / "items.csv", offline)
+    items = pl.read_parquet(offline / "items.parquet")
+    vectors = baselines.random_item_vectors(items["item_id"].to_numpy()[::3], dim=8, seed=1)
+    encodings = tmp_path / "item_encodings.parquet"
+    vectors.rename({"vector": "text_embedding"}).with_columns(
+        pl.lit(None, dtype=pl.List(pl.Float32)).alias("image_embedding")
+    ).write_parquet(encodings)
+    out = tmp_path / "report"
+    argv = ["--out", str(out), "--offline", str(offline), "--quick", "--split", "per-user",
+            "--models", "popularity,recent-popularity,hybrid-id,hybrid-text",
+            "--encodings", str(encodings)]
+    assert evaluation.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())["splits"]["per-user"]
+    assert list(report["models"]) == ["ease", "als", "itemknn", "popularity",
+                                      "recent-popularity", "hybrid-id", "hybrid-text"]
+    hybrid = report["models"]["hybrid-id"]
+    assert hybrid["test"]["ndcg@10"]["mean"] > report["models"]["popularity"]["test"][
+        "ndcg@10"]["mean"]
+    assert len(hybrid["per_user_ndcg"]["ndcg@10"]) == report["counts"]["test_users"]
+    assert hybrid["exploration"]["chosen_slots"] in evaluation.EXPLORE_SLOTS
+    assert (out / "tradeoff.png").exists() and (out / "training.png").exists()

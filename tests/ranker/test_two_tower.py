@@ -27,13 +27,12 @@ from ranker.two_tower import (
     in_batch_loss,
     positive_rows,
 )
-from tests.ranker import test_recommender_contract as shared
-from tests.ranker.test_recommender_contract import ContractData, RecommenderContract
+from tests.ranker.conftest import ContractData
+from tests.ranker.test_recommender_contract import RecommenderContract
 
 VECTOR_DIM = 32
 EMBEDDING_VERSION = "genre-projection-v1"
 
-contract_data = shared.contract_data  # the shared real-data slice, as a fixture of this module
 
 
 def genre_vectors(items: pl.DataFrame, dim: int = VECTOR_DIM, seed: int = 0) -> ItemVectors:

@@ -1,0 +1,157 @@
+"""The hybrid ranker: point-in-time inner folds, the candidate pool, exploration slots, and
+the shared recommender contract."""
+
+from __future__ import annotations
+
+import functools
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+
+from ranker import baselines
+from ranker.hybrid import (
+    CandidateFeatures,
+    ContentGenerator,
+    HybridConfig,
+    HybridRecommender,
+    candidate_pool,
+    inner_split,
+    ranks,
+    with_exploration_slots,
+)
+from ranker.recommender import Recommender
+from tests.ranker.conftest import ContractData
+from tests.ranker.test_recommender_contract import RecommenderContract
+
+T0 = datetime(2020, 1, 1, tzinfo=UTC)
+
+
+def _events(n_users: int = 4, per_user: int = 11) -> pl.DataFrame:
+    rows = [(u, 100 + (u * 7 + k) % 30, float(1 + (u + k) % 5), T0 + timedelta(hours=k * 3 + u))
+            for u in range(1, n_users + 1) for k in range(per_user)]
+    return pl.DataFrame(rows, schema=["user_id", "item_id", "value", "event_timestamp"],
+                        orient="row")
+
+
+def test_inner_folds_are_each_users_newest_blocks_with_only_older_events_before() -> None:
+    events = _events()
+    for fold in (0, 1):
+        before, labels = inner_split(events, 0.2, fold)
+        for user, own in events.sort("event_timestamp", "item_id").group_by("user_id"):
+            own_labels = labels.filter(pl.col("user_id") == user[0])
+            own_before = before.filter(pl.col("user_id") == user[0])
+            block = 2  # round(0.2 * 11)
+            expected = own.slice(own.height - block * (fold + 1), block)
+            assert own_labels["event_timestamp"].to_list() == expected["event_timestamp"].to_list()
+            assert own_before.height == own.height - block * (fold + 1)
+            assert own_before["event_timestamp"].max() < own_labels["event_timestamp"].min()
+        # nothing of the labels is in "before", for any user
+        assert before.join(labels, on=["user_id", "item_id", "event_timestamp"]).is_empty()
+
+
+def test_generators_trained_for_the_learner_never_see_its_labels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events = _events(n_users=8)
+    items = pl.DataFrame({"item_id": list(range(100, 131))})
+    seen: list[pl.DataFrame] = []
+    original = HybridRecommender._fit_generators
+
+    def recording(self, interactions, items):  # type: ignore[no-untyped-def]
+        seen.append(interactions)
+        return original(self, interactions, items)
+
+    monkeypatch.setattr(HybridRecommender, "_fit_generators", recording)
+    config = HybridConfig(candidates=10, inner_folds=2, inner_fraction=0.2, epochs=2, bag=1,
+                          cold_slots=0)
+    model = HybridRecommender({"pop": baselines.Popularity}, None, config).fit(events, items)
+    assert len(seen) == 3  # one per inner fold, then the refit on everything
+    keys = ["user_id", "item_id", "event_timestamp"]
+    for fold, interactions in enumerate(seen[:2]):
+        _, labels = inner_split(events, 0.2, fold)
+        assert interactions.join(labels, on=keys).is_empty()
+    assert seen[2].height == events.height
+    assert model.score([1]).shape == (1, 31)
+
+
+def test_pool_excludes_seen_items_and_reserves_cold_slots() -> None:
+    n = 12
+    rank_a = np.tile(np.arange(n), (2, 1))
+    rank_b = np.tile(np.arange(n)[::-1], (2, 1))
+    seen = np.zeros((2, n), dtype=bool)
+    seen[0, [0, 1]] = True
+    pool = candidate_pool([rank_a, rank_a, rank_b], seen, 5)
+    assert pool.shape == (2, 5)
+    assert not np.isin([0, 1], pool[0]).any()
+    cold = np.zeros((2, n), dtype=bool)
+    cold[:, [9, 10]] = True
+    content = np.tile(np.arange(n)[::-1], (2, 1))  # the content generator likes 11, 10, 9, ...
+    pool = candidate_pool([rank_a], seen, 5, cold, content, cold_slots=2)
+    assert set(pool[0, -2:]) == {9, 10} and set(pool[1, -2:]) == {9, 10}
+    assert len(set(pool[0])) == 5
+
+
+def test_exploration_slots_put_the_best_cold_items_at_the_end_of_the_top() -> None:
+    scores = np.array([[9.0, 8, 7, 6, 5, 4, 3]])
+    cold = np.array([[0, 0, 0, 0, 1, 0, 1]], dtype=bool)
+    out = with_exploration_slots(scores, cold, slots=2, depth=4)
+    order = np.argsort(-out[0], kind="stable")
+    assert order[:4].tolist() == [0, 1, 4, 6]  # two kept, then the cold ones in their order
+    assert order[4:].tolist() == [2, 3, 5]
+    # a cold item already in the kept part is not moved, and zero slots change nothing
+    np.testing.assert_array_equal(with_exploration_slots(scores, cold, 0, 4), scores)
+
+
+def test_ranks_put_excluded_items_last() -> None:
+    got = ranks(np.array([[0.1, 0.9, 0.5]]), np.array([[False, True, False]]))
+    assert got.tolist() == [[1, 2, 0]]
+
+
+def test_feature_names_match_the_feature_columns(contract_data: ContractData) -> None:
+    model = _hybrid(0, contract_data).fit(contract_data.train, contract_data.items)
+    assert model.features is not None and model.last_pool is None
+    model.score(contract_data.users[:3])
+    assert model.last_pool is not None
+    assert model.last_pool.features.shape[-1] == len(model.features.names)
+    assert np.isfinite(model.last_pool.features).all()
+
+
+def _hybrid(seed: int, data: ContractData) -> HybridRecommender:
+    item_ids = np.sort(data.items["item_id"].to_numpy())[::2]
+    frame = baselines.random_item_vectors(item_ids, dim=8, seed=3)
+    from ranker.features import ItemVectors
+
+    vectors = ItemVectors(frame["item_id"].to_numpy(), np.stack(frame["vector"].to_numpy()))
+    generators = {
+        "itemknn": functools.partial(baselines.ItemKNN, k=20, min_value=4.0),
+        "ease": functools.partial(baselines.EASE, l2=50.0, min_value=4.0),
+        "content": functools.partial(ContentGenerator, vectors),
+    }
+    config = HybridConfig(candidates=50, epochs=3, bag=2, seed=seed, inner_folds=1)
+    return HybridRecommender(generators, vectors, config, seed)
+
+
+class TestHybrid(RecommenderContract):
+    batch_tolerance = (1e-5, 1e-6)  # float32 MLP over batches of users
+
+    def make(self, seed: int, data: ContractData) -> Recommender:
+        return _hybrid(seed, data)
+
+    def test_rescore_with_slots_reaches_cold_items(
+        self, fitted: Recommender, contract_data: ContractData
+    ) -> None:
+        assert isinstance(fitted, HybridRecommender)
+        users = contract_data.users[:8]
+        fitted.score(users)
+        known = np.isin(fitted.item_ids, contract_data.train["item_id"].to_numpy())
+        plain = np.argsort(-fitted.rescore(0), axis=1)[:, :20]
+        explored = np.argsort(-fitted.rescore(3), axis=1)[:, :20]
+        assert (~known[explored]).sum(axis=1).min() >= 3
+        np.testing.assert_array_equal(plain[:, :17], explored[:, :17])
+
+
+def test_candidate_features_without_vectors_have_no_content_columns() -> None:
+    features = CandidateFeatures(["ease"], None, ["ease"])
+    assert "sim_profile" not in features.names and "ease_z" in features.names
