@@ -223,8 +223,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     done = _step("train the ranker and the retrieval towers, export to ONNX")
     run_delegated("train", ["--epochs", "4", "--no-progress"])
     done()
-    done = _step("evaluate: full ranking, per-user temporal split (quick baselines)")
-    run_delegated("evaluate", ["--models", "popularity,itemknn,als",
+    done = _step("evaluate: full ranking, per-user temporal split, quick grids: baselines "
+                 "and the hybrid ranker (text vectors; the full report uses the mixed ones)")
+    run_delegated("evaluate", ["--models", "popularity,itemknn,als,ease,hybrid-text",
+                               "--split", "per-user", "--quick",
                                "--out", str(config.data_dir() / "reports" / "demo")])
     done()
     done = _step("ranking service: avrec serve (gRPC) + a client call")

@@ -212,7 +212,7 @@ def tune(
         value = float(result.per_user[select].mean())
         trials.append({"params": params, f"validation_{select}": value})
         if best is None or value > best[0]:
-            if hasattr(model, "rescore"):
+            if getattr(model, "can_explore", False):
                 model.validation_curve = exploration_curve(model, validation, ks, seed)
             best = (value, params, pairs, model)
     if best is None:
@@ -229,6 +229,7 @@ def run_model(
     ks: Sequence[int],
     seed: int,
     short_history: int = SHORT_HISTORY,
+    explore_tolerance: float = EXPLORE_TOLERANCE,
 ) -> ModelRun:
     """Tune ``spec`` on validation, refit the best setting, evaluate it on test."""
     started = time.perf_counter()
@@ -239,11 +240,11 @@ def run_model(
     model = spec.build(tuned.params, seed).fit(test.stage.fit, items)
     fitted_at = time.perf_counter()
     exploration: dict[str, Any] = {}
-    if hasattr(model, "rescore") and tuned.model is not None:
+    if getattr(model, "can_explore", False) and tuned.model is not None:
         validation_curve = tuned.model.validation_curve  # type: ignore[attr-defined]
-        model.explore = choose_slots(validation_curve, ks)  # type: ignore[attr-defined]
+        model.explore = choose_slots(validation_curve, ks, explore_tolerance)  # type: ignore[attr-defined]
         exploration = {"chosen_slots": model.explore, "validation": validation_curve,
-                       "tolerance": EXPLORE_TOLERANCE}
+                       "tolerance": explore_tolerance}
     scores, (labels, pair_scores) = stage_scores(model, test)
     if exploration:
         exploration["test"] = exploration_curve(model, test, ks, seed)
@@ -333,6 +334,7 @@ def evaluate(
     seed: int = 0,
     short_history: int = SHORT_HISTORY,
     on_model: Callable[[str, dict[str, Any]], None] | None = None,
+    explore_tolerance: float = EXPLORE_TOLERANCE,
 ) -> dict[str, Any]:
     """Tune, fit and evaluate every model on ``split``; the report as a JSON-ready dict.
 
@@ -353,7 +355,8 @@ def evaluate(
     runs = []
     for spec in specs:
         print(f"    {split.kind}: {spec.name}", flush=True)
-        runs.append(run_model(spec, validation, test, items, ks, seed, short_history))
+        runs.append(run_model(spec, validation, test, items, ks, seed, short_history,
+                              explore_tolerance))
         if on_model is not None:
             on_model(split.kind, {run.name: run.report for run in runs})
     report = {
@@ -429,8 +432,8 @@ def model_specs(
             factory = factories[name]
             specs.append(ModelSpec(name, _builder(factory), grids[name]))
         elif name in HYBRID_MODELS or name in SEQUENTIAL_MODELS:
-            specs.append(ModelSpec(name, _content_model_builder(name, encodings, quick),
-                                   HYBRID_GRID if name in HYBRID_MODELS else [{}],
+            grid = HYBRID_GRID if name in HYBRID_MODELS and not quick else [{}]
+            specs.append(ModelSpec(name, _content_model_builder(name, encodings, quick), grid,
                                    baseline=False))
         elif name in DEEP_MODELS:
             specs.append(ModelSpec(name, _deep_builder(name, encodings, quick), baseline=False))
@@ -656,6 +659,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--short-history", type=int, default=SHORT_HISTORY,
                         help="slice: users with fewer fit ratings than this")
     parser.add_argument("--quick", action="store_true", help="tiny hyperparameter grids")
+    parser.add_argument("--explore-tolerance", type=float, default=EXPLORE_TOLERANCE,
+                        help="share of validation NDCG@max(k) the hybrid may spend on "
+                        "exploration slots for new items (the operating point)")
     return parser.parse_args(argv)
 
 
@@ -721,7 +727,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for split in build_splits(events, args):
         print(f"==> evaluating {len(specs)} models on the {split.kind} split", flush=True)
         report["splits"][split.kind] = evaluate(specs, split, items, args.k, args.seed,
-                                                args.short_history, partial)
+                                                args.short_history, partial,
+                                                args.explore_tolerance)
     for path in report_io.write_report(report, out):
         print(f"wrote {path}")
     print(report_io.markdown(report))

@@ -602,6 +602,11 @@ class HybridRecommender(Recommender):
         self.last_pool = scored
         return scored.catalogue_scores(self.explore, self.depth)
 
+    @property
+    def can_explore(self) -> bool:
+        """Whether new items can reach the pool at all (through a content generator)."""
+        return CONTENT in self.factories
+
     def rescore(self, explore: int) -> np.ndarray:
         """The last ``score`` call's users again with ``explore`` slots (no recompute)."""
         if self.last_pool is None:

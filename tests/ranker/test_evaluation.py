@@ -221,5 +221,8 @@ def test_evaluate_runs_on_a_generic_catalogue_end_to_end(tmp_path: Path) -> None
     assert hybrid["test"]["ndcg@10"]["mean"] > report["models"]["popularity"]["test"][
         "ndcg@10"]["mean"]
     assert len(hybrid["per_user_ndcg"]["ndcg@10"]) == report["counts"]["test_users"]
-    assert hybrid["exploration"]["chosen_slots"] in evaluation.EXPLORE_SLOTS
+    assert "exploration" not in hybrid  # no content: new items cannot reach it
+    exploration = report["models"]["hybrid-text"]["exploration"]
+    assert exploration["chosen_slots"] in evaluation.EXPLORE_SLOTS
+    assert [p["slots"] for p in exploration["test"]] == list(evaluation.EXPLORE_SLOTS)
     assert (out / "tradeoff.png").exists() and (out / "training.png").exists()
