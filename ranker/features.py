@@ -16,7 +16,7 @@ written into the model's contract (:mod:`ranker.contract`) and checked by the se
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,14 @@ ITEM_COUNTS = [f"{ITEM}popularity_{w}" for w in ("1d", "7d", "30d", "all")] + [
 ]
 USER_AGES = ["days_since_last_interaction"]
 ITEM_AGES = ["item_age_days"]
+
+
+def resolve_vectors(
+    source: VectorSource, interactions: pl.DataFrame, items: pl.DataFrame
+) -> ItemVectors:
+    """A fixed vector table as it is, or a factory fitted on ``interactions`` (e.g. the
+    fusion trained on a stage's fit data only)."""
+    return source if isinstance(source, ItemVectors) else source(interactions, items)
 
 
 def lookup_rows(table_ids: np.ndarray, order: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -173,3 +181,7 @@ class FeatureEncoder:
             if items:
                 ids[i, : min(len(items), HISTORY)] = items[:HISTORY]
         return np.where(ids >= 0, vectors.rows(ids.ravel()).reshape(ids.shape), -1)
+
+
+# A fixed item-vector table, or a factory that fits one on interactions (+ the catalogue).
+VectorSource = ItemVectors | Callable[[pl.DataFrame, pl.DataFrame], ItemVectors]

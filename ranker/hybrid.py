@@ -25,7 +25,6 @@ that saw the label it is trained on.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -35,15 +34,14 @@ import torch
 from torch import nn
 
 from ranker.baselines import ContentKNN
-from ranker.features import ItemVectors
+from ranker.features import VectorSource, resolve_vectors
 from ranker.item_history import ItemTimeline, naive_utc
 from ranker.recommender import InteractionMatrix, Recommender
-from ranker.training import torch_threads
+from ranker.training import BestWeights, torch_threads
 
 CONTENT = "content"  # the generator name whose ranks fill the cold slots
 RRF_K = 60.0  # reciprocal-rank fusion constant (Cormack et al. 2009)
 GeneratorFactory = Callable[[], Recommender]
-VectorSource = ItemVectors | Callable[[pl.DataFrame, pl.DataFrame], ItemVectors] | None
 
 
 @dataclass
@@ -342,8 +340,7 @@ def fit_scorer(features: np.ndarray, labels: np.ndarray, cfg: HybridConfig
     model = ListwiseScorer(flat.mean(0), flat.std(0), cfg.hidden)
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     x, y = torch.from_numpy(features), torch.from_numpy(labels.astype(np.float32))
-    history, best, stale = HybridHistory(), float("inf"), 0
-    state = copy.deepcopy(model.state_dict())
+    history, keeper = HybridHistory(), BestWeights(model, cfg.patience, higher_is_better=False)
     for _ in range(cfg.epochs):
         model.train()
         losses = []
@@ -361,15 +358,10 @@ def fit_scorer(features: np.ndarray, labels: np.ndarray, cfg: HybridConfig
             val_loss = float(listwise_loss(model(x[held]), y[held]))
         history.train_loss.append(float(np.mean(losses)))
         history.val_loss.append(val_loss)
-        if val_loss < best:
-            best, stale, history.best_epoch = val_loss, 0, len(history.val_loss) - 1
-            state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    model.load_state_dict(state)
-    model.eval()
+        if keeper.update(val_loss):
+            break
+    keeper.restore()
+    history.best_epoch = keeper.best_epoch
     return model, history
 
 
@@ -451,15 +443,13 @@ class ContentGenerator(Recommender):
 
     name = CONTENT
 
-    def __init__(self, vectors: ItemVectors | Callable[[pl.DataFrame, pl.DataFrame],
-                                                        ItemVectors]) -> None:
+    def __init__(self, vectors: VectorSource) -> None:
         super().__init__()
         self.source = vectors
         self.inner: ContentKNN | None = None
 
     def _fit(self, interactions: pl.DataFrame, items: pl.DataFrame) -> None:
-        table = self.source if isinstance(self.source, ItemVectors) else self.source(
-            interactions, items)
+        table = resolve_vectors(self.source, interactions, items)
         frame = pl.DataFrame({"item_id": table.item_ids, "vector": table.vectors})
         self.inner = ContentKNN(frame).fit(interactions, items)
 
@@ -483,7 +473,7 @@ class HybridRecommender(Recommender):
     def __init__(
         self,
         generators: dict[str, GeneratorFactory],
-        vectors: VectorSource = None,
+        vectors: VectorSource | None = None,
         config: HybridConfig | None = None,
         seed: int = 0,
         name: str | None = None,
@@ -505,10 +495,9 @@ class HybridRecommender(Recommender):
         self.last_pool: ScoredPool | None = None
 
     def _vectors(self, interactions: pl.DataFrame, items: pl.DataFrame) -> np.ndarray | None:
-        source = self.vector_source
-        if source is None:
+        if self.vector_source is None:
             return None
-        table = source if isinstance(source, ItemVectors) else source(interactions, items)
+        table = resolve_vectors(self.vector_source, interactions, items)
         rows = table.rows(self.item_ids)
         out = np.zeros((self.item_ids.size, table.dim), dtype=np.float64)
         out[rows >= 0] = table.vectors[rows[rows >= 0]]

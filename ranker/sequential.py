@@ -32,9 +32,7 @@ ranked from the events before them), best weights kept. Everything is seeded.
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -43,14 +41,13 @@ import polars as pl
 import torch
 from torch import nn
 
-from ranker.features import ItemVectors
+from ranker.features import VectorSource, resolve_vectors
 from ranker.recommender import Recommender
-from ranker.training import torch_threads
+from ranker.training import BestWeights, torch_threads
 
 PAD = 0  # item index 0 is padding; catalogue item j is index j + 1
 RATING_BUCKETS = 11  # 0: no value; 1..10: half-star ratings 0.5..5 (other values are clipped)
 
-VectorSource = ItemVectors | Callable[[pl.DataFrame, pl.DataFrame], ItemVectors] | None
 
 
 @dataclass
@@ -300,7 +297,7 @@ class SequentialRecommender(Recommender):
     def __init__(
         self,
         config: SequentialConfig | None = None,
-        vectors: VectorSource = None,
+        vectors: VectorSource | None = None,
         seed: int = 0,
         name: str | None = None,
     ) -> None:
@@ -315,10 +312,9 @@ class SequentialRecommender(Recommender):
 
     def _content(self, interactions: pl.DataFrame, items: pl.DataFrame) -> tuple[Any, Any]:
         n = self.item_ids.size + 1
-        source = self.vectors
-        if source is None:
+        if self.vectors is None:
             return torch.zeros(n, 0), torch.zeros(n)
-        table = source if isinstance(source, ItemVectors) else source(interactions, items)
+        table = resolve_vectors(self.vectors, interactions, items)
         rows = table.rows(self.item_ids)
         content = np.zeros((n, table.dim), dtype=np.float32)
         content[1:][rows >= 0] = table.vectors[rows[rows >= 0]]
@@ -443,7 +439,7 @@ def fit_sequences(
     n_items = encoder.items.content.shape[0] - 1
     optimiser = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = SequentialHistory()
-    best_state, best, stale = copy.deepcopy(encoder.state_dict()), -1.0, 0
+    keeper = BestWeights(encoder, cfg.patience, higher_is_better=True)
     for _epoch in range(cfg.epochs):
         encoder.train()
         losses = []
@@ -467,13 +463,8 @@ def fit_sequences(
         history.train_loss.append(float(np.mean(losses)) if losses else float("nan"))
         score = heldout_ndcg(encoder, sequences, held, cfg.max_length)
         history.heldout_ndcg.append(score)
-        if score > best:
-            best, stale, history.best_epoch = score, 0, len(history.heldout_ndcg) - 1
-            best_state = copy.deepcopy(encoder.state_dict())
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
-    encoder.load_state_dict(best_state)
-    encoder.eval()
+        if keeper.update(score):
+            break
+    keeper.restore()
+    history.best_epoch = keeper.best_epoch
     return encoder, history

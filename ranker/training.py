@@ -84,6 +84,36 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+class BestWeights:
+    """Early stopping: keeps a copy of the best epoch's weights and says when to stop.
+
+    >>> layer = torch.nn.Linear(1, 1)
+    >>> keeper = BestWeights(layer, patience=1, higher_is_better=True)
+    >>> keeper.update(0.5), keeper.update(0.4), keeper.best_epoch
+    (False, True, 0)
+    """
+
+    def __init__(self, model: torch.nn.Module, patience: int, higher_is_better: bool) -> None:
+        self.model, self.patience, self.sign = model, patience, 1.0 if higher_is_better else -1.0
+        self.best, self.best_epoch, self.epochs, self.waited = -math.inf, -1, 0, 0
+        self.state = copy.deepcopy(model.state_dict())
+
+    def update(self, value: float) -> bool:
+        """Record an epoch's validation value; True when training should stop."""
+        if self.sign * value > self.best:
+            self.best, self.best_epoch, self.waited = self.sign * value, self.epochs, 0
+            self.state = copy.deepcopy(self.model.state_dict())
+        else:
+            self.waited += 1
+        self.epochs += 1
+        return self.waited >= self.patience
+
+    def restore(self) -> None:
+        """Load the best epoch's weights back and put the model in eval mode."""
+        self.model.load_state_dict(self.state)
+        self.model.eval()
+
+
 def _batches(n: int, size: int, rng: np.random.Generator | None):
     order = rng.permutation(n) if rng is not None else np.arange(n)
     for start in range(0, n, size):
