@@ -367,6 +367,6 @@ QUICK_GRIDS: dict[str, list[dict[str, Any]]] = {
     "itemknn": grid(k=[20, 100], min_value=[4.0]),
     "bpr": grid(factors=[16], iterations=[20], min_value=[4.0]),
     "als": grid(factors=[16], regularization=[10.0], iterations=[5], min_value=[4.0]),
-    "ease": grid(l2=[100.0, 1000.0], min_value=[None]),
+    "ease": grid(l2=[100.0, 1000.0], min_value=[4.0]),
     "recent-popularity": grid(days=[30.0]),
 }
