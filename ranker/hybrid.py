@@ -10,17 +10,20 @@ Pieces, each small:
 * :class:`CandidateFeatures`: per (user, candidate) features, all as of the user's cut: each
   generator's per-user z-score and reciprocal rank, the item's popularity in the last 30 /
   365 days and all time, mean rating and age (:class:`ranker.item_history.ItemTimeline`),
-  content similarity of the item to the user's positives and last item, and the user's
-  history length and days since their last event;
+  content similarity of the item to the user's positives and last item, genre match and
+  year offset (:class:`CatalogueFacts`), and the user's history length and days since their
+  last event;
 * :class:`ListwiseScorer`: an MLP scoring each candidate, trained with a softmax over the
-  user's pool (cross-entropy against the user's positives, ListNet-style).
+  user's pool (cross-entropy against the user's positives, ListNet-style), a bag of seeds;
+* :func:`with_exploration_slots`: new items shown in the last places of the top K.
 
-Point-in-time training (:meth:`HybridRecommender._fit`): the fit interactions are split per
-user in time (the last ``inner_fraction`` of each user's events become the learner's labels);
-the generators are fitted on the part before, features are read at each user's inner cut,
-and the learner is trained on those labels; then the generators are refitted on all fit
-interactions for scoring. No generator score used as a training feature comes from a model
-that saw the label it is trained on.
+Point-in-time training (:meth:`HybridRecommender._fit`): the fit interactions are cut per user
+into blocks from the newest end (:func:`inner_split`); for each of ``inner_folds`` blocks the
+generators and the item vectors (a fusion factory is refitted too) are fitted on the events
+before it, features are read at each user's block cut, and the block's positives are the
+learner's labels; then the generators are refitted on all fit interactions for scoring. No
+generator score used as a training feature comes from a model that saw the label it is
+trained on.
 """
 
 from __future__ import annotations
