@@ -28,6 +28,7 @@ from implicit.cpu.bpr import BayesianPersonalizedRanking
 from scipy import sparse
 from threadpoolctl import threadpool_limits
 
+from ranker.item_history import ItemTimeline
 from ranker.recommender import InteractionMatrix, Recommender
 
 NO_VECTOR_SCORE = -2.0  # below any cosine: items without a vector rank last
@@ -232,8 +233,9 @@ class RecentPopularity(Recommender):
     """Interactions per item in the ``days`` before each user's cut (point in time).
 
     With ``as_of`` (the harness passes every user's cut) only events strictly before the
-    user's cut and within ``days`` of it count; without it the window ends at the last fit
-    event. Ties and empty windows fall back to all-time popularity, scaled below one count.
+    user's cut and within ``days`` of it count (:class:`ranker.item_history.ItemTimeline`);
+    without it the window ends just after the last fit event. Ties and empty windows fall back
+    to all-time popularity, scaled below one count.
     """
 
     name = "recent-popularity"
@@ -243,34 +245,22 @@ class RecentPopularity(Recommender):
         if not days > 0:
             raise ValueError("RecentPopularity needs days > 0")
         self.days = days
-        self.times = np.empty(0, dtype="datetime64[us]")
-        self.columns = np.empty(0, dtype=np.int64)
+        self.timeline: ItemTimeline | None = None
 
     def _fit(self, interactions: pl.DataFrame, items: pl.DataFrame) -> None:
-        frame = interactions.sort("event_timestamp")
-        stamps = frame["event_timestamp"]
-        if isinstance(stamps.dtype, pl.Datetime) and stamps.dtype.time_zone is not None:
-            stamps = stamps.dt.replace_time_zone(None)
-        self.times = stamps.to_numpy().astype("datetime64[us]")
-        self.columns = np.searchsorted(self.item_ids, frame["item_id"].to_numpy())
+        self.timeline = ItemTimeline.build(interactions, self.item_ids)
 
     def _score(self, user_ids: np.ndarray, as_of: np.ndarray | None) -> np.ndarray:
-        n = self.item_ids.size
-        window = np.timedelta64(int(self.days * 86_400e6), "us")
-        ends = (
-            np.full(user_ids.size, self.times[-1] + np.timedelta64(1, "us"))
-            if as_of is None or not self.times.size
-            else np.asarray(as_of, dtype="datetime64[us]")
-        )
+        assert self.timeline is not None
+        times = self.timeline.times
+        ends = (np.full(user_ids.size, times[-1] + np.timedelta64(1, "us"))
+                if as_of is None or not times.size else np.asarray(as_of, "datetime64[us]"))
         tiebreak = self.popularity / max(self.popularity.max(initial=0.0), 1e-12) * 0.5
-        out = np.empty((user_ids.size, n))
-        for row, end in enumerate(ends):
-            if np.isnat(end):
-                out[row] = tiebreak
-                continue
-            lo, hi = np.searchsorted(self.times, [end - window, end], side="left")
-            out[row] = np.bincount(self.columns[lo:hi], minlength=n) + tiebreak
-        return out
+        window = f"count_{self.days:g}d"
+        return np.stack([
+            tiebreak if np.isnat(end) else self.timeline.at(end, (self.days,))[window] + tiebreak
+            for end in ends
+        ]) if user_ids.size else np.empty((0, self.item_ids.size))
 
 
 def read_item_vectors(path: Path, column: str) -> pl.DataFrame:

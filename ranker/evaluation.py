@@ -152,7 +152,7 @@ class Tuned:
     score: float
     threshold: float  # the F1-maximising score threshold on the validation pairs
     trials: list[dict[str, Any]]
-    model: Recommender | None = None  # the best setting's model, fitted on the training part
+    exploration: list[dict[str, float]] | None = None  # the best setting's validation curve
 
 
 EXPLORE_SLOTS = (0, 1, 2, 3, 5, 8, 10)
@@ -166,15 +166,17 @@ def exploration_curve(
     """NDCG@k and cold-item Recall@max(k) for each number of exploration slots.
 
     ``model`` must have just scored ``data`` (its users and the labelled pairs' users, as
-    :func:`stage_scores` does); ``rescore`` re-orders those scores without recomputing.
+    :func:`stage_scores` does); ``rescore`` re-orders those scores without recomputing. The
+    slots are the last places of the top max(k).
     """
     users = np.union1d(data.users, data.pairs["user_id"].to_numpy())
     rows = np.searchsorted(users, data.users)
     priority = metrics.tiebreak_priority(len(data.item_ids), seed)
     curve = []
     for n in slots:
+        rescored = model.rescore(n, max(ks))  # type: ignore[attr-defined]
         result = metrics.ranking_metrics(
-            model.rescore(n)[rows], data.relevant, data.exclude, ks, priority  # type: ignore[attr-defined]
+            rescored[rows], data.relevant, data.exclude, ks, priority
         )
         _, cold, _ = _cold_recall(result, data, max(ks))
         point = {"slots": n, **{f"ndcg@{k}": float(result.per_user[f"ndcg@{k}"].mean())
@@ -202,7 +204,7 @@ def tune(
     select = f"ndcg@{min(ks)}"
     priority = metrics.tiebreak_priority(len(validation.item_ids), seed)
     trials: list[dict[str, Any]] = []
-    best: tuple[float, dict[str, Any], tuple[np.ndarray, np.ndarray], Recommender] | None = None
+    best: tuple[float, dict[str, Any], tuple[np.ndarray, np.ndarray], Any] | None = None
     for params in spec.grid:
         model = spec.build(params, seed).fit(validation.stage.fit, items)
         scores, pairs = stage_scores(model, validation)
@@ -212,9 +214,9 @@ def tune(
         value = float(result.per_user[select].mean())
         trials.append({"params": params, f"validation_{select}": value})
         if best is None or value > best[0]:
-            if getattr(model, "can_explore", False):
-                model.validation_curve = exploration_curve(model, validation, ks, seed)
-            best = (value, params, pairs, model)
+            curve = (exploration_curve(model, validation, ks, seed)
+                     if getattr(model, "can_explore", False) else None)
+            best = (value, params, pairs, curve)
     if best is None:
         raise ValueError(f"{spec.name}: empty hyperparameter grid")
     labels, scores = best[2]
@@ -240,10 +242,10 @@ def run_model(
     model = spec.build(tuned.params, seed).fit(test.stage.fit, items)
     fitted_at = time.perf_counter()
     exploration: dict[str, Any] = {}
-    if getattr(model, "can_explore", False) and tuned.model is not None:
-        validation_curve = tuned.model.validation_curve  # type: ignore[attr-defined]
-        model.explore = choose_slots(validation_curve, ks, explore_tolerance)  # type: ignore[attr-defined]
-        exploration = {"chosen_slots": model.explore, "validation": validation_curve,
+    if getattr(model, "can_explore", False) and tuned.exploration is not None:
+        slots = choose_slots(tuned.exploration, ks, explore_tolerance)
+        model.set_exploration(slots, max(ks))  # type: ignore[attr-defined]
+        exploration = {"chosen_slots": slots, "validation": tuned.exploration,
                        "tolerance": explore_tolerance}
     scores, (labels, pair_scores) = stage_scores(model, test)
     if exploration:
@@ -268,7 +270,7 @@ def run_model(
         "per_user_ndcg": {f"ndcg@{k}": result.per_user[f"ndcg@{k}"].tolist() for k in ks},
         "test_users": test.users.tolist(),
         **({"exploration": exploration} if exploration else {}),
-        **({"training": training_curves(model)} if training_curves(model) else {}),
+        **({"training": curves} if (curves := training_curves(model)) else {}),
         "seconds": {
             "tuning": tuned_at - started,
             "fit": fitted_at - tuned_at,
@@ -408,6 +410,17 @@ def _comparisons(
     }
 
 
+BASELINE_FACTORIES: dict[str, Callable[..., Recommender]] = {
+    "random": baselines.RandomRecommender,
+    "popularity": baselines.Popularity,
+    "itemknn": baselines.ItemKNN,
+    "bpr": baselines.BPR,
+    "als": baselines.ALS,
+    "ease": baselines.EASE,
+    "recent-popularity": baselines.RecentPopularity,
+}
+
+
 def model_specs(
     names: Sequence[str],
     quick: bool = False,
@@ -416,20 +429,11 @@ def model_specs(
 ) -> list[ModelSpec]:
     """The baseline specs by name; ``text-knn`` / ``image-knn`` read ``encodings``."""
     grids = baselines.QUICK_GRIDS if quick else baselines.GRIDS
-    factories: dict[str, Callable[..., Recommender]] = {
-        "random": baselines.RandomRecommender,
-        "popularity": baselines.Popularity,
-        "itemknn": baselines.ItemKNN,
-        "bpr": baselines.BPR,
-        "als": baselines.ALS,
-        "ease": baselines.EASE,
-        "recent-popularity": baselines.RecentPopularity,
-    }
     columns = {"text-knn": "text_embedding", "image-knn": "image_embedding"}
     specs = []
     for name in names:
-        if name in factories:
-            factory = factories[name]
+        if name in BASELINE_FACTORIES:
+            factory = BASELINE_FACTORIES[name]
             specs.append(ModelSpec(name, _builder(factory), grids[name]))
         elif name in HYBRID_MODELS or name in SEQUENTIAL_MODELS:
             grid = HYBRID_GRID if name in HYBRID_MODELS and not quick else [{}]
@@ -443,7 +447,8 @@ def model_specs(
             vectors = baselines.read_item_vectors(encodings, columns[name])
             specs.append(ModelSpec(name, _content_builder(vectors, positive_threshold)))
         else:
-            known = [*factories, *columns, *HYBRID_MODELS, *SEQUENTIAL_MODELS, *DEEP_MODELS]
+            known = [*BASELINE_FACTORIES, *columns, *HYBRID_MODELS, *SEQUENTIAL_MODELS,
+                     *DEEP_MODELS]
             raise ValueError(f"unknown model {name!r}; known: {known}")
     return specs
 
@@ -503,9 +508,6 @@ def _content_model_builder(
             raise FileNotFoundError(f"{name} needs item encodings; not found at {encodings}")
         frame = pl.read_parquet(encodings)
         vectors = _vector_source(kind, frame, _FUSED.setdefault(encodings, FusedVectors(frame)))
-    factories = {"random": baselines.RandomRecommender, "popularity": baselines.Popularity,
-                 "itemknn": baselines.ItemKNN, "als": baselines.ALS, "ease": baselines.EASE,
-                 "bpr": baselines.BPR}
 
     def build(params: dict[str, Any], seed: int) -> Recommender:
         if name in SEQUENTIAL_MODELS:
@@ -516,7 +518,8 @@ def _content_model_builder(
             tuned = TUNED_PARAMS.get(generator)
             if tuned is None:
                 raise RuntimeError(f"{name}: generator {generator} has not been tuned yet")
-            generators[generator] = functools.partial(factories[generator], seed=seed, **tuned)
+            factory = BASELINE_FACTORIES[generator]
+            generators[generator] = functools.partial(factory, seed=seed, **tuned)
         if vectors is not None:
             generators["content"] = functools.partial(ContentGenerator, vectors)
         cfg = HybridConfig(seed=seed, bag=2 if quick else 5, **params)

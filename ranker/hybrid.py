@@ -516,12 +516,20 @@ class HybridRecommender(Recommender):
                         ) -> dict[str, Recommender]:
         return {name: make().fit(interactions, items) for name, make in self.factories.items()}
 
+    def _candidate_features(
+        self, generators: dict[str, Recommender], interactions: pl.DataFrame,
+        items: pl.DataFrame,
+    ) -> CandidateFeatures:
+        """The feature builder for generators fitted on ``interactions``."""
+        queries = [n for n, g in generators.items() if hasattr(g, "query")]
+        return CandidateFeatures(list(generators), self._vectors(interactions, items), queries,
+                                 self._catalogue(items))
+
     def _pool_features(
-        self, generators: dict[str, Recommender], interactions: pl.DataFrame, users: np.ndarray,
-        cuts: np.ndarray | None,
+        self, generators: dict[str, Recommender], features: CandidateFeatures,
+        interactions: pl.DataFrame, users: np.ndarray, cuts: np.ndarray | None,
     ) -> ScoredPool:
         """Pool and features of ``users`` as of ``cuts`` (see :class:`ScoredPool`)."""
-        assert self.features is not None
         cfg = self.config
         context = user_context(interactions, self.item_ids, users, cuts, cfg.positive_threshold)
         timeline = ItemTimeline.build(interactions, self.item_ids)
@@ -537,9 +545,9 @@ class HybridRecommender(Recommender):
                               content[0] if content else None, cfg.cold_slots)
         recent = [p[-RECENT:] for p in context.positives]
         queries = [g.query(recent) for g in generators.values() if hasattr(g, "query")]
-        features = self.features.build(context, pool, scores, generator_ranks, timeline, queries)
+        built = features.build(context, pool, scores, generator_ranks, timeline, queries)
         fused = sum(1.0 / (RRF_K + r) for r in generator_ranks)
-        return ScoredPool(pool, features, np.where(context.seen, 0.0, fused),
+        return ScoredPool(pool, built, np.where(context.seen, 0.0, fused),
                           np.take_along_axis(cold, pool, 1))
 
     def _fold_examples(
@@ -549,9 +557,7 @@ class HybridRecommender(Recommender):
         cfg = self.config
         before, labels = inner_split(interactions, cfg.inner_fraction, fold)
         inner = self._fit_generators(before, items)
-        queries = [n for n, g in inner.items() if hasattr(g, "query")]
-        self.features = CandidateFeatures(list(self.factories), self._vectors(before, items),
-                                          queries, self._catalogue(items))
+        features = self._candidate_features(inner, before, items)
         positive = labels.filter(pl.col("value") >= cfg.positive_threshold)
         users = np.unique(positive["user_id"].to_numpy())
         users = users[np.isin(users, before["user_id"].unique().to_numpy())]
@@ -559,7 +565,7 @@ class HybridRecommender(Recommender):
             pl.DataFrame({"user_id": users}), on="user_id", how="right"
         )
         cut_times = naive_utc(cuts.sort("user_id")["event_timestamp"])
-        scored = self._pool_features(inner, before, users, cut_times)
+        scored = self._pool_features(inner, features, before, users, cut_times)
         pool, features = scored.pool, scored.features
         target = InteractionMatrix.build(positive, self.item_ids)
         label_rows = np.asarray(target.matrix[target.rows(users)].todense()) > 0
@@ -580,27 +586,33 @@ class HybridRecommender(Recommender):
         self.scorer = ScorerBag([model for model, _ in fitted])
         self.history = fitted[0][1]
         self.fitted = self._fit_generators(interactions, items)
-        queries = [n for n, g in self.fitted.items() if hasattr(g, "query")]
-        self.features = CandidateFeatures(list(self.factories), self._vectors(interactions, items),
-                                          queries, self._catalogue(items))
+        self.features = self._candidate_features(self.fitted, interactions, items)
         self.interactions = interactions
 
     def _score(self, user_ids: np.ndarray, as_of: np.ndarray | None) -> np.ndarray:
-        assert self.scorer is not None
-        scored = self._pool_features(self.fitted, self.interactions, user_ids, as_of)
+        assert self.scorer is not None and self.features is not None
+        scored = self._pool_features(self.fitted, self.features, self.interactions, user_ids,
+                                     as_of)
         with torch_threads(self.config.threads), torch.no_grad():
             scored.scores = self.scorer(torch.from_numpy(scored.features)).numpy().astype(
                 np.float64)
         self.last_pool = scored
         return scored.catalogue_scores(self.explore, self.depth)
 
+    def set_exploration(self, slots: int, depth: int) -> None:
+        """Serve ``slots`` new items in the last places of the top ``depth`` from now on."""
+        if not 0 <= slots <= depth:
+            raise ValueError(f"need 0 <= slots <= depth, got {slots} and {depth}")
+        self.explore, self.depth = slots, depth
+
     @property
     def can_explore(self) -> bool:
         """Whether new items can reach the pool at all (through a content generator)."""
         return CONTENT in self.factories
 
-    def rescore(self, explore: int) -> np.ndarray:
-        """The last ``score`` call's users again with ``explore`` slots (no recompute)."""
+    def rescore(self, explore: int, depth: int | None = None) -> np.ndarray:
+        """The last ``score`` call's users again with ``explore`` slots in the top ``depth``
+        (default: the model's), without recomputing anything."""
         if self.last_pool is None:
             raise RuntimeError("rescore() needs a score() call first")
-        return self.last_pool.catalogue_scores(explore, self.depth)
+        return self.last_pool.catalogue_scores(explore, depth or self.depth)

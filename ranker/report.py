@@ -140,13 +140,19 @@ def exploration_markdown(split: dict[str, Any], ks: list[int]) -> list[str]:
     return lines
 
 
-def chart(report: dict[str, Any], path: Path) -> Path:
-    """Grouped bars of the test ranking metrics per model (error bars: standard errors)."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def chart(report: dict[str, Any], path: Path) -> Path:
+    """Grouped bars of the test ranking metrics per model (error bars: standard errors)."""
+    plt = _pyplot()
     ks = report["k"]
     columns = _ranking_columns(ks)
     splits = report["splits"]
@@ -175,11 +181,7 @@ def chart(report: dict[str, Any], path: Path) -> Path:
 def tradeoff_chart(report: dict[str, Any], path: Path) -> Path | None:
     """NDCG@k against cold-item Recall@max(k) per number of exploration slots (test and
     validation curves; the chosen operating point circled), one panel per split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     ks = report["k"]
     cold, guard = f"cold_recall@{max(ks)}", f"ndcg@{max(ks)}"
     panels = [(name, model, run["exploration"]) for name, split in report["splits"].items()
@@ -213,11 +215,7 @@ def tradeoff_chart(report: dict[str, Any], path: Path) -> Path | None:
 
 def training_chart(report: dict[str, Any], path: Path) -> Path | None:
     """Per-epoch training curves of the learned models (test-stage fit)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     panels = [(name, model, run["training"]) for name, split in report["splits"].items()
               for model, run in split["models"].items() if run.get("training")]
     if not panels:

@@ -150,6 +150,14 @@ class TestHybrid(RecommenderContract):
         explored = np.argsort(-fitted.rescore(3), axis=1)[:, :20]
         assert (~known[explored]).sum(axis=1).min() >= 3
         np.testing.assert_array_equal(plain[:, :17], explored[:, :17])
+        # the operating point the harness picks is what score() serves afterwards
+        fitted.set_exploration(3, 20)
+        try:
+            np.testing.assert_array_equal(fitted.score(users), fitted.rescore(3, 20))
+        finally:
+            fitted.set_exploration(0, 20)
+        with pytest.raises(ValueError, match="slots"):
+            fitted.set_exploration(21, 20)
 
 
 def test_candidate_features_without_vectors_have_no_content_columns() -> None:

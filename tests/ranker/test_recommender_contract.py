@@ -128,3 +128,15 @@ class TestContentKNN(RecommenderContract):
         item_ids = np.sort(data.items["item_id"].to_numpy())[::2]
         vectors = baselines.random_item_vectors(item_ids, dim=12, seed=3)
         return baselines.ContentKNN(vectors, positive_threshold=4.0, seed=seed)
+
+
+class TestRecentPopularity(RecommenderContract):
+    def make(self, seed: int, data: ContractData) -> Recommender:
+        return baselines.RecentPopularity(days=90.0, seed=seed)
+
+    def test_users_are_told_apart(self, fitted, contract_data) -> None:
+        # without cut times everyone gets the same window; with their own cuts they differ
+        users = contract_data.users[:2]
+        cuts = np.array(["2005-01-01", "2015-01-01"], dtype="datetime64[us]")
+        scores = fitted.score(users, cuts)
+        assert not np.array_equal(scores[0], scores[1])
