@@ -28,10 +28,15 @@ from implicit.cpu.bpr import BayesianPersonalizedRanking
 from scipy import sparse
 from threadpoolctl import threadpool_limits
 
+from ranker.history_scorers import (
+    NO_VECTOR_SCORE,
+    ContentProfileScorer,
+    FactorFoldIn,
+    HistoryScorer,
+    ItemItemScorer,
+)
 from ranker.item_history import ItemTimeline
 from ranker.recommender import InteractionMatrix, Recommender
-
-NO_VECTOR_SCORE = -2.0  # below any cosine: items without a vector rank last
 
 
 class RandomRecommender(Recommender):
@@ -129,6 +134,11 @@ class ItemKNN(_MatrixModel):
         user_rows = self.train.matrix[self._rows(user_ids)].astype(np.float64)
         return np.asarray((user_rows @ self.neighbours_t).toarray())
 
+    def history_scorer(self) -> HistoryScorer:
+        """The same scores for any history (the neighbour matrix as item-item weights)."""
+        assert self.neighbours_t is not None
+        return ItemItemScorer(self.item_ids, self.neighbours_t, self.popularity, self.min_value)
+
 
 class _FactorModel(_MatrixModel):
     """implicit matrix factorisation; scores are user-factor . item-factor dot products."""
@@ -173,6 +183,12 @@ class ALS(_FactorModel):
             num_threads=2, random_state=self.seed, calculate_training_loss=False, **self.params
         )
 
+    def history_scorer(self) -> HistoryScorer:
+        """ALS's own user solve over the fitted item factors, for any history."""
+        model = self._model()
+        return FactorFoldIn(self.item_ids, self.item_factors, model.regularization, model.alpha,
+                            self.popularity, self.min_value)
+
 
 class EASE(_MatrixModel):
     """EASE: ``B = I - P diagMat(1 / diag(P))``, ``P = (X'X + λI)^-1`` (zero diagonal).
@@ -215,6 +231,16 @@ class EASE(_MatrixModel):
         out = np.zeros((user_ids.size, self.item_ids.size))
         out[:, self.active] = np.asarray(rows @ self.weights)
         return out
+
+    def history_scorer(self, top_k: int = 256) -> HistoryScorer:
+        """The same scores for any history, each item's row of ``B`` cut to its ``top_k``
+        largest-magnitude weights (a sparse matrix a server can hold)."""
+        n = self.item_ids.size
+        small = ItemItemScorer.top_k(self.active, self.weights, top_k, np.zeros(self.active.size))
+        move = sparse.csr_matrix((np.ones(self.active.size), (self.active,
+                                  np.arange(self.active.size))), shape=(n, self.active.size))
+        weights = (move @ small.weights @ move.T).tocsr()
+        return ItemItemScorer(self.item_ids, weights, self.popularity, self.min_value)
 
     def query(self, columns: list[np.ndarray]) -> np.ndarray:
         """Scores of ad-hoc histories (catalogue columns per row), e.g. a user's last items."""
@@ -321,6 +347,11 @@ class ContentKNN(Recommender):
     def _score(self, user_ids: np.ndarray, as_of: np.ndarray | None) -> np.ndarray:
         profiles = np.stack([self.profiles[int(u)] for u in user_ids])
         return np.where(self.has_vector[None, :], profiles @ self.unit.T, NO_VECTOR_SCORE)
+
+    def history_scorer(self) -> HistoryScorer:
+        """The same scores for any history (mean unit vector of its positives)."""
+        return ContentProfileScorer(self.item_ids, self.unit, self.popularity,
+                                    self.positive_threshold)
 
 
 def grid(**axes: list[Any]) -> list[dict[str, Any]]:

@@ -80,3 +80,11 @@ class ItemTimeline:
         age = (when - self.first_seen).astype(np.int64) / DAY_US
         out["age_days"] = np.where(seen, age, np.nan)
         return out
+
+    def behaviour_at(self, when: np.datetime64) -> dict[str, np.ndarray]:
+        """The ``item_behaviour`` feature view's fields as a point-in-time read at ``when``
+        would give them (events strictly before ``when``; ``item_age_days`` derived at it)."""
+        stats = self.at(when, (7.0, 30.0))
+        return {"popularity_7d": stats["count_7d"], "popularity_30d": stats["count_30d"],
+                "popularity_all": stats["count_all"], "mean_rating": stats["mean_rating"],
+                "item_age_days": stats["age_days"]}

@@ -4,6 +4,7 @@ the shared recommender contract."""
 from __future__ import annotations
 
 import functools
+import json
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -11,16 +12,24 @@ import polars as pl
 import pytest
 
 from ranker import baselines
+from ranker.features import ItemVectors
 from ranker.hybrid import (
-    CandidateFeatures,
     ContentGenerator,
     HybridConfig,
     HybridRecommender,
-    candidate_pool,
     inner_split,
+    item_stats,
+)
+from ranker.hybrid_features import (
+    CandidateFeatures,
+    UserContext,
+    candidate_pool,
     ranks,
+    user_context,
     with_exploration_slots,
 )
+from ranker.hybrid_pipeline import HybridPipeline, PipelineError
+from ranker.item_history import ItemTimeline
 from ranker.recommender import Recommender
 from tests.ranker.conftest import ContractData
 from tests.ranker.test_recommender_contract import RecommenderContract
@@ -57,16 +66,17 @@ def test_generators_trained_for_the_learner_never_see_its_labels(
     events = _events(n_users=8)
     items = pl.DataFrame({"item_id": list(range(100, 131))})
     seen: list[pl.DataFrame] = []
-    original = HybridRecommender._fit_generators
+    original = HybridRecommender._pipeline
 
     def recording(self, interactions, items):  # type: ignore[no-untyped-def]
         seen.append(interactions)
         return original(self, interactions, items)
 
-    monkeypatch.setattr(HybridRecommender, "_fit_generators", recording)
+    monkeypatch.setattr(HybridRecommender, "_pipeline", recording)
     config = HybridConfig(candidates=10, inner_folds=2, inner_fraction=0.2, epochs=2, bag=1,
                           cold_slots=0)
-    model = HybridRecommender({"pop": baselines.Popularity}, None, config).fit(events, items)
+    generators = {"knn": functools.partial(baselines.ItemKNN, k=5)}
+    model = HybridRecommender(generators, None, config).fit(events, items)
     assert len(seen) == 3  # one per inner fold, then the refit on everything
     keys = ["user_id", "item_id", "event_timestamp"]
     for fold, interactions in enumerate(seen[:2]):
@@ -111,19 +121,21 @@ def test_ranks_put_excluded_items_last() -> None:
 
 def test_feature_names_match_the_feature_columns(contract_data: ContractData) -> None:
     model = _hybrid(0, contract_data).fit(contract_data.train, contract_data.items)
-    assert model.features is not None and model.last_pool is None
+    assert model.pipeline is not None and model.last_pool is None
     model.score(contract_data.users[:3])
     assert model.last_pool is not None
-    assert model.last_pool.features.shape[-1] == len(model.features.names)
+    assert model.last_pool.features.shape[-1] == len(model.pipeline.features.names)
     assert np.isfinite(model.last_pool.features).all()
+
+
+_VECTORS: list[ItemVectors] = []
 
 
 def _hybrid(seed: int, data: ContractData) -> HybridRecommender:
     item_ids = np.sort(data.items["item_id"].to_numpy())[::2]
     frame = baselines.random_item_vectors(item_ids, dim=8, seed=3)
-    from ranker.features import ItemVectors
-
     vectors = ItemVectors(frame["item_id"].to_numpy(), np.stack(frame["vector"].to_numpy()))
+    _VECTORS[:] = [vectors]
     generators = {
         "itemknn": functools.partial(baselines.ItemKNN, k=20, min_value=4.0),
         "ease": functools.partial(baselines.EASE, l2=50.0, min_value=4.0),
@@ -163,3 +175,67 @@ class TestHybrid(RecommenderContract):
 def test_candidate_features_without_vectors_have_no_content_columns() -> None:
     features = CandidateFeatures(["ease"], None, ["ease"])
     assert "sim_profile" not in features.names and "ease_z" in features.names
+
+
+def _aligned(vectors: ItemVectors, item_ids: np.ndarray) -> np.ndarray:
+    rows = vectors.rows(item_ids)
+    out = np.zeros((item_ids.size, vectors.dim))
+    out[rows >= 0] = vectors.vectors[rows[rows >= 0]]
+    return out
+
+
+def test_the_exported_pipeline_serves_the_trained_models_scores(
+    contract_data: ContractData, tmp_path
+) -> None:
+    model = _hybrid(0, contract_data).fit(contract_data.train, contract_data.items)
+    assert model.pipeline is not None
+    users = contract_data.users[:6]
+    trained = model.score(users)
+    torch_pool = model.last_pool
+    assert torch_pool is not None and torch_pool.scores is not None
+    model.export(tmp_path / "hybrid")
+    vectors = _VECTORS[0]
+    served = HybridPipeline.load(tmp_path / "hybrid", model.item_ids,
+                                 _aligned(vectors, model.item_ids), contract_data.items)
+    context = user_context(model.interactions, model.item_ids, users, None, 4.0)
+    timeline = ItemTimeline.build(model.interactions, model.item_ids)
+    scored = served.score(context, item_stats(timeline, context.cuts))
+    np.testing.assert_array_equal(scored.pool, torch_pool.pool)
+    np.testing.assert_allclose(scored.features, torch_pool.features, rtol=1e-6)
+    np.testing.assert_allclose(scored.scores, torch_pool.scores, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(scored.catalogue_scores(), trained, rtol=1e-4, atol=1e-5)
+
+
+def test_a_grown_catalogue_reaches_new_items_through_content(
+    contract_data: ContractData, tmp_path
+) -> None:
+    model = _hybrid(0, contract_data).fit(contract_data.train, contract_data.items)
+    model.export(tmp_path / "hybrid")
+    new_id = int(model.item_ids.max()) + 1
+    grown = np.append(model.item_ids, new_id)
+    vectors = _aligned(_VECTORS[0], model.item_ids)
+    context = user_context(model.interactions, model.item_ids, contract_data.users[:4], None,
+                           4.0)
+    # the new item's vector is the first user's taste: it must enter their pool
+    profile = vectors[context.positives[0]].mean(0)
+    served = HybridPipeline.load(tmp_path / "hybrid", grown, np.vstack([vectors, profile]),
+                                 contract_data.items)
+    grown_context = UserContext.from_histories(context.histories, context.cuts,
+                                               context.last_time, grown.size, 4.0)
+    timeline = ItemTimeline.build(model.interactions, grown)
+    scored = served.score(grown_context, item_stats(timeline, context.cuts))
+    assert grown.size - 1 in scored.pool[0]
+    assert scored.cold[0][scored.pool[0] == grown.size - 1].all()
+
+
+def test_a_scorer_exported_for_other_features_is_refused(
+    contract_data: ContractData, tmp_path
+) -> None:
+    model = _hybrid(0, contract_data).fit(contract_data.train, contract_data.items)
+    model.export(tmp_path / "hybrid")
+    config = json.loads((tmp_path / "hybrid" / "pipeline.json").read_text())
+    config["feature_names"][0] = "renamed"
+    (tmp_path / "hybrid" / "pipeline.json").write_text(json.dumps(config))
+    with pytest.raises(PipelineError, match="feature names"):
+        HybridPipeline.load(tmp_path / "hybrid", model.item_ids,
+                            _aligned(_VECTORS[0], model.item_ids), contract_data.items)

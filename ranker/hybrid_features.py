@@ -1,0 +1,312 @@
+"""The hybrid ranker's numpy half: candidate pool, per-candidate features, exploration slots.
+
+Everything here runs the same in training (:mod:`ranker.hybrid`, with torch) and in serving
+(:mod:`ranker.hybrid_pipeline`, onnxruntime only), so the features a scorer is trained on
+are computed by the code that computes them online:
+
+* :class:`UserContext`: what the features know of each user as of their cut (their history as
+  catalogue columns and ratings, oldest first; the last event's time);
+* :func:`candidate_pool`: each user's best items by reciprocal-rank fusion of the
+  generators, seen items excluded, with slots reserved for new items (content ranks);
+* :class:`CandidateFeatures`: per (user, candidate) features: each generator's z-score and
+  reciprocal rank, the item's ``item_behaviour`` fields as of the cut (:data:`ITEM_STATS`),
+  content similarity to the user's positives and last item, genre match and year offset
+  (:class:`CatalogueFacts`), the user's history length and days since their last event;
+* :class:`ScoredPool` and :func:`with_exploration_slots`: scores over the catalogue, with new
+  items in the last places of the top K.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from ranker.history_scorers import History
+from ranker.item_history import naive_utc
+
+CONTENT = "content"  # the generator name whose ranks fill the cold slots
+RRF_K = 60.0  # reciprocal-rank fusion constant (Cormack et al. 2009)
+RECENT = 10  # the newest positives that make the "recent" query of item-item generators
+# The item_behaviour fields the features read (a server reads them from the online store,
+# training from :meth:`ranker.item_history.ItemTimeline.behaviour_at`).
+ITEM_STATS = ("popularity_7d", "popularity_30d", "popularity_all", "mean_rating",
+              "item_age_days")
+ItemStats = Mapping[str, np.ndarray]
+
+
+def ranks(scores: np.ndarray, exclude: np.ndarray) -> np.ndarray:
+    """0-based rank of every item per row (best first), excluded items ranked last."""
+    masked = np.where(exclude, -np.inf, scores)
+    order = np.argsort(-masked, axis=1, kind="stable")
+    out = np.empty_like(order)
+    np.put_along_axis(out, order, np.arange(scores.shape[1])[None, :], axis=1)
+    return out
+
+
+def _best(scores: np.ndarray, size: int) -> np.ndarray:
+    top = np.argpartition(-scores, size - 1, axis=1)[:, :size]
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1)
+
+
+def candidate_pool(
+    generator_ranks: Sequence[np.ndarray], exclude: np.ndarray, size: int,
+    cold: np.ndarray | None = None, cold_ranks: np.ndarray | None = None, cold_slots: int = 0,
+) -> np.ndarray:
+    """``[users, size]`` catalogue columns: best reciprocal-rank-fusion items, seen excluded.
+
+    With ``cold_slots``, that many of the slots go to the user's best ``cold`` items (items
+    without interactions before the cut) by ``cold_ranks`` (a content generator's ranks).
+
+    >>> r1, r2 = np.array([[0, 1, 2]]), np.array([[2, 0, 1]])
+    >>> candidate_pool([r1, r2], np.array([[False, False, True]]), 2).tolist()
+    [[1, 0]]
+    """
+    fused = sum(1.0 / (RRF_K + r) for r in generator_ranks)
+    fused = np.where(exclude, -np.inf, fused)
+    size = min(size, exclude.shape[1])
+    if not cold_slots or cold is None or cold_ranks is None:
+        return _best(fused, size)
+    cold_score = np.where(cold & ~exclude, -cold_ranks.astype(np.float64), -np.inf)
+    reserved = _best(cold_score, min(cold_slots, size))
+    reserved_ok = np.take_along_axis(cold_score, reserved, 1) > -np.inf
+    rest = fused.copy()
+    np.put_along_axis(rest, reserved, np.where(reserved_ok, -np.inf, np.take_along_axis(
+        rest, reserved, 1)), axis=1)
+    warm = _best(rest, size - reserved.shape[1])
+    # a user with fewer cold items than slots gets the RRF items ranked next instead
+    filler = _best(rest, size)[:, size - reserved.shape[1]:]
+    return np.concatenate([warm, np.where(reserved_ok, reserved, filler)], axis=1)
+
+
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+
+
+@dataclass
+class UserContext:
+    """What features need to know about the scored users (arrays aligned with them)."""
+
+    cuts: np.ndarray  # datetime64[us]: features are as of just before these instants
+    histories: list[History]  # events before the cut, oldest first
+    seen: np.ndarray  # bool [users, items]
+    positives: list[np.ndarray]  # catalogue columns of positive events, oldest first
+    last_item: np.ndarray  # catalogue column of the newest event (-1: none)
+    history: np.ndarray  # events per user
+    last_time: np.ndarray  # datetime64[us] of the newest event (NaT: none)
+
+    @classmethod
+    def from_histories(
+        cls, histories: Sequence[History], cuts: np.ndarray, last_time: np.ndarray,
+        n_items: int, positive_threshold: float, counts: np.ndarray | None = None,
+    ) -> UserContext:
+        """From each user's history (``counts``: events per user when the history is capped)."""
+        seen = np.zeros((len(histories), n_items), dtype=bool)
+        for row, h in enumerate(histories):
+            seen[row, h.columns] = True
+        lengths = np.asarray([h.columns.size for h in histories], dtype=np.int64)
+        return cls(
+            np.asarray(cuts, dtype="datetime64[us]"), list(histories), seen,
+            [h.columns[h.values >= positive_threshold] for h in histories],
+            np.asarray([h.columns[-1] if h.columns.size else -1 for h in histories], np.int64),
+            lengths if counts is None else np.asarray(counts, dtype=np.int64),
+            np.asarray(last_time, dtype="datetime64[us]"),
+        )
+
+
+def user_context(
+    interactions: pl.DataFrame, item_ids: np.ndarray, users: np.ndarray, cuts: np.ndarray | None,
+    positive_threshold: float,
+) -> UserContext:
+    """Per-user facts from the fit interactions (only those before each user's cut count)."""
+    frame = interactions.sort("user_id", "event_timestamp", "item_id")
+    times = naive_utc(frame["event_timestamp"])
+    if cuts is None:
+        cuts = np.full(users.size, times.max() + np.timedelta64(1, "us"))
+    cuts = np.asarray(cuts, dtype="datetime64[us]")
+    user_col = frame["user_id"].to_numpy()
+    starts = np.searchsorted(user_col, users, side="left")
+    stops = np.searchsorted(user_col, users, side="right")
+    cols = np.searchsorted(item_ids, frame["item_id"].to_numpy())
+    values = frame["value"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    histories = []
+    last_time = np.full(users.size, np.datetime64("NaT"), dtype="datetime64[us]")
+    for row, (lo, hi) in enumerate(zip(starts, stops, strict=True)):
+        keep = np.arange(lo, hi)[times[lo:hi] < cuts[row]]
+        histories.append(History(cols[keep], values[keep]))
+        if keep.size:
+            last_time[row] = times[keep[-1]]
+    return UserContext.from_histories(histories, cuts, last_time, item_ids.size,
+                                      positive_threshold)
+
+
+def pool_z_scores(scores: np.ndarray, seen: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """Each pool item's score as a z-score over the user's unseen catalogue (clipped)."""
+    valid = np.where(seen, np.nan, scores)
+    mean = np.nanmean(valid, axis=1, keepdims=True)
+    std = np.nanstd(valid, axis=1, keepdims=True)
+    z = (np.take_along_axis(scores, pool, 1) - mean) / np.where(std > 0, std, 1.0)
+    return np.clip(np.nan_to_num(z), -10, 50)
+
+
+@dataclass(frozen=True)
+class CatalogueFacts:
+    """Genres (multi-hot, unit rows) and years of the catalogue, in catalogue order."""
+
+    genres: np.ndarray  # [items, genres] float64, rows scaled to unit length
+    years: np.ndarray  # float64, NaN where unknown
+
+    @classmethod
+    def from_items(cls, items: pl.DataFrame, item_ids: np.ndarray) -> CatalogueFacts:
+        frame = pl.DataFrame({"item_id": item_ids}).join(
+            items.unique("item_id"), on="item_id", how="left", maintain_order="left")
+        lists = (frame["genres"].to_list() if "genres" in frame.columns
+                 else [None] * frame.height)
+        vocabulary = sorted({g for row in lists if row for g in row if g})
+        index = {g: i for i, g in enumerate(vocabulary)}
+        genres = np.zeros((item_ids.size, len(vocabulary)))
+        for row, values in enumerate(lists):
+            for g in values or []:
+                if g in index:
+                    genres[row, index[g]] = 1.0
+        years = (frame["year"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+                 if "year" in frame.columns else np.full(item_ids.size, np.nan))
+        return cls(unit_rows(genres), years)
+
+    def features(self, context: UserContext, pool: np.ndarray) -> list[np.ndarray]:
+        """Genre match to the user's positives; year offset/distance to their newest ones."""
+        profile = unit_rows(np.stack([self.genres[p].sum(0) for p in context.positives])
+                            if context.positives else np.zeros((0, self.genres.shape[1])))
+        match = np.einsum("upg,ug->up", self.genres[pool], profile)
+        recent_year = np.array([np.nanmean(self.years[p[-RECENT:]])
+                                if np.isfinite(self.years[p[-RECENT:]]).any() else np.nan
+                                for p in context.positives])
+        offset = (self.years[pool] - recent_year[:, None]) / 10.0
+        missing = np.isnan(offset)
+        offset = np.nan_to_num(offset)
+        return [match, offset, np.abs(offset), missing.astype(np.float64)]
+
+
+class CandidateFeatures:
+    """Builds the ``[users, pool, features]`` tensor for the listwise scorer."""
+
+    def __init__(self, generator_names: Sequence[str], vectors: np.ndarray | None,
+                 query_names: Sequence[str] = (), catalogue: CatalogueFacts | None = None
+                 ) -> None:
+        self.generator_names = list(generator_names)
+        self.query_names = list(query_names)
+        self.catalogue = catalogue
+        self.vectors = None if vectors is None else unit_rows(vectors)
+        self.has_vector = None if vectors is None else np.linalg.norm(vectors, axis=1) > 0
+
+    @property
+    def names(self) -> list[str]:
+        """Feature names in column order (the scorer's input contract)."""
+        out = [f"{g}_{kind}" for g in self.generator_names for kind in ("z", "rr")]
+        out += [f"log_{name}" for name in ITEM_STATS[:3]] + ["never_seen"]
+        out += ["mean_rating", "mean_rating_missing", "log_age_days"]
+        out += [f"{g}_recent{RECENT}_z" for g in self.query_names]
+        if self.vectors is not None:
+            out += ["sim_profile", "sim_last", "no_vector"]
+        if self.catalogue is not None:
+            out += ["genre_match", "year_offset", "year_distance", "year_missing"]
+        return [*out, "log_history", "log_days_since_last"]
+
+    def build(
+        self, context: UserContext, pool: np.ndarray, generator_scores: Sequence[np.ndarray],
+        generator_ranks: Sequence[np.ndarray], item_stats: Sequence[ItemStats],
+        query_scores: Sequence[np.ndarray] = (),
+    ) -> np.ndarray:
+        """Features of each user's pool; ``item_stats[u]`` holds :data:`ITEM_STATS` over the
+        catalogue as of user ``u``'s cut."""
+        size = pool.shape[1]
+        columns: list[np.ndarray] = []
+        for scores, rank in zip(generator_scores, generator_ranks, strict=True):
+            z = pool_z_scores(scores, context.seen, pool)
+            columns += [z, 1.0 / np.log2(2.0 + np.take_along_axis(rank, pool, 1))]
+        columns += [pool_z_scores(scores, context.seen, pool) for scores in query_scores]
+        stack = {name: np.stack([np.asarray(stats[name], dtype=np.float64)[pool[row]]
+                                 for row, stats in enumerate(item_stats)])
+                 for name in ITEM_STATS}
+        columns += [np.log1p(np.nan_to_num(stack[name]).clip(0)) for name in ITEM_STATS[:3]]
+        columns.append((np.nan_to_num(stack["popularity_all"]) == 0).astype(np.float64))
+        rating = stack["mean_rating"]
+        columns += [np.nan_to_num(rating - 3.5), np.isnan(rating).astype(np.float64)]
+        columns.append(np.log1p(np.nan_to_num(stack["item_age_days"], nan=0.0).clip(0)))
+        if self.vectors is not None:
+            assert self.has_vector is not None
+            profile = np.stack([
+                unit_rows(self.vectors[p[self.has_vector[p]]].mean(0, keepdims=True))[0]
+                if self.has_vector[p].any() else np.zeros(self.vectors.shape[1])
+                for p in context.positives
+            ])
+            last = np.where(context.last_item[:, None] >= 0,
+                            self.vectors[np.maximum(context.last_item, 0)], 0.0)
+            candidate = self.vectors[pool]
+            columns += [
+                np.einsum("upd,ud->up", candidate, profile),
+                np.einsum("upd,ud->up", candidate, last),
+                (~self.has_vector[pool]).astype(np.float64),
+            ]
+        if self.catalogue is not None:
+            columns += self.catalogue.features(context, pool)
+        days = (context.cuts - context.last_time).astype(np.int64) / 86_400e6
+        days = np.where(np.isnat(context.last_time), 0.0, np.maximum(days, 0.0))
+        columns.append(np.repeat(np.log1p(context.history)[:, None], size, 1).astype(np.float64))
+        columns.append(np.repeat(np.log1p(days)[:, None], size, 1))
+        return np.stack(columns, axis=-1).astype(np.float32)
+
+
+@dataclass
+class ScoredPool:
+    """A batch of users' pools: columns, features, RRF of the whole catalogue, cold flags."""
+
+    pool: np.ndarray  # [users, pool] catalogue columns
+    features: np.ndarray  # [users, pool, features]
+    fused: np.ndarray  # [users, items] reciprocal-rank fusion (0 for seen items)
+    cold: np.ndarray  # [users, pool] no interaction before the user's cut
+    scores: np.ndarray | None = None  # [users, pool] the scorer's output
+
+    def catalogue_scores(self, explore: int = 0, depth: int = 20) -> np.ndarray:
+        """Full-catalogue scores: pool items by the scorer, every other item below them in RRF
+        order; with ``explore`` > 0, the user's best ``explore`` cold pool items (by the scorer)
+        take the last ``explore`` places of the top ``depth`` (exploration slots)."""
+        assert self.scores is not None
+        pool_scores = self.scores.copy()
+        if explore > 0:
+            pool_scores = with_exploration_slots(pool_scores, self.cold, explore, depth)
+        floor = pool_scores.min(axis=1, keepdims=True) - 2.0
+        top = self.fused.max(axis=1, keepdims=True)
+        out = floor + self.fused / np.where(top > 0, top, 1.0)
+        np.put_along_axis(out, self.pool, pool_scores, axis=1)
+        return out
+
+
+def with_exploration_slots(scores: np.ndarray, cold: np.ndarray, slots: int, depth: int
+                           ) -> np.ndarray:
+    """Scores re-ordered so that each row's best ``slots`` cold entries (not already in its top
+    ``depth - slots``) sit at places ``depth - slots + 1 .. depth``, in their own order.
+
+    >>> with_exploration_slots(np.array([[4.0, 3, 2, 1]]), np.array([[0, 0, 0, 1]], bool), 1, 2)
+    array([[4. , 3. , 2. , 3.5]])
+    """
+    out = scores.copy()
+    keep = max(depth - slots, 0)
+    for row in range(scores.shape[0]):
+        order = np.argsort(-scores[row], kind="stable")
+        rest = order[keep:]
+        chosen = rest[cold[row, rest]][:slots]
+        if chosen.size == 0:
+            continue
+        above = scores[row, order[keep - 1]] if keep else scores[row].max() + 1.0
+        below = scores[row, rest[0]]
+        # between the last kept entry and the next one, in the chosen entries' own order
+        steps = np.linspace(above, below, chosen.size + 2)[1:-1]
+        out[row, chosen] = steps
+    return out
+
+

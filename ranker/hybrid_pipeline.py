@@ -1,0 +1,162 @@
+"""The hybrid ranker as it is served: history scorers, pool, features, an ONNX scorer.
+
+:class:`HybridPipeline` is what ``Recommend`` runs and what ``avrec evaluate --models served``
+runs offline: given users' histories and the ``item_behaviour`` fields as of their cut, it
+scores every generator from the history (:mod:`ranker.history_scorers`), fuses the candidate
+pool, builds the features (:mod:`ranker.hybrid_features`) and scores the pool. The training
+code (:class:`ranker.hybrid.HybridRecommender`) builds its features through the same object,
+with the torch scorer in place of the ONNX one. No torch is imported here.
+
+A saved pipeline is a directory::
+
+    hybrid/
+      pipeline.json        # PipelineConfig (generators, feature names, pool, slots, ...)
+      scorers/<name>.npz   # one fitted history scorer per generator
+      scorer.onnx          # [users, pool, features] -> [users, pool]
+
+:meth:`HybridPipeline.load` binds it to the served catalogue (item ids, their vectors and the
+catalogue table), so items added after training are scored by content alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from ranker.history_scorers import History, HistoryScorer, load_scorer, save_scorer
+from ranker.hybrid_features import (
+    CONTENT,
+    RECENT,
+    RRF_K,
+    CandidateFeatures,
+    CatalogueFacts,
+    ItemStats,
+    ScoredPool,
+    UserContext,
+    candidate_pool,
+    ranks,
+)
+
+CONFIG_FILE = "pipeline.json"
+SCORER_FILE = "scorer.onnx"
+SCORER_KIND = "avrec-hybrid-scorer"
+PoolScorer = Callable[[np.ndarray], np.ndarray]  # [users, pool, features] -> [users, pool]
+
+
+class PipelineError(ValueError):
+    """A saved pipeline that cannot be served (missing files, mismatched features)."""
+
+
+@dataclass
+class PipelineConfig:
+    """Everything about the pipeline that is not an array."""
+
+    generators: list[str]  # feature order; CONTENT, when present, fills the cold slots
+    queries: list[str]  # generators also queried with the user's newest positives
+    candidates: int = 200
+    cold_slots: int = 20
+    positive_threshold: float = 4.0
+    content: bool = True  # content similarity features (item vectors)
+    catalogue_facts: bool = True  # genre match and year offset
+    explore: int = 0  # exploration slots: new items in the last places of the top ``depth``
+    depth: int = 20
+    feature_names: list[str] = field(default_factory=list)
+
+    @property
+    def signature(self) -> str:
+        """A hash of the feature names: the scorer must have been exported with it."""
+        return hashlib.sha256("\n".join(self.feature_names).encode()).hexdigest()[:16]
+
+
+class HybridPipeline:
+    """History scorers -> pool -> features -> pool scorer, over one catalogue."""
+
+    def __init__(self, config: PipelineConfig, item_ids: np.ndarray,
+                 scorers: dict[str, HistoryScorer], features: CandidateFeatures,
+                 model: PoolScorer | None = None) -> None:
+        missing = [g for g in config.generators if g not in scorers]
+        if missing:
+            raise PipelineError(f"no history scorer for generator(s) {missing}")
+        self.config, self.item_ids = config, np.asarray(item_ids, dtype=np.int64)
+        self.scorers, self.features, self.model = scorers, features, model
+
+    def pool(self, context: UserContext, item_stats: Sequence[ItemStats]) -> ScoredPool:
+        """Each user's pool, its features and the catalogue's fused ranks (no scores yet).
+
+        Cold items are those with no interaction before the user's cut
+        (``popularity_all == 0``); ``CONTENT`` ranks fill the reserved cold slots.
+        """
+        cfg = self.config
+        cold = np.stack([np.nan_to_num(np.asarray(s["popularity_all"], np.float64)) == 0
+                         for s in item_stats])
+        scores = [self.scorers[g].score(context.histories) for g in cfg.generators]
+        generator_ranks = [ranks(s, context.seen) for s in scores]
+        content = (generator_ranks[cfg.generators.index(CONTENT)]
+                   if CONTENT in cfg.generators else None)
+        pool = candidate_pool(generator_ranks, context.seen, cfg.candidates, cold, content,
+                              cfg.cold_slots)
+        recent = [History(p[-RECENT:], np.full(min(p.size, RECENT), cfg.positive_threshold))
+                  for p in context.positives]
+        queries = [self.scorers[g].score(recent) for g in cfg.queries]
+        built = self.features.build(context, pool, scores, generator_ranks, item_stats, queries)
+        fused = sum(1.0 / (RRF_K + r) for r in generator_ranks)
+        return ScoredPool(pool, built, np.where(context.seen, 0.0, fused),
+                          np.take_along_axis(cold, pool, 1))
+
+    def score(self, context: UserContext, item_stats: Sequence[ItemStats]) -> ScoredPool:
+        """:meth:`pool` with the scorer's output filled in."""
+        if self.model is None:
+            raise PipelineError("the pipeline has no pool scorer")
+        scored = self.pool(context, item_stats)
+        scored.scores = np.asarray(self.model(scored.features), dtype=np.float64)
+        return scored
+
+    def save(self, directory: Path) -> None:
+        """Write ``pipeline.json`` and the history scorers (the ONNX scorer is written by
+        :func:`ranker.hybrid.export_scorer`)."""
+        (directory / "scorers").mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+        for name, scorer in self.scorers.items():
+            save_scorer(scorer, directory / "scorers" / f"{name}.npz")
+
+    @classmethod
+    def load(cls, directory: Path, item_ids: np.ndarray, vectors: np.ndarray | None,
+             items: pl.DataFrame, threads: int | None = None) -> HybridPipeline:
+        """A saved pipeline over the served catalogue ``item_ids`` (sorted), whose item
+        vectors are ``vectors`` (rows aligned, zero rows: no vector) and whose catalogue table
+        (genres, year) is ``items``."""
+        from avrec.onnx_runtime import OnnxModel
+
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file():
+            raise PipelineError(f"{directory} holds no {CONFIG_FILE} (train with `avrec train`)")
+        config = PipelineConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        if config.content and vectors is None:
+            raise PipelineError("the pipeline was trained with item vectors; none were given")
+        served = np.zeros((item_ids.size, 0)) if vectors is None else vectors
+        scorers = {name: load_scorer(directory / "scorers" / f"{name}.npz").on(item_ids, served)
+                   for name in config.generators}
+        facts = CatalogueFacts.from_items(items, item_ids) if config.catalogue_facts else None
+        features = CandidateFeatures(config.generators, vectors if config.content else None,
+                                     config.queries, facts)
+        if features.names != config.feature_names:
+            raise PipelineError(f"{directory}: the saved feature names differ from this code's "
+                                f"({len(config.feature_names)} vs {len(features.names)})")
+        onnx = OnnxModel(directory / SCORER_FILE, threads=threads)
+        stamped = onnx.metadata.get("features")
+        if onnx.metadata.get("kind") != SCORER_KIND or stamped != config.signature:
+            raise PipelineError(f"{directory / SCORER_FILE} was not exported for these features "
+                                f"(kind {onnx.metadata.get('kind')!r}, features {stamped!r})")
+
+        def run(features: np.ndarray) -> np.ndarray:
+            batch = np.ascontiguousarray(features, dtype=np.float32)
+            return onnx.run({"features": batch}, ["scores"])["scores"]
+
+        return cls(config, item_ids, scorers, features, run)
