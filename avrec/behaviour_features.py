@@ -38,16 +38,18 @@ WINDOWS: dict[str, timedelta] = {
     "30d": timedelta(days=30),
 }
 RECENT_ITEMS = 20
+HISTORY_CAP = 1000  # newest rating events kept in a user's served history
 POSITIVE_RATING = 4.0
 
 
 @dataclass(frozen=True)
 class BehaviourTables:
-    """The two feature tables and the genre vocabulary that orders ``genre_affinity``."""
+    """The feature tables and the genre vocabulary that orders ``genre_affinity``."""
 
     user: pl.DataFrame
     item: pl.DataFrame
     genres: list[str]
+    history: pl.DataFrame | None = None
 
 
 def genre_vocabulary(items: pl.DataFrame) -> list[str]:
@@ -203,6 +205,31 @@ def item_features(
     ).sort(["item_id", "event_timestamp"])
 
 
+def user_history(
+    events: pl.DataFrame, as_of: datetime, created: datetime, cap: int = HISTORY_CAP
+) -> pl.DataFrame:
+    """Each user's rating history as of ``as_of``: one row per user, stamped at their newest
+    rating, with the items and ratings of their newest ``cap`` ratings, oldest first (ties in
+    time by item id).
+
+    Latest state only (a row per change point would grow with the square of a history): a
+    point-in-time read before a user's newest rating finds no row; training and offline
+    evaluation rebuild the history at any instant with this function on the events before it.
+    """
+    ts = pl.col("event_timestamp")
+    ratings = (events.filter((pl.col("event_type") == "rating") & (ts <= as_of))
+               .sort("user_id", "event_timestamp", "item_id"))
+    return (
+        ratings.group_by("user_id", maintain_order=True).tail(cap)
+        .group_by("user_id", maintain_order=True)
+        .agg(ts.max(), pl.col("item_id").alias("history_items"),
+             pl.col("value").cast(pl.Float32).alias("history_ratings"))
+        .select("user_id", "event_timestamp",
+                pl.lit(created).cast(tables.TS).alias("created_timestamp"),
+                "history_items", "history_ratings")
+    )
+
+
 def compute(
     events: pl.DataFrame,
     items: pl.DataFrame,
@@ -218,14 +245,19 @@ def compute(
         user=user_features(events, items, genres, as_of, created, positive),
         item=item_features(events, as_of, created, positive),
         genres=genres,
+        history=user_history(events, as_of, created),
     )
 
 
 def write(features: BehaviourTables, out_dir: Path) -> dict[str, int]:
-    """Write ``user_behaviour``, ``item_behaviour`` and the genre vocabulary; row counts."""
+    """Write ``user_behaviour``, ``item_behaviour``, ``user_history`` and the genre
+    vocabulary; row counts."""
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
-    for name, frame in (("user_behaviour", features.user), ("item_behaviour", features.item)):
+    written = [("user_behaviour", features.user), ("item_behaviour", features.item)]
+    if features.history is not None:
+        written.append(("user_history", features.history))
+    for name, frame in written:
         path = tables.table_path(name, out_dir)
         tmp = path.with_suffix(".parquet.tmp")
         frame.write_parquet(tmp)

@@ -16,6 +16,14 @@ user_behaviour_source = FileSource(
     description="One row per user per change point of the user's behaviour features.",
 )
 
+user_history_source = FileSource(
+    name="user_history_source",
+    path=str(tables.table_path("user_history")),
+    timestamp_field="event_timestamp",
+    created_timestamp_column="created_timestamp",
+    description="One row per user: their newest ratings, stamped at the newest one.",
+)
+
 item_behaviour_source = FileSource(
     name="item_behaviour_source",
     path=str(tables.table_path("item_behaviour")),

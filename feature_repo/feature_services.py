@@ -2,7 +2,7 @@
 
 from feast import FeatureService
 
-from feature_views import item_behaviour, item_embedding, user_behaviour
+from feature_views import item_behaviour, item_embedding, user_behaviour, user_history
 
 behaviour_features = FeatureService(
     name="behaviour_features",
@@ -26,4 +26,12 @@ item_features = FeatureService(
     name="item_features",
     features=[item_behaviour],
     description="The item side alone: candidates' behaviour features.",
+)
+
+hybrid_features = FeatureService(
+    name="hybrid_features",
+    features=[user_behaviour, user_history, item_behaviour,
+              item_embedding[["embedding", "embedding_version"]]],
+    description="What the served hybrid ranker reads: the user's history and behaviour, every "
+                "item's behaviour and mixed embedding.",
 )

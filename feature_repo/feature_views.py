@@ -16,7 +16,12 @@ from datetime import timedelta
 from feast import FeatureView, Field
 from feast.types import Array, Bool, Float32, Float64, Int64, String, UnixTimestamp
 
-from data_sources import item_behaviour_source, item_embedding_source, user_behaviour_source
+from data_sources import (
+    item_behaviour_source,
+    item_embedding_source,
+    user_behaviour_source,
+    user_history_source,
+)
 from entities import item, user
 
 USER_TTL = timedelta(days=730)
@@ -41,6 +46,23 @@ user_behaviour = FeatureView(
     online=True,
     source=user_behaviour_source,
     description="What a user did, as of each change point (windows are (t - w, t]).",
+)
+
+user_history = FeatureView(
+    name="user_history",
+    entities=[user],
+    ttl=USER_TTL,
+    schema=[
+        Field(name="history_items", dtype=Array(Int64)),
+        Field(name="history_ratings", dtype=Array(Float32)),
+    ],
+    online=True,
+    source=user_history_source,
+    description=(
+        "A user's newest ratings (items and ratings, oldest first), the hybrid ranker's "
+        "history. Latest state only: one row per user, stamped at the newest rating, so a "
+        "historical read before it finds nothing (training rebuilds histories from events)."
+    ),
 )
 
 item_behaviour = FeatureView(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from avrec.behaviour_features import HISTORY_CAP
 from ranker.history_scorers import History
 from ranker.item_history import naive_utc
 
@@ -120,9 +121,10 @@ class UserContext:
 
 def user_context(
     interactions: pl.DataFrame, item_ids: np.ndarray, users: np.ndarray, cuts: np.ndarray | None,
-    positive_threshold: float,
+    positive_threshold: float, cap: int = HISTORY_CAP,
 ) -> UserContext:
-    """Per-user facts from the fit interactions (only those before each user's cut count)."""
+    """Per-user facts from the fit interactions before each user's cut, the newest ``cap``
+    of them (as the served ``user_history`` keeps them)."""
     frame = interactions.sort("user_id", "event_timestamp", "item_id")
     times = naive_utc(frame["event_timestamp"])
     if cuts is None:
@@ -136,7 +138,7 @@ def user_context(
     histories = []
     last_time = np.full(users.size, np.datetime64("NaT"), dtype="datetime64[us]")
     for row, (lo, hi) in enumerate(zip(starts, stops, strict=True)):
-        keep = np.arange(lo, hi)[times[lo:hi] < cuts[row]]
+        keep = np.arange(lo, hi)[times[lo:hi] < cuts[row]][-cap:]
         histories.append(History(cols[keep], values[keep]))
         if keep.size:
             last_time[row] = times[keep[-1]]

@@ -23,15 +23,17 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from ranker.features import lookup_rows
 from ranker.history_scorers import History, HistoryScorer, load_scorer, save_scorer
 from ranker.hybrid_features import (
     CONTENT,
+    ITEM_STATS,
     RECENT,
     RRF_K,
     CandidateFeatures,
@@ -41,12 +43,29 @@ from ranker.hybrid_features import (
     UserContext,
     candidate_pool,
     ranks,
+    with_exploration_slots,
 )
 
 CONFIG_FILE = "pipeline.json"
 SCORER_FILE = "scorer.onnx"
 SCORER_KIND = "avrec-hybrid-scorer"
 PoolScorer = Callable[[np.ndarray], np.ndarray]  # [users, pool, features] -> [users, pool]
+
+
+ITEM_PREFIX = "item_behaviour__"
+AGE_COLUMN = "item_age_days"
+
+
+def item_stats(frame: pl.DataFrame) -> dict[str, np.ndarray]:
+    """:data:`~ranker.hybrid_features.ITEM_STATS` from item rows laid out as training sets and
+    the server's item snapshot lay them out (``item_behaviour__*`` and ``item_age_days``);
+    an item without a row has 0 counts and no rating or age (NaN)."""
+    out = {}
+    for name in ITEM_STATS:
+        column = AGE_COLUMN if name == AGE_COLUMN else f"{ITEM_PREFIX}{name}"
+        values = frame[column].cast(pl.Float64).to_numpy().astype(np.float64)
+        out[name] = values if name in ("mean_rating", AGE_COLUMN) else np.nan_to_num(values)
+    return out
 
 
 class PipelineError(ValueError):
@@ -74,6 +93,28 @@ class PipelineConfig:
         return hashlib.sha256("\n".join(self.feature_names).encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class ServedUser:
+    """One user's inputs as the online store holds them (``user_history`` and the time of the
+    newest rating; NaT or None: none)."""
+
+    history_items: np.ndarray  # item ids, oldest first
+    history_ratings: np.ndarray
+    last_rated_at: np.datetime64 | None
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One user's answer, best first: catalogue columns, the softmax of the scores over the
+    pool (the model's probability that this is the user's next liked item among the pool),
+    the raw scores and whether each item had no interaction yet."""
+
+    columns: np.ndarray
+    probability: np.ndarray
+    scores: np.ndarray
+    cold: np.ndarray
+
+
 class HybridPipeline:
     """History scorers -> pool -> features -> pool scorer, over one catalogue."""
 
@@ -86,11 +127,13 @@ class HybridPipeline:
         self.config, self.item_ids = config, np.asarray(item_ids, dtype=np.int64)
         self.scorers, self.features, self.model = scorers, features, model
 
-    def pool(self, context: UserContext, item_stats: Sequence[ItemStats]) -> ScoredPool:
+    def pool(self, context: UserContext, item_stats: Sequence[ItemStats],
+             candidates: np.ndarray | None = None) -> ScoredPool:
         """Each user's pool, its features and the catalogue's fused ranks (no scores yet).
 
         Cold items are those with no interaction before the user's cut
-        (``popularity_all == 0``); ``CONTENT`` ranks fill the reserved cold slots.
+        (``popularity_all == 0``); ``CONTENT`` ranks fill the reserved cold slots. With
+        ``candidates`` (``[users, n]`` catalogue columns) those are the pool instead.
         """
         cfg = self.config
         cold = np.stack([np.nan_to_num(np.asarray(s["popularity_all"], np.float64)) == 0
@@ -99,8 +142,8 @@ class HybridPipeline:
         generator_ranks = [ranks(s, context.seen) for s in scores]
         content = (generator_ranks[cfg.generators.index(CONTENT)]
                    if CONTENT in cfg.generators else None)
-        pool = candidate_pool(generator_ranks, context.seen, cfg.candidates, cold, content,
-                              cfg.cold_slots)
+        pool = (candidate_pool(generator_ranks, context.seen, cfg.candidates, cold, content,
+                               cfg.cold_slots) if candidates is None else candidates)
         recent = [History(p[-RECENT:], np.full(min(p.size, RECENT), cfg.positive_threshold))
                   for p in context.positives]
         queries = [self.scorers[g].score(recent) for g in cfg.queries]
@@ -109,13 +152,48 @@ class HybridPipeline:
         return ScoredPool(pool, built, np.where(context.seen, 0.0, fused),
                           np.take_along_axis(cold, pool, 1))
 
-    def score(self, context: UserContext, item_stats: Sequence[ItemStats]) -> ScoredPool:
+    def score(self, context: UserContext, item_stats: Sequence[ItemStats],
+              candidates: np.ndarray | None = None) -> ScoredPool:
         """:meth:`pool` with the scorer's output filled in."""
         if self.model is None:
             raise PipelineError("the pipeline has no pool scorer")
-        scored = self.pool(context, item_stats)
+        scored = self.pool(context, item_stats, candidates)
         scored.scores = np.asarray(self.model(scored.features), dtype=np.float64)
         return scored
+
+    def context(self, users: Sequence[ServedUser], now: np.datetime64) -> UserContext:
+        """The features' view of users as a server reads them (history item ids outside the
+        catalogue are dropped)."""
+        order = np.argsort(self.item_ids, kind="stable")
+        histories = []
+        for user in users:
+            cols = lookup_rows(self.item_ids, order, user.history_items)
+            known = cols >= 0
+            ratings = np.asarray(user.history_ratings, dtype=np.float64)[known]
+            histories.append(History(cols[known], ratings))
+        last = np.asarray([u.last_rated_at for u in users], dtype="datetime64[us]")
+        return UserContext.from_histories(histories, np.full(len(users), now), last,
+                                          self.item_ids.size, self.config.positive_threshold)
+
+    def recommend(self, user: ServedUser, item_stats: ItemStats, now: np.datetime64,
+                  top_k: int, candidates: np.ndarray | None = None) -> Recommendation:
+        """What ``Recommend`` (no ``candidates``) or ``Rank`` (catalogue columns) serves one
+        user: the pool best first, exploration slots applied, cut to ``top_k`` (0: all)."""
+        scored = self.score(self.context([user], now), [item_stats],
+                            None if candidates is None else candidates[None, :])
+        assert scored.scores is not None
+        raw = scored.scores[0]
+        order_scores = raw
+        if self.config.explore and candidates is None:
+            order_scores = with_exploration_slots(raw[None, :], scored.cold, self.config.explore,
+                                                  self.config.depth)[0]
+        order = np.argsort(-order_scores, kind="stable")
+        if top_k:
+            order = order[:top_k]
+        shifted = np.exp(raw - raw.max())
+        probability = shifted / shifted.sum()
+        return Recommendation(scored.pool[0][order], probability[order], raw[order],
+                              scored.cold[0][order])
 
     def save(self, directory: Path) -> None:
         """Write ``pipeline.json`` and the history scorers (the ONNX scorer is written by
@@ -128,27 +206,31 @@ class HybridPipeline:
     @classmethod
     def load(cls, directory: Path, item_ids: np.ndarray, vectors: np.ndarray | None,
              items: pl.DataFrame, threads: int | None = None) -> HybridPipeline:
-        """A saved pipeline over the served catalogue ``item_ids`` (sorted), whose item
-        vectors are ``vectors`` (rows aligned, zero rows: no vector) and whose catalogue table
-        (genres, year) is ``items``."""
+        """:meth:`SavedPipeline.read` then :meth:`SavedPipeline.bind`."""
+        return SavedPipeline.read(directory, threads).bind(item_ids, vectors, items)
+
+
+@dataclass
+class SavedPipeline:
+    """A pipeline read from disk, not yet bound to a served catalogue."""
+
+    directory: Path
+    config: PipelineConfig
+    scorers: dict[str, HistoryScorer]
+    model: PoolScorer
+
+    @classmethod
+    def read(cls, directory: Path, threads: int | None = None) -> SavedPipeline:
+        """Read ``pipeline.json``, the history scorers and the ONNX scorer (checked to be
+        exported for these feature names)."""
         from avrec.onnx_runtime import OnnxModel
 
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
             raise PipelineError(f"{directory} holds no {CONFIG_FILE} (train with `avrec train`)")
         config = PipelineConfig(**json.loads((directory / CONFIG_FILE).read_text()))
-        item_ids = np.asarray(item_ids, dtype=np.int64)
-        if config.content and vectors is None:
-            raise PipelineError("the pipeline was trained with item vectors; none were given")
-        served = np.zeros((item_ids.size, 0)) if vectors is None else vectors
-        scorers = {name: load_scorer(directory / "scorers" / f"{name}.npz").on(item_ids, served)
+        scorers = {name: load_scorer(directory / "scorers" / f"{name}.npz")
                    for name in config.generators}
-        facts = CatalogueFacts.from_items(items, item_ids) if config.catalogue_facts else None
-        features = CandidateFeatures(config.generators, vectors if config.content else None,
-                                     config.queries, facts)
-        if features.names != config.feature_names:
-            raise PipelineError(f"{directory}: the saved feature names differ from this code's "
-                                f"({len(config.feature_names)} vs {len(features.names)})")
         onnx = OnnxModel(directory / SCORER_FILE, threads=threads)
         stamped = onnx.metadata.get("features")
         if onnx.metadata.get("kind") != SCORER_KIND or stamped != config.signature:
@@ -159,4 +241,23 @@ class HybridPipeline:
             batch = np.ascontiguousarray(features, dtype=np.float32)
             return onnx.run({"features": batch}, ["scores"])["scores"]
 
-        return cls(config, item_ids, scorers, features, run)
+        return cls(directory, config, scorers, run)
+
+    def bind(self, item_ids: np.ndarray, vectors: np.ndarray | None, items: pl.DataFrame
+             ) -> HybridPipeline:
+        """The pipeline over the served catalogue ``item_ids`` (any order; columns follow it),
+        whose item vectors are ``vectors`` (rows aligned, zero rows: no vector) and whose
+        catalogue table (genres, year) is ``items``."""
+        config = replace(self.config)
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        if config.content and vectors is None:
+            raise PipelineError("the pipeline was trained with item vectors; none were given")
+        served = np.zeros((item_ids.size, 0)) if vectors is None else vectors
+        scorers = {name: scorer.on(item_ids, served) for name, scorer in self.scorers.items()}
+        facts = CatalogueFacts.from_items(items, item_ids) if config.catalogue_facts else None
+        features = CandidateFeatures(config.generators, vectors if config.content else None,
+                                     config.queries, facts)
+        if features.names != config.feature_names:
+            raise PipelineError(f"{self.directory}: the saved feature names differ from this "
+                                f"code's ({len(config.feature_names)} vs {len(features.names)})")
+        return HybridPipeline(config, item_ids, scorers, features, self.model)

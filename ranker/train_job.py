@@ -9,7 +9,10 @@ the latest 10% of labels and writes ``DATA/models/ranker/<version>/``:
 * ``manifest.json``: data window, seed, training config, item-vector source and its
   embedding / encoder versions, the feature service, losses, ONNX parity,
 * ``ranker/`` (``ranker.onnx`` + ``contract.json``) and the retrieval pair ``user_tower/`` and
-  ``item_tower/`` (:mod:`ranker.export`), each checked against torch on real rows.
+  ``item_tower/`` (:mod:`ranker.export`), each checked against torch on real rows;
+* ``hybrid/``: the hybrid ranker (:mod:`ranker.hybrid_job`: generators and exploration slots
+  chosen on a validation split of the window), which the server prefers for ``Recommend`` and
+  ``Rank``.
 
 ``DATA/models/ranker/LATEST`` names the newest run; ``avrec serve`` loads it by default.
 """
@@ -185,8 +188,11 @@ def train(
     out_root: Path | None = None,
     retrieval: bool = True,
     sampling: str = CHOSEN_SAMPLING,
+    hybrid: bool = True,
+    hybrid_quick: bool = False,
 ) -> Path:
-    """Train one ranker (and the retrieval towers) and write its directory; returns it."""
+    """Train one ranker (and the retrieval towers, and the hybrid) and write its directory;
+    returns it."""
     from avrec.feature_store import get_store
 
     started = time.perf_counter()
@@ -239,6 +245,11 @@ def train(
             )
             manifest["retrieval_losses"] = towers.pop("losses")
             manifest["onnx"] |= towers
+    if hybrid:
+        from ranker.hybrid_job import train_hybrid
+
+        manifest["hybrid"] = train_hybrid(window, items, item_vectors, out / "hybrid",
+                                          hybrid_quick, train_config.seed)
     manifest["seconds"] = round(time.perf_counter() - started, 1)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     (root / LATEST).write_text(out.name + "\n")
@@ -267,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-retrieval", action="store_true", help="skip the two-tower retrieval pair"
     )
+    parser.add_argument("--no-hybrid", action="store_true", help="skip the hybrid ranker")
+    parser.add_argument("--hybrid-grids", choices=["full", "quick"], default="full",
+                        help="hyperparameter grids of the hybrid's generators")
     args = parser.parse_args(argv)
     cfg = TrainConfig(
         epochs=args.epochs,
@@ -278,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out = train(
         args.vectors, args.start, args.end, args.negatives, cfg, args.out, not args.no_retrieval,
-        args.sampling,
+        args.sampling, not args.no_hybrid, args.hybrid_grids == "quick",
     )
     manifest = json.loads((out / "manifest.json").read_text())
     losses = manifest["losses"]
@@ -294,6 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, part in parts:
             print(f"  {name}: {part['path']} (ONNX vs torch max abs diff "
                   f"{part['max_abs_diff']:.2e} over {part['rows']} rows)")
+    if "hybrid" in manifest:
+        info = manifest["hybrid"]
+        chosen = ", ".join(f"{g} {v['params']}" for g, v in info["generators"].items())
+        print(f"  hybrid: {info['path']} (validation NDCG@10 {info['validation_ndcg@10']:.4f}, "
+              f"{info['exploration']['chosen_slots']} exploration slots in the top "
+              f"{info['exploration']['depth']}, {info['seconds']} s)")
+        print(f"    generators chosen on validation: {chosen}")
     return 0
 
 

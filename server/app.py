@@ -61,13 +61,17 @@ def build_engine(
     fields = service_fields(store, [USER_SERVICE, ITEM_SERVICE])
     model_dir = (Path(config.model_dir) if config.model_dir
                  else latest_model_dir(avrec_config.data_dir() / "models" / "ranker"))
-    models = load_serving_models(model_dir, fields, None, threads=config.ort_threads)
+    models = load_serving_models(model_dir, fields, None, threads=config.ort_threads,
+                                 hybrid=config.hybrid)
     client = redis.Redis.from_url(
         url, socket_timeout=config.redis_timeout_seconds,
         socket_connect_timeout=config.redis_timeout_seconds,
     )
     offline = avrec_config.offline_dir()
-    catalogue = tables.read_table("items", offline).select("item_id", "title")
+    items = tables.read_table("items", offline)
+    # genres and year feed the hybrid's catalogue features
+    catalogue = items.select([c for c in ("item_id", "title", "genres", "year")
+                              if c in items.columns])
     engine = engine_class(store, client, models, catalogue, config, Clock(config.clock_start()))
     now = engine.clock.now()
     engine.ensure_snapshot(engine.materialization(), now)  # refuses mismatched embeddings

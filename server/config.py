@@ -43,6 +43,7 @@ class ServeConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     grace_seconds: float = 5.0
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
+    hybrid: bool = True  # serve the hybrid ranker when the model directory has one
     tls_cert: str | None = None
     tls_key: str | None = None
     auth_token: str | None = None  # bearer token every call must carry (health excepted)
@@ -82,6 +83,10 @@ def _coerce(field: dataclasses.Field, text: Any) -> Any:
     if text is None or not isinstance(text, str):
         return text
     kind = field.type if isinstance(field.type, str) else field.type.__name__
+    if kind.startswith("bool"):
+        if text.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{field.name}: expected true or false, got {text!r}")
+        return text.strip().lower() in ("true", "1", "yes")
     if kind.startswith("int"):
         return int(text)
     if kind.startswith("float"):

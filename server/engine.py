@@ -25,7 +25,9 @@ import redis
 from avrec.feature_store import materialization_key
 from avrec.online_features import MixedVersionsError
 from avrec.pit_join import DERIVED_AGES
+from ranker.contract import ContractError
 from ranker.features import ItemVectors
+from ranker.hybrid_pipeline import HybridPipeline, ServedUser, item_stats
 from server import metrics
 from server.feature_reader import OnlineRow, ViewReader
 from server.item_snapshot import (
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from server.config import ServeConfig
 
 USER_VIEW = "user_behaviour"
+HISTORY_VIEW = "user_history"
 USER_AGE = "days_since_last_interaction"
 
 
@@ -97,6 +100,13 @@ class _Loaded:
     unit: np.ndarray
     popular: np.ndarray
     index: CandidateIndex | None
+    pipeline: HybridPipeline | None = None  # the hybrid over the snapshot's rows
+    stats: dict[str, np.ndarray] | None = None  # its item statistics, snapshot row order
+
+
+def naive_utc(when: datetime) -> np.datetime64:
+    """An aware datetime as naive-UTC ``datetime64[us]`` (the hybrid's time type)."""
+    return np.datetime64(when.astimezone(UTC).replace(tzinfo=None), "us")
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -138,6 +148,15 @@ class RankingEngine:
         self.user_reader = ViewReader.from_store(store, USER_VIEW)
         self.behaviour_reader = ViewReader.from_store(store, BEHAVIOUR_VIEW)
         self.embedding_reader = ViewReader.from_store(store, EMBEDDING_VIEW)
+        self.history_reader: ViewReader | None = None
+        if models.hybrid is not None:
+            try:
+                self.history_reader = ViewReader.from_store(store, HISTORY_VIEW)
+            except Exception as exc:  # Feast raises FeatureViewNotFoundException
+                raise ContractError(str(models.directory), [
+                    f"the hybrid reads the {HISTORY_VIEW!r} feature view, which the registry "
+                    f"lacks ({exc}); run `avrec features && avrec apply && avrec materialize`"
+                ]) from exc
         self.version_key = materialization_key(store.config.project)
         self._loaded: _Loaded | None = None
         self._reload_lock = threading.Lock()
@@ -162,8 +181,13 @@ class RankingEngine:
         vectors = ItemVectors(snapshot.item_ids[has], snapshot.vectors[has], "served")
         index = (CandidateIndex.build(self.models, snapshot)
                  if self.models.user_tower is not None else None)
+        pipeline = stats = None
+        if self.models.hybrid is not None:
+            pipeline = self.models.hybrid.bind(snapshot.item_ids, snapshot.vectors,
+                                               self.catalogue)
+            stats = item_stats(snapshot.frame)
         return _Loaded(snapshot, vectors, snapshot.unit_vectors(),
-                       np.argsort(-snapshot.popularity, kind="stable"), index)
+                       np.argsort(-snapshot.popularity, kind="stable"), index, pipeline, stats)
 
     def ensure_snapshot(self, materialization: bytes | None, now: datetime) -> _Loaded:
         """The current snapshot, reloaded when stale; a failed reload keeps the old one."""
@@ -204,14 +228,26 @@ class RankingEngine:
 
     def read_user(self, user_id: int, now: datetime) -> tuple[OnlineRow, bytes | None]:
         """The user's row and the materialization counter, in one pipelined round trip."""
+        row, _, version = self._read_user(user_id, now, history=False)
+        return row, version
+
+    def _read_user(self, user_id: int, now: datetime, history: bool
+                   ) -> tuple[OnlineRow, OnlineRow | None, bytes | None]:
+        """The user's ``user_behaviour`` row, their ``user_history`` row (when asked and the
+        hybrid serves) and the materialization counter, in one pipelined round trip."""
+        reader = self.history_reader if history else None
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 self.user_reader.queue(pipe, [user_id])
+                if reader is not None:
+                    reader.queue(pipe, [user_id])
                 pipe.get(self.version_key)
-                reply, version = pipe.execute()
+                replies = pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailable(f"online store unreachable: {exc}") from exc
-        return self.user_reader.decode_one(user_id, reply, now), version
+        row = self.user_reader.decode_one(user_id, replies[0], now)
+        history_row = reader.decode_one(user_id, replies[1], now) if reader else None
+        return row, history_row, replies[-1]
 
     def user_inputs(
         self, row: OnlineRow, loaded: _Loaded, now: datetime, tower: bool = False
@@ -269,7 +305,35 @@ class RankingEngine:
             order = mmr(relevance, loaded.unit[rows], k, lam)
         else:
             order = np.argsort(-relevance, kind="stable")[:k]
-        chosen = rows[order]
+        return self._answer(rows[order], relevance[order], row, loaded, explain, now)
+
+    def _hybrid_rows(
+        self, history: OnlineRow | None, loaded: _Loaded, top_k: int, lam: float,
+        now: datetime, candidates: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(snapshot rows, probabilities) the hybrid serves, best first (see
+        :meth:`ranker.hybrid_pipeline.HybridPipeline.recommend`); MMR re-orders when asked."""
+        assert loaded.pipeline is not None and loaded.stats is not None
+        values = history.values if history is not None and history.fresh else {}
+        stamp = history.event_timestamp if values and history is not None else None
+        user = ServedUser(np.asarray(values.get("history_items") or [], dtype=np.int64),
+                          np.asarray(values.get("history_ratings") or [], dtype=np.float64),
+                          naive_utc(stamp) if stamp is not None else None)
+        diverse = 0.0 < lam < 1.0
+        answer = loaded.pipeline.recommend(user, loaded.stats, naive_utc(now),
+                                           0 if diverse else top_k, candidates)
+        if not diverse:
+            return answer.columns, answer.probability
+        k = len(answer.columns) if top_k == 0 else min(top_k, len(answer.columns))
+        order = mmr(answer.probability, loaded.unit[answer.columns], k, lam)
+        return answer.columns[order], answer.probability[order]
+
+    def _answer(
+        self, chosen: np.ndarray, scores: np.ndarray, row: OnlineRow, loaded: _Loaded,
+        explain: bool, now: datetime,
+    ) -> Ranked:
+        """The chosen snapshot rows with their scores, titles and explanations."""
+        snap = loaded.snapshot
         explanations: list[tuple[int, float, str] | None] = [None] * len(chosen)
         history = self.history_rows(row, loaded) if explain else np.empty(0, np.int64)
         if history.size:
@@ -282,7 +346,7 @@ class RankingEngine:
         items = [
             Scored(item_id, r, score, snap.titles[r], missing, why)
             for item_id, r, score, missing, why in zip(
-                snap.item_ids[chosen].tolist(), chosen.tolist(), relevance[order].tolist(),
+                snap.item_ids[chosen].tolist(), chosen.tolist(), scores.tolist(),
                 snap.missing[chosen].tolist(), explanations, strict=True,
             )
         ]
@@ -302,9 +366,13 @@ class RankingEngine:
         """Score the caller's candidates for ``user_id`` and return them best first."""
         self._check(user_id, top_k, diversity_lambda)
         now = self.clock.now()
-        row, version = self.read_user(user_id, now)
+        row, history, version = self._read_user(user_id, now, history=True)
         loaded = self.ensure_snapshot(version, now)
         rows = self.candidate_rows(item_ids, loaded)
+        if loaded.pipeline is not None:
+            chosen, scores = self._hybrid_rows(history, loaded, top_k, diversity_lambda, now,
+                                               rows)
+            return self._answer(chosen, scores, row, loaded, explain, now)
         user = self.user_inputs(row, loaded, now)
         return self._rank_rows(user, row, rows, loaded, top_k, explain, diversity_lambda, now)
 
@@ -320,8 +388,11 @@ class RankingEngine:
             raise RequestError("top_k must be positive for Recommend")
         self._check(user_id, top_k, diversity_lambda)
         now = self.clock.now()
-        row, version = self.read_user(user_id, now)
+        row, history, version = self._read_user(user_id, now, history=True)
         loaded = self.ensure_snapshot(version, now)
+        if loaded.pipeline is not None:
+            chosen, scores = self._hybrid_rows(history, loaded, top_k, diversity_lambda, now)
+            return self._answer(chosen, scores, row, loaded, explain, now)
         user = self.user_inputs(row, loaded, now)
         seen = set(self.history_rows(row, loaded).tolist())
         recent = row.values.get("recent_items") or []

@@ -5,7 +5,8 @@ events schema of :mod:`avrec.tables`; ``avrec features`` folds them into the beh
 for later training). Each touched user's ``user_behaviour`` row is then recomputed from that
 user's whole history (offline events + logged ones) with the same code that builds the offline
 table (:func:`avrec.behaviour_features.user_features`), and the latest row as of ``now`` is
-written to Redis through Feast's ``write_to_online_store``, so the next ``Rank`` sees it.
+written to Redis through Feast's ``write_to_online_store``, so the next ``Rank`` sees it; so
+is the user's ``user_history`` row (:func:`avrec.behaviour_features.user_history`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 EVENT_TYPES = ("rating", "tag")
 RATING_RANGE = (0.5, 5.0)
 USER_VIEW = "user_behaviour"
+HISTORY_VIEW = "user_history"
 
 
 class EventError(ValueError):
@@ -113,6 +115,11 @@ class EventLog:
             .last()
         )
 
+    def history_rows(self, user_ids: list[int], now: datetime) -> pl.DataFrame:
+        """Each user's ``user_history`` row as of ``now`` (users without ratings: none)."""
+        events = self.events.filter(pl.col("user_id").is_in(user_ids))
+        return behaviour_features.user_history(events, now, now)
+
     def log(self, store: FeatureStore, events: Sequence[LoggedEvent], now: datetime) -> LogResult:
         """Validate, append offline, then write the touched users' rows online."""
         frame = self.validate(events, now)
@@ -120,6 +127,10 @@ class EventLog:
             path = self.append(frame, now)
             users = sorted(set(frame["user_id"].to_list()))
             rows = self.user_rows(users, now)
+            histories = self.history_rows(users, now)
         store.write_to_online_store(USER_VIEW, rows.to_pandas(use_pyarrow_extension_array=False))
+        if histories.height and HISTORY_VIEW in {v.name for v in store.list_feature_views()}:
+            store.write_to_online_store(
+                HISTORY_VIEW, histories.to_pandas(use_pyarrow_extension_array=False))
         return LogResult(frame.height, users, path)
 

@@ -1,7 +1,9 @@
 """The ONNX models a server runs, loaded with their contracts checked against the feature store.
 
 A model directory written by ``avrec train`` holds ``ranker/`` and, optionally, the retrieval
-pair ``user_tower/`` and ``item_tower/``. :func:`load_serving_models` loads each through
+pair ``user_tower/`` and ``item_tower/`` and the hybrid ranker ``hybrid/``
+(:mod:`ranker.hybrid_pipeline`), which serves ``Recommend`` and ``Rank`` when present.
+:func:`load_serving_models` loads each through
 :func:`ranker.export.load_model`, which refuses a model whose graph, contract or required
 feature-service fields disagree with what this feature store serves; the three must also share
 one feature layout (dense feature names, history length, item vectors). The ranker and the
@@ -23,6 +25,7 @@ from avrec.onnx_runtime import OnnxModel
 from ranker.contract import ContractError, ModelContract
 from ranker.export import HASH_KEY, KIND_KEY, ONE_USER, LoadedModel, load_model, one_user_path
 from ranker.features import FeatureEncoder
+from ranker.hybrid_pipeline import PipelineError, SavedPipeline
 
 GENRE_PREFIX = "genre_affinity["
 VECTOR_FIELDS = {"mixed": "embedding", "asum": "embedding_asum"}
@@ -57,6 +60,7 @@ class ServingModels:
     encoder: FeatureEncoder
     tower_encoder: FeatureEncoder | None = None
     one_user: OnnxModel | None = None
+    hybrid: SavedPipeline | None = None
 
     @property
     def contract(self) -> ModelContract:
@@ -64,8 +68,12 @@ class ServingModels:
 
     @property
     def version(self) -> str:
-        """``<run directory>/<ranker contract hash>``."""
-        return f"{self.directory.name}/{self.contract.version}"
+        """``<run directory>/<ranker contract hash>``, plus ``+hybrid-<feature signature>``
+        when the hybrid serves."""
+        version = f"{self.directory.name}/{self.contract.version}"
+        if self.hybrid is not None:
+            version += f"+hybrid-{self.hybrid.config.signature}"
+        return version
 
     @property
     def vector_field(self) -> str:
@@ -180,6 +188,7 @@ def load_serving_models(
     embedding_version: str | None,
     threads: int | None = None,
     retrieval: bool = True,
+    hybrid: bool = True,
 ) -> ServingModels:
     """Load and check a model directory; raises :class:`ContractError` listing mismatches."""
     directory = Path(directory)
@@ -205,9 +214,15 @@ def load_serving_models(
         problems.append("the user and item towers centre ratings differently")
     if problems:
         raise ContractError(str(directory), problems)
+    pipeline = None
+    if hybrid and (directory / "hybrid").is_dir():
+        try:
+            pipeline = SavedPipeline.read(directory / "hybrid", threads)
+        except (PipelineError, FileNotFoundError) as exc:
+            raise ContractError(str(directory), [f"hybrid/: {exc}"]) from exc
     models = ServingModels(
         directory, ranker, user_tower, item_tower, encoder_from_contract(ranker.contract),
-        encoder_from_contract(user_tower.contract) if user_tower else None, one_user,
+        encoder_from_contract(user_tower.contract) if user_tower else None, one_user, pipeline,
     )
     _ = models.vector_field
     return models

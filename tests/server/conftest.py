@@ -84,13 +84,26 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             start=datetime(2018, 1, 1, tzinfo=UTC),
             negatives=2,
             train_config=TrainConfig(epochs=2, progress=False),
+            hybrid_quick=True,
         )
     yield Stack(data_dir, url, model_dir, store)
 
 
 @pytest.fixture(scope="session")
 def service(stack: Stack) -> Iterator[object]:
-    """The gRPC service on a free port, replay clock at CLOCK (env patched while it runs)."""
+    """The gRPC service on a free port, replay clock at CLOCK (env patched while it runs),
+    serving the deep ranker (the hybrid has its own fixture, ``hybrid_service``)."""
+    from server.app import start
+
+    with stack_env(stack):
+        running = start(serve_config(stack, hybrid=False))
+    yield running
+    running.stop(0)
+
+
+@pytest.fixture(scope="session")
+def hybrid_service(stack: Stack) -> Iterator[object]:
+    """The gRPC service serving the model directory's hybrid ranker (the default)."""
     from server.app import start
 
     with stack_env(stack):
