@@ -220,12 +220,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     if not embeddings:
         return 0
-    done = _step("train the ranker and the retrieval towers, export to ONNX")
-    run_delegated("train", ["--epochs", "4", "--no-progress"])
+    done = _step("train the hybrid ranker (served), the deep ranker and the retrieval towers, "
+                 "export to ONNX")
+    run_delegated("train", ["--epochs", "4", "--no-progress", "--hybrid-grids", "quick"])
     done()
     done = _step("evaluate: full ranking, per-user temporal split, quick grids: baselines "
-                 "and the hybrid ranker (text vectors; the full report uses the mixed ones)")
-    run_delegated("evaluate", ["--models", "popularity,itemknn,als,ease,hybrid-text",
+                 "and the served hybrid pipeline")
+    run_delegated("evaluate", ["--models", "popularity,itemknn,als,ease,served",
                                "--split", "per-user", "--quick",
                                "--out", str(config.data_dir() / "reports" / "demo")])
     done()

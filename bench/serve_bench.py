@@ -5,8 +5,12 @@
 Needs the README main command's data (``make demo``: Redis materialized, a trained model).
 Each server runs in its own process on loopback with the replay clock of the demo:
 
-* ``avrec``: the shipped service (one pipelined Redis round trip for the user and the
-  materialization counter, candidates from the in-process item snapshot, one ONNX run);
+* ``avrec``: the shipped service (one pipelined Redis round trip for the user, their history
+  and the materialization counter, candidates from the in-process item snapshot), serving the
+  hybrid ranker when the model has one (every generator scored from the history over the whole
+  catalogue, features of the candidates, one ONNX run);
+* ``avrec-deep``: the same service with ``hybrid: false``, serving the deep ranker (one ONNX
+  run over the candidates);
 * ``feast-sdk``: the same service and model, but every Rank reads the user's and the
   candidates' features through Feast's ``get_online_features`` (one call, entity rows
   ``{user_id, item_id}``), the way a hand-rolled Feast server would.
@@ -35,7 +39,7 @@ import psutil
 from avrec import config, tables
 
 CLOCK = datetime(2018, 9, 25, tzinfo=UTC)
-PATHS = ("avrec", "feast-sdk")
+PATHS = ("avrec", "avrec-deep", "feast-sdk")
 
 
 def feast_sdk_engine():
@@ -97,7 +101,8 @@ def serve(path: str, port: int) -> int:
     from server.engine import RankingEngine
 
     engine_class = feast_sdk_engine() if path == "feast-sdk" else RankingEngine
-    service = start(load_config(None, {"port": port, "clock": CLOCK.isoformat()}), engine_class)
+    settings = {"port": port, "clock": CLOCK.isoformat(), "hybrid": path == "avrec"}
+    service = start(load_config(None, settings), engine_class)
     print("ready", flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     service.stop(1)
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             memory = psutil.Process(server.pid)
             for candidates in args.candidates:
                 for concurrency in args.concurrency:
-                    n = args.requests if path == "avrec" else args.feast_requests
+                    n = args.feast_requests if path == "feast-sdk" else args.requests
                     latencies, wall = run_load(f"127.0.0.1:{port}", users, catalogue,
                                                candidates, concurrency, n, args.seed)
                     results.append({
@@ -180,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                         "p99": np.percentile(latencies, 99) * 1e3,
                         "rps": n / wall, "rss": memory.memory_info().rss / 2**20,
                     })
-                    print(f"  {path:9} 1x{candidates:<5} c={concurrency:<3} "
+                    print(f"  {path:10} 1x{candidates:<5} c={concurrency:<3} "
                           f"p50 {results[-1]['p50']:7.2f} ms", flush=True)
         finally:
             server.send_signal(signal.SIGTERM)
@@ -188,12 +193,12 @@ def main(argv: list[str] | None = None) -> int:
 
     feast = {(r["candidates"], r["concurrency"]): r for r in results if r["path"] == "feast-sdk"}
     print()
-    print(f"{'path':10} {'request':>8} {'clients':>7} {'p50 ms':>8} {'p99 ms':>8} "
+    print(f"{'path':11} {'request':>8} {'clients':>7} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'req/s':>8} {'p50 vs feast-sdk':>17} {'server RSS':>11}")
     for r in results:
         ref = feast[(r["candidates"], r["concurrency"])]
         ratio = ref["p50"] / r["p50"]
-        print(f"{r['path']:10} {'1x' + str(r['candidates']):>8} {r['concurrency']:>7} "
+        print(f"{r['path']:11} {'1x' + str(r['candidates']):>8} {r['concurrency']:>7} "
               f"{r['p50']:8.2f} {r['p99']:8.2f} {r['rps']:8.0f} {ratio:16.1f}x "
               f"{r['rss']:9.0f}MB")
     return 0

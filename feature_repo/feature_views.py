@@ -2,8 +2,10 @@
 
 TTLs bound how long a row is trusted after its event_timestamp. Rows are written at every
 change point (windowed counts fall to zero by explicit rows), so a TTL expresses trust,
-not staleness: a user dormant for two years is treated as a cold-start user; item
-statistics and embeddings are kept for ten years.
+not staleness: a user dormant for two years is treated as a cold-start user. Item statistics
+never expire (``ITEM_TTL`` 0 = none in Feast): a film last rated fifteen years ago still has
+its all-time count and mean rating, and must not look like a new item; embeddings are kept
+for ten years.
 
 Item embeddings are stamped with the cutoff of the interaction data their fusion was
 trained on, so a point-in-time join never hands them to a label before that cutoff. Each row
@@ -25,7 +27,7 @@ from data_sources import (
 from entities import item, user
 
 USER_TTL = timedelta(days=730)
-ITEM_TTL = timedelta(days=3650)
+ITEM_TTL = timedelta(0)  # no expiry (see the module docstring)
 EMBEDDING_TTL = timedelta(days=3650)
 
 user_behaviour = FeatureView(

@@ -426,6 +426,7 @@ def model_specs(
     quick: bool = False,
     positive_threshold: float = 4.0,
     encodings: Path | None = None,
+    offline: Path | None = None,
 ) -> list[ModelSpec]:
     """The baseline specs by name; ``text-knn`` / ``image-knn`` read ``encodings``."""
     grids = baselines.QUICK_GRIDS if quick else baselines.GRIDS
@@ -441,6 +442,9 @@ def model_specs(
                                    baseline=False))
         elif name in DEEP_MODELS:
             specs.append(ModelSpec(name, _deep_builder(name, encodings, quick), baseline=False))
+        elif name == SERVED:
+            specs.append(ModelSpec(name, _served_builder(encodings, quick, offline),
+                                   [{}] if quick else HYBRID_GRID, baseline=False))
         elif name in columns:
             if encodings is None or not encodings.exists():
                 raise FileNotFoundError(f"{name} needs item encodings; not found at {encodings}")
@@ -448,7 +452,7 @@ def model_specs(
             specs.append(ModelSpec(name, _content_builder(vectors, positive_threshold)))
         else:
             known = [*BASELINE_FACTORIES, *columns, *HYBRID_MODELS, *SEQUENTIAL_MODELS,
-                     *DEEP_MODELS]
+                     *DEEP_MODELS, SERVED]
             raise ValueError(f"unknown model {name!r}; known: {known}")
     return specs
 
@@ -472,6 +476,7 @@ HYBRID_MODELS = ("hybrid-mixed", "hybrid-asum", "hybrid-text", "hybrid-image", "
 SEQUENTIAL_MODELS = ("sequential-mixed", "sequential-id")
 # The hybrid's candidate generators: tuned baselines (run first when not asked for).
 HYBRID_GENERATORS = ("ease", "als", "itemknn")
+SERVED = "served"  # the served pipeline (ranker.served), as `avrec train` ships it
 HYBRID_GRID = [{"inner_folds": 2}, {"inner_folds": 3},
                {"inner_folds": 3, "hidden": 128, "lr": 1e-3}]
 
@@ -479,7 +484,7 @@ HYBRID_GRID = [{"inner_folds": 2}, {"inner_folds": 3},
 def with_generators(names: Sequence[str]) -> list[str]:
     """``names`` with the hybrid's generator baselines added in front when a hybrid is asked
     for (their validation-tuned settings feed the hybrid)."""
-    if not any(n in HYBRID_MODELS for n in names):
+    if not any(n in (*HYBRID_MODELS, SERVED) for n in names):
         return list(names)
     return [g for g in HYBRID_GENERATORS if g not in names] + list(names)
 
@@ -524,6 +529,22 @@ def _content_model_builder(
             generators["content"] = functools.partial(ContentGenerator, vectors)
         cfg = HybridConfig(seed=seed, bag=2 if quick else 5, **params)
         return HybridRecommender(generators, vectors, cfg, seed, name)
+
+    return build
+
+
+def _served_builder(
+    encodings: Path | None, quick: bool, offline: Path | None
+) -> Callable[[dict[str, Any], int], Recommender]:
+    """The served pipeline: ``hybrid-mixed`` with ``avrec train``'s configuration, asked
+    through the server's code path with features read from the offline tables."""
+    from ranker.served import ServedRecommender
+
+    hybrid = _content_model_builder("hybrid-mixed", encodings, quick)
+    item_table = tables.read_table("item_behaviour", offline)
+
+    def build(params: dict[str, Any], seed: int) -> Recommender:
+        return ServedRecommender(hybrid(params, seed), item_table, seed)
 
     return build
 
@@ -650,7 +671,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--models", default=None,
         help="comma-separated subset of "
-        f"{','.join(ALL_MODELS + HYBRID_MODELS + SEQUENTIAL_MODELS + DEEP_MODELS)} "
+        f"{','.join(ALL_MODELS + HYBRID_MODELS + SEQUENTIAL_MODELS + DEEP_MODELS)},{SERVED} "
         "(default: all; the content models only when the encodings exist)",
     )
     parser.add_argument("--offline", type=Path, help="offline tables directory")
@@ -685,6 +706,9 @@ def check_preconditions(names: Sequence[str], offline: Path) -> None:
     if missing:
         raise SystemExit(f"avrec evaluate: no {', '.join(missing)} table in {offline}; "
                          "run `avrec ingest` first")
+    if SERVED in names and not tables.table_path("item_behaviour", offline).exists():
+        raise SystemExit(f"avrec evaluate: {SERVED} reads the item_behaviour feature table, "
+                         f"which is not in {offline}; run `avrec features` first")
     if any(n in DEEP_MODELS for n in names):
         registry = config.registry_path()
         if not registry.exists():
@@ -705,14 +729,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         skipped = []
     else:
         has_encodings = encodings.exists()
-        wanted = (*ALL_MODELS, "hybrid-mixed")
-        names = [n for n in wanted if has_encodings or not n.endswith(("-knn", "-mixed"))]
+        wanted = (*ALL_MODELS, "hybrid-mixed", SERVED)
+        needs_encodings = [n for n in wanted if n.endswith(("-knn", "-mixed")) or n == SERVED]
+        names = [n for n in wanted if has_encodings or n not in needs_encodings]
         skipped = [n for n in wanted if n not in names]
     names = with_generators(names)
     check_preconditions(names, offline)
     events = tables.read_table("events", offline)
     items = tables.read_table("items", offline)
-    specs = model_specs(names, args.quick, args.positive_threshold, encodings)
+    specs = model_specs(names, args.quick, args.positive_threshold, encodings, offline)
     out = args.out or config.data_dir() / "evaluation"
     report: dict[str, Any] = {
         "seed": args.seed,

@@ -280,7 +280,8 @@ class HybridRecommender(Recommender):
             content=self.vector_source is not None,
             catalogue_facts=features.catalogue is not None, feature_names=features.names,
         )
-        return HybridPipeline(config, self.item_ids, history_scorers(fitted), features)
+        known = np.isin(self.item_ids, interactions["item_id"].unique().to_numpy())
+        return HybridPipeline(config, self.item_ids, history_scorers(fitted), features, known)
 
     def _pool(self, pipeline: HybridPipeline, interactions: pl.DataFrame, users: np.ndarray,
               cuts: np.ndarray | None) -> ScoredPool:

@@ -6,7 +6,9 @@ window (each user's newest 10% of ratings, :func:`ranker.splits.per_user_split`)
 
 1. each generator's hyperparameters (EASE, ALS, ItemKNN; :data:`ranker.baselines.GRIDS`, or
    the small ``QUICK_GRIDS``) by validation NDCG@10;
-2. the number of exploration slots for new items: the most slots whose validation NDCG@20
+2. the hybrid's own settings (:data:`ranker.evaluation.HYBRID_GRID`; the quick run keeps the
+   defaults);
+3. the number of exploration slots for new items: the most slots whose validation NDCG@20
    stays within ``explore_tolerance`` of none (:func:`ranker.evaluation.choose_slots`);
 
 then the hybrid is fitted on the whole window (rating events) with the served item vectors
@@ -46,7 +48,8 @@ def _hybrid_factory(generators: dict[str, dict[str, Any]], vectors: ItemVectors,
         cfg = HybridConfig(seed=seed, bag=2 if quick else 5, **params)
         return HybridRecommender(factories, vectors, cfg, seed, "hybrid")
 
-    return evaluation.ModelSpec("hybrid", build, [{}], baseline=False)
+    grid = [{}] if quick else evaluation.HYBRID_GRID
+    return evaluation.ModelSpec("hybrid", build, grid, baseline=False)
 
 
 def train_hybrid(
@@ -73,7 +76,7 @@ def train_hybrid(
     slots = evaluation.choose_slots(tuned.exploration, KS, explore_tolerance)
     ratings = events.filter((pl.col("event_type") == "rating") & pl.col("value").is_not_null())
     ratings = ratings.select("user_id", "item_id", "value", "event_timestamp")
-    model = spec.build({}, seed).fit(ratings, items)
+    model = spec.build(tuned.params, seed).fit(ratings, items)
     assert isinstance(model, HybridRecommender)
     model.set_exploration(slots, max(KS))
     model.export(out)
@@ -82,6 +85,7 @@ def train_hybrid(
         "path": str(out),
         "generators": chosen,
         "validation_ndcg@10": tuned.score,
+        "params": tuned.params,
         "exploration": {"chosen_slots": slots, "depth": max(KS), "tolerance": explore_tolerance,
                         "validation": tuned.exploration},
         "validation_users": int(validation.users.size),

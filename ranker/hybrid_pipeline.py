@@ -12,6 +12,7 @@ A saved pipeline is a directory::
     hybrid/
       pipeline.json        # PipelineConfig (generators, feature names, pool, slots, ...)
       scorers/<name>.npz   # one fitted history scorer per generator
+      known_items.npy      # the items the generators were fitted on (all others are new)
       scorer.onnx          # [users, pool, features] -> [users, pool]
 
 :meth:`HybridPipeline.load` binds it to the served catalogue (item ids, their vectors and the
@@ -48,6 +49,7 @@ from ranker.hybrid_features import (
 
 CONFIG_FILE = "pipeline.json"
 SCORER_FILE = "scorer.onnx"
+KNOWN_FILE = "known_items.npy"
 SCORER_KIND = "avrec-hybrid-scorer"
 PoolScorer = Callable[[np.ndarray], np.ndarray]  # [users, pool, features] -> [users, pool]
 
@@ -115,29 +117,44 @@ class Recommendation:
     cold: np.ndarray
 
 
+def served_order(pool: np.ndarray, scores: np.ndarray, cold: np.ndarray, explore: int,
+                 depth: int, top_k: int = 0) -> Recommendation:
+    """One user's pool as served: best score first, the best ``explore`` cold items moved to
+    the last places of the top ``depth`` (:func:`~ranker.hybrid_features.with_exploration_slots`),
+    cut to ``top_k`` (0: all); probabilities are the softmax of the scores over the pool."""
+    order_scores = (with_exploration_slots(scores[None, :], cold[None, :], explore, depth)[0]
+                    if explore else scores)
+    order = np.argsort(-order_scores, kind="stable")
+    if top_k:
+        order = order[:top_k]
+    shifted = np.exp(scores - scores.max())
+    probability = shifted / shifted.sum()
+    return Recommendation(pool[order], probability[order], scores[order], cold[order])
+
+
 class HybridPipeline:
     """History scorers -> pool -> features -> pool scorer, over one catalogue."""
 
     def __init__(self, config: PipelineConfig, item_ids: np.ndarray,
                  scorers: dict[str, HistoryScorer], features: CandidateFeatures,
-                 model: PoolScorer | None = None) -> None:
+                 known: np.ndarray, model: PoolScorer | None = None) -> None:
         missing = [g for g in config.generators if g not in scorers]
         if missing:
             raise PipelineError(f"no history scorer for generator(s) {missing}")
         self.config, self.item_ids = config, np.asarray(item_ids, dtype=np.int64)
         self.scorers, self.features, self.model = scorers, features, model
+        self.known = np.asarray(known, dtype=bool)  # per catalogue column: fitted on
 
     def pool(self, context: UserContext, item_stats: Sequence[ItemStats],
              candidates: np.ndarray | None = None) -> ScoredPool:
         """Each user's pool, its features and the catalogue's fused ranks (no scores yet).
 
-        Cold items are those with no interaction before the user's cut
-        (``popularity_all == 0``); ``CONTENT`` ranks fill the reserved cold slots. With
+        Cold items are those the generators were not fitted on (new to the model: only
+        content can place them); ``CONTENT`` ranks fill the reserved cold slots. With
         ``candidates`` (``[users, n]`` catalogue columns) those are the pool instead.
         """
         cfg = self.config
-        cold = np.stack([np.nan_to_num(np.asarray(s["popularity_all"], np.float64)) == 0
-                         for s in item_stats])
+        cold = np.repeat(~self.known[None, :], len(context.histories), axis=0)
         scores = [self.scorers[g].score(context.histories) for g in cfg.generators]
         generator_ranks = [ranks(s, context.seen) for s in scores]
         content = (generator_ranks[cfg.generators.index(CONTENT)]
@@ -182,24 +199,16 @@ class HybridPipeline:
         scored = self.score(self.context([user], now), [item_stats],
                             None if candidates is None else candidates[None, :])
         assert scored.scores is not None
-        raw = scored.scores[0]
-        order_scores = raw
-        if self.config.explore and candidates is None:
-            order_scores = with_exploration_slots(raw[None, :], scored.cold, self.config.explore,
-                                                  self.config.depth)[0]
-        order = np.argsort(-order_scores, kind="stable")
-        if top_k:
-            order = order[:top_k]
-        shifted = np.exp(raw - raw.max())
-        probability = shifted / shifted.sum()
-        return Recommendation(scored.pool[0][order], probability[order], raw[order],
-                              scored.cold[0][order])
+        explore = self.config.explore if candidates is None else 0
+        return served_order(scored.pool[0], scored.scores[0], scored.cold[0], explore,
+                            self.config.depth, top_k)
 
     def save(self, directory: Path) -> None:
         """Write ``pipeline.json`` and the history scorers (the ONNX scorer is written by
         :func:`ranker.hybrid.export_scorer`)."""
         (directory / "scorers").mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+        np.save(directory / KNOWN_FILE, self.item_ids[self.known])
         for name, scorer in self.scorers.items():
             save_scorer(scorer, directory / "scorers" / f"{name}.npz")
 
@@ -217,6 +226,7 @@ class SavedPipeline:
     directory: Path
     config: PipelineConfig
     scorers: dict[str, HistoryScorer]
+    known_ids: np.ndarray
     model: PoolScorer
 
     @classmethod
@@ -241,7 +251,7 @@ class SavedPipeline:
             batch = np.ascontiguousarray(features, dtype=np.float32)
             return onnx.run({"features": batch}, ["scores"])["scores"]
 
-        return cls(directory, config, scorers, run)
+        return cls(directory, config, scorers, np.load(directory / KNOWN_FILE), run)
 
     def bind(self, item_ids: np.ndarray, vectors: np.ndarray | None, items: pl.DataFrame
              ) -> HybridPipeline:
@@ -260,4 +270,5 @@ class SavedPipeline:
         if features.names != config.feature_names:
             raise PipelineError(f"{self.directory}: the saved feature names differ from this "
                                 f"code's ({len(config.feature_names)} vs {len(features.names)})")
-        return HybridPipeline(config, item_ids, scorers, features, self.model)
+        known = np.isin(item_ids, self.known_ids)
+        return HybridPipeline(config, item_ids, scorers, features, known, self.model)

@@ -102,6 +102,9 @@ def format_answer(answer: ranking_pb2.RankResponse) -> str:
             f"served at {answer.served_at.ToDatetime().isoformat()}Z"
             + (", COLD-START user" if answer.cold_start_user else ""))
     lines = [head]
+    if "+hybrid-" in answer.model_version:
+        lines.append("  scores: the hybrid's probability that the item is the user's next liked "
+                     "one, among its candidate pool")
     for view in answer.user_features:
         stamp = (view.event_timestamp.ToDatetime().isoformat() + "Z"
                  if view.HasField("event_timestamp") else "none")

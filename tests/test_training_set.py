@@ -17,7 +17,7 @@ SPEC = ts.TrainingSetSpec(
     negatives=3,
     feature_service="behaviour_features",
 )
-TTL = {"user_behaviour": timedelta(days=730), "item_behaviour": timedelta(days=3650)}
+TTL = {"user_behaviour": timedelta(days=730), "item_behaviour": None}  # items: no expiry
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +26,13 @@ def training(feature_store) -> pl.DataFrame:
 
 
 def _oracle_row(
-    table: pl.DataFrame, key: str, entity: int, lookup: datetime, ttl: timedelta
+    table: pl.DataFrame, key: str, entity: int, lookup: datetime, ttl: timedelta | None
 ) -> dict | None:
     """Brute force: every feature row of the entity, keep valid ones, take the latest."""
     best = None
     for row in table.filter(pl.col(key) == entity).iter_rows(named=True):
         ts_ = row["event_timestamp"]
-        if ts_ <= lookup and lookup - ts_ <= ttl:
+        if ts_ <= lookup and (ttl is None or lookup - ts_ <= ttl):
             rank = (ts_, row["created_timestamp"])
             if best is None or rank > best[0]:
                 best = (rank, row)
