@@ -11,7 +11,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-from avrec import behaviour_features
 from ranker import baselines
 from ranker.features import ItemVectors
 from ranker.hybrid import (
@@ -32,7 +31,6 @@ from ranker.hybrid_features import (
 from ranker.hybrid_pipeline import HybridPipeline, PipelineError
 from ranker.item_history import ItemTimeline
 from ranker.recommender import Recommender
-from ranker.served import ServedRecommender
 from tests.ranker.conftest import ContractData
 from tests.ranker.test_recommender_contract import RecommenderContract
 
@@ -242,23 +240,3 @@ def test_a_scorer_exported_for_other_features_is_refused(
         HybridPipeline.load(tmp_path / "hybrid", model.item_ids,
                             _aligned(_VECTORS[0], model.item_ids), contract_data.items)
 
-
-def test_the_served_path_answers_as_the_hybrid_ranks(contract_data: ContractData) -> None:
-    events = contract_data.train.with_columns(pl.lit("rating").alias("event_type"))
-    end = events["event_timestamp"].max() + timedelta(days=1)
-    table = behaviour_features.item_features(events, end, end)
-    served = ServedRecommender(_hybrid(0, contract_data), table)
-    served.fit(contract_data.train, contract_data.items)
-    users = contract_data.users[:5]
-    got = served.score(users)
-    hybrid = served.hybrid.score(users)
-    pool = served.hybrid.last_pool
-    assert pool is not None and pool.scores is not None
-    for row, answer in enumerate(served.last):
-        # the same pool, scored alike (features from the feature table, ONNX vs torch)
-        assert sorted(answer.columns.tolist()) == sorted(pool.pool[row].tolist())
-        want = dict(zip(pool.pool[row].tolist(), pool.scores[row].tolist(), strict=True))
-        np.testing.assert_allclose(answer.scores, [want[c] for c in answer.columns.tolist()],
-                                   rtol=1e-4, atol=1e-5)
-        top = np.argsort(-got[row], kind="stable")[:10]
-        assert set(top.tolist()) == set(np.argsort(-hybrid[row], kind="stable")[:10].tolist())
