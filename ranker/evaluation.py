@@ -477,6 +477,7 @@ SEQUENTIAL_MODELS = ("sequential-mixed", "sequential-id")
 # The hybrid's candidate generators: tuned baselines (run first when not asked for).
 HYBRID_GENERATORS = ("ease", "als", "itemknn")
 SERVED = "served"  # the served pipeline (ranker.served), as `avrec train` ships it
+QUICK_HYBRID = {"bag": 2, "inner_folds": 1}  # --quick: one label fold, two scorers
 HYBRID_GRID = [{"inner_folds": 2}, {"inner_folds": 3},
                {"inner_folds": 3, "hidden": 128, "lr": 1e-3}]
 
@@ -527,7 +528,7 @@ def _content_model_builder(
             generators[generator] = functools.partial(factory, seed=seed, **tuned)
         if vectors is not None:
             generators["content"] = functools.partial(ContentGenerator, vectors)
-        cfg = HybridConfig(seed=seed, bag=2 if quick else 5, **params)
+        cfg = HybridConfig(seed=seed, **(QUICK_HYBRID if quick else {}), **params)
         return HybridRecommender(generators, vectors, cfg, seed, name)
 
     return build

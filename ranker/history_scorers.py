@@ -190,18 +190,20 @@ class ContentProfileScorer(HistoryScorer):
         super().__init__(item_ids, fallback, min_value)
         vectors = np.asarray(vectors, dtype=np.float64)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        self.unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+        unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+        self.unit = unit.astype(np.float32)  # float32 products: 4x faster, ample for ranking
         self.has_vector = norms[:, 0] > 0
 
     def _score(self, columns: np.ndarray) -> np.ndarray | None:
         columns = columns[self.has_vector[columns]]
         if not columns.size:
             return None
-        mean = self.unit[columns].mean(axis=0)
+        mean = self.unit[columns].mean(axis=0, dtype=np.float64)
         norm = np.linalg.norm(mean)
         if not norm > 0:
             return None
-        return np.where(self.has_vector, self.unit @ (mean / norm), NO_VECTOR_SCORE)
+        cosine = (self.unit @ (mean / norm).astype(np.float32)).astype(np.float64)
+        return np.where(self.has_vector, cosine, NO_VECTOR_SCORE)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {}

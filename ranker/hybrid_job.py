@@ -45,7 +45,7 @@ def _hybrid_factory(generators: dict[str, dict[str, Any]], vectors: ItemVectors,
             for name, tuned in generators.items()
         }
         factories["content"] = functools.partial(ContentGenerator, vectors)
-        cfg = HybridConfig(seed=seed, bag=2 if quick else 5, **params)
+        cfg = HybridConfig(seed=seed, **(evaluation.QUICK_HYBRID if quick else {}), **params)
         return HybridRecommender(factories, vectors, cfg, seed, "hybrid")
 
     grid = [{}] if quick else evaluation.HYBRID_GRID

@@ -187,9 +187,10 @@ def test_each_model_is_reported_as_soon_as_it_finishes(
 
 def test_evaluate_runs_on_a_generic_catalogue_end_to_end(tmp_path: Path) -> None:
     """The shared MovieLens data written as events.csv + items.csv (a slice of users),
-    ingested through the generic import, then the baselines and the hybrid (ID only, and over
-    item vectors that a third of the items have) evaluated with the CLI."""
-    from avrec import config, ingest
+    ingested through the generic import, then the baselines, the hybrid (ID only, and over
+    item vectors that a third of the items have) and the served pipeline evaluated with the
+    CLI."""
+    from avrec import behaviour_features, config, ingest
 
     source = config.datasets_dir() / "ml-latest-small"
     ratings = pl.read_csv(source / "ratings.csv").filter(pl.col("userId") <= 120)
@@ -203,6 +204,7 @@ def test_evaluate_runs_on_a_generic_catalogue_end_to_end(tmp_path: Path) -> None
                   ).write_csv(tmp_path / "items.csv")
     offline = tmp_path / "offline"
     ingest.ingest_generic(tmp_path / "events.csv", tmp_path / "items.csv", offline)
+    behaviour_features.build(offline)
     items = pl.read_parquet(offline / "items.parquet")
     vectors = baselines.random_item_vectors(items["item_id"].to_numpy()[::3], dim=8, seed=1)
     encodings = tmp_path / "item_encodings.parquet"
@@ -211,12 +213,15 @@ def test_evaluate_runs_on_a_generic_catalogue_end_to_end(tmp_path: Path) -> None
     ).write_parquet(encodings)
     out = tmp_path / "report"
     argv = ["--out", str(out), "--offline", str(offline), "--quick", "--split", "per-user",
-            "--models", "popularity,recent-popularity,hybrid-id,hybrid-text",
+            "--models", "popularity,recent-popularity,hybrid-id,hybrid-text,served",
             "--encodings", str(encodings)]
     assert evaluation.main(argv) == 0
     report = json.loads((out / "report.json").read_text())["splits"]["per-user"]
     assert list(report["models"]) == ["ease", "als", "itemknn", "popularity",
-                                      "recent-popularity", "hybrid-id", "hybrid-text"]
+                                      "recent-popularity", "hybrid-id", "hybrid-text", "served"]
+    served = report["models"]["served"]
+    assert served["test"]["ndcg@10"]["mean"] > report["models"]["popularity"]["test"][
+        "ndcg@10"]["mean"]
     hybrid = report["models"]["hybrid-id"]
     assert hybrid["test"]["ndcg@10"]["mean"] > report["models"]["popularity"]["test"][
         "ndcg@10"]["mean"]

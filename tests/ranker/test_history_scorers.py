@@ -88,7 +88,7 @@ def test_content_profile_scores_a_history_as_content_knn_scores_its_user(
     model.fit(contract_data.train, contract_data.items)
     users = contract_data.users[:10]
     got = model.history_scorer().score(_histories(contract_data, users, model.item_ids))
-    np.testing.assert_allclose(got, model.score(users), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(got, model.score(users), atol=1e-6)  # float32 products
 
 
 def test_empty_or_negative_only_histories_get_the_popularity_fallback(
