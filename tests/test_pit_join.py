@@ -304,7 +304,7 @@ def edge_repo(tmp_path_factory: pytest.TempPathFactory) -> EdgeRepo:
     ])
     ub_features = ["value", "vec", "tag", "flag"]
     behaviour = [
-        View(v.name, frame, {key: key}, v.ttl, [f.name for f in v.features])
+        View(v.name, frame, {key: key}, v.ttl or None, [f.name for f in v.features])
         for v, frame, key in ((feature_views.user_behaviour, built.user, "user_id"),
                               (feature_views.item_behaviour, built.item, "item_id"))
     ]
