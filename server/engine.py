@@ -104,7 +104,7 @@ class _Loaded:
     stats: dict[str, np.ndarray] | None = None  # its item statistics, snapshot row order
 
 
-def naive_utc(when: datetime) -> np.datetime64:
+def utc_datetime64(when: datetime) -> np.datetime64:
     """An aware datetime as naive-UTC ``datetime64[us]`` (the hybrid's time type)."""
     return np.datetime64(when.astimezone(UTC).replace(tzinfo=None), "us")
 
@@ -318,9 +318,9 @@ class RankingEngine:
         stamp = history.event_timestamp if values and history is not None else None
         user = ServedUser(np.asarray(values.get("history_items") or [], dtype=np.int64),
                           np.asarray(values.get("history_ratings") or [], dtype=np.float64),
-                          naive_utc(stamp) if stamp is not None else None)
+                          utc_datetime64(stamp) if stamp is not None else None)
         diverse = 0.0 < lam < 1.0
-        answer = loaded.pipeline.recommend(user, loaded.stats, naive_utc(now),
+        answer = loaded.pipeline.recommend(user, loaded.stats, utc_datetime64(now),
                                            0 if diverse else top_k, candidates)
         if not diverse:
             return answer.columns, answer.probability

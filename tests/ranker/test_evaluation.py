@@ -112,11 +112,9 @@ def test_evaluation_is_deterministic(ml_split: Split, ml_items: pl.DataFrame) ->
     assert run() == run()
 
 
-def test_content_models_from_an_encodings_file(
-    ml_offline: Path, ml_items: pl.DataFrame, tmp_path: Path
-) -> None:
-    vectors = baselines.random_item_vectors(ml_items["item_id"].to_numpy(), dim=8, seed=2)
-    encodings = tmp_path / "item_encodings.parquet"
+def write_encodings(vectors: pl.DataFrame, path: Path) -> None:
+    """An item_encodings table: ``vectors`` as text, seeded image vectors on every other
+    item, the encoder names the fusion reads."""
     images = baselines.random_item_vectors(vectors["item_id"].to_numpy(), dim=6, seed=2)
     with_image = pl.Series([i % 2 == 0 for i in range(vectors.height)])
     vectors.rename({"vector": "text_embedding"}).with_columns(
@@ -125,7 +123,15 @@ def test_content_models_from_an_encodings_file(
         .alias("image_embedding"),
         with_image.alias("has_image"),
         pl.lit("test-text").alias("text_encoder"), pl.lit("test-image").alias("image_encoder"),
-    ).write_parquet(encodings)
+    ).write_parquet(path)
+
+
+def test_content_models_from_an_encodings_file(
+    ml_offline: Path, ml_items: pl.DataFrame, tmp_path: Path
+) -> None:
+    vectors = baselines.random_item_vectors(ml_items["item_id"].to_numpy(), dim=8, seed=2)
+    encodings = tmp_path / "item_encodings.parquet"
+    write_encodings(vectors, encodings)
     argv = ["--out", str(tmp_path / "out"), "--offline", str(ml_offline), "--quick",
             "--models", "popularity,text-knn", "--split", "per-user",
             "--encodings", str(encodings)]
@@ -214,15 +220,7 @@ def test_evaluate_runs_on_a_generic_catalogue_end_to_end(tmp_path: Path) -> None
     items = pl.read_parquet(offline / "items.parquet")
     vectors = baselines.random_item_vectors(items["item_id"].to_numpy()[::3], dim=8, seed=1)
     encodings = tmp_path / "item_encodings.parquet"
-    images = baselines.random_item_vectors(vectors["item_id"].to_numpy(), dim=6, seed=2)
-    with_image = pl.Series([i % 2 == 0 for i in range(vectors.height)])
-    vectors.rename({"vector": "text_embedding"}).with_columns(
-        pl.col("text_embedding").cast(pl.List(pl.Float32)),
-        pl.when(with_image).then(images["vector"].cast(pl.List(pl.Float32)))
-        .alias("image_embedding"),
-        with_image.alias("has_image"),
-        pl.lit("test-text").alias("text_encoder"), pl.lit("test-image").alias("image_encoder"),
-    ).write_parquet(encodings)
+    write_encodings(vectors, encodings)
     out = tmp_path / "report"
     argv = ["--out", str(out), "--offline", str(offline), "--quick", "--split", "per-user",
             "--models", "popularity,recent-popularity,hybrid-id,hybrid-text,served",
