@@ -24,6 +24,7 @@ import polars as pl
 
 from avrec import config, tables
 from ranker import baselines, metrics
+from ranker.generator_cache import GeneratorCache
 from ranker.recommender import Recommender, catalogue
 from ranker.splits import Split, Stage, global_split, per_user_split
 from ranker.training import CHOSEN_NEGATIVES, CHOSEN_SAMPLING, CHOSEN_TRAINING
@@ -431,6 +432,7 @@ def model_specs(
     """The baseline specs by name; ``text-knn`` / ``image-knn`` read ``encodings``."""
     grids = baselines.QUICK_GRIDS if quick else baselines.GRIDS
     columns = {"text-knn": "text_embedding", "image-knn": "image_embedding"}
+    cache = GeneratorCache()  # the hybrids' generator fits, shared by all of them
     specs = []
     for name in names:
         if name in BASELINE_FACTORIES:
@@ -438,12 +440,12 @@ def model_specs(
             specs.append(ModelSpec(name, _builder(factory), grids[name]))
         elif name in HYBRID_MODELS or name in SEQUENTIAL_MODELS:
             grid = HYBRID_GRID if name in HYBRID_MODELS and not quick else [{}]
-            specs.append(ModelSpec(name, _content_model_builder(name, encodings, quick), grid,
-                                   baseline=False))
+            build = _content_model_builder(name, encodings, quick, cache)
+            specs.append(ModelSpec(name, build, grid, baseline=False))
         elif name in DEEP_MODELS:
             specs.append(ModelSpec(name, _deep_builder(name, encodings, quick), baseline=False))
         elif name == SERVED:
-            specs.append(ModelSpec(name, _served_builder(encodings, quick, offline),
+            specs.append(ModelSpec(name, _served_builder(encodings, quick, offline, cache),
                                    [{}] if quick else HYBRID_GRID, baseline=False))
         elif name in columns:
             if encodings is None or not encodings.exists():
@@ -501,7 +503,7 @@ def _vector_source(kind: str, frame: pl.DataFrame, fused: FusedVectors) -> Any:
 
 
 def _content_model_builder(
-    name: str, encodings: Path | None, quick: bool
+    name: str, encodings: Path | None, quick: bool, cache: GeneratorCache | None = None,
 ) -> Callable[[dict[str, Any], int], Recommender]:
     """``hybrid-*`` and ``sequential-*`` over one item representation (``id``: none)."""
     from ranker.hybrid import ContentGenerator, HybridConfig, HybridRecommender
@@ -529,19 +531,20 @@ def _content_model_builder(
         if vectors is not None:
             generators["content"] = functools.partial(ContentGenerator, vectors)
         cfg = HybridConfig(seed=seed, **(QUICK_HYBRID if quick else {}), **params)
-        return HybridRecommender(generators, vectors, cfg, seed, name)
+        return HybridRecommender(generators, vectors, cfg, seed, name, cache)
 
     return build
 
 
 def _served_builder(
-    encodings: Path | None, quick: bool, offline: Path | None
+    encodings: Path | None, quick: bool, offline: Path | None,
+    cache: GeneratorCache | None = None,
 ) -> Callable[[dict[str, Any], int], Recommender]:
     """The served pipeline: ``hybrid-mixed`` with ``avrec train``'s configuration, asked
     through the server's code path with features read from the offline tables."""
     from ranker.served import ServedRecommender
 
-    hybrid = _content_model_builder("hybrid-mixed", encodings, quick)
+    hybrid = _content_model_builder("hybrid-mixed", encodings, quick, cache)
     item_table = tables.read_table("item_behaviour", offline)
 
     def build(params: dict[str, Any], seed: int) -> Recommender:

@@ -35,6 +35,7 @@ from torch import nn
 
 from ranker.baselines import ContentKNN
 from ranker.features import VectorSource, resolve_vectors
+from ranker.generator_cache import GeneratorCache
 from ranker.history_scorers import HistoryScorer
 from ranker.hybrid_features import (
     CONTENT,
@@ -56,7 +57,8 @@ class HybridConfig:
     """Pool size, inner split and the learner's optimisation."""
 
     candidates: int = 200
-    cold_slots: int = 20  # pool slots reserved for the content generator's best cold items
+    cold_slots: int = 20  # pool slots reserved for the best cold items ...
+    trending_new_items: bool = True  # ... by content and recent popularity (else content)
     inner_fraction: float = 0.1
     positive_threshold: float = 4.0
     hidden: int = 64
@@ -208,14 +210,6 @@ class ContentGenerator(Recommender):
         return self.inner.history_scorer()
 
 
-def history_scorers(generators: dict[str, Recommender]) -> dict[str, HistoryScorer]:
-    """Each fitted generator as a :class:`~ranker.history_scorers.HistoryScorer`."""
-    lacking = [n for n, g in generators.items() if not hasattr(g, "history_scorer")]
-    if lacking:
-        raise TypeError(f"generators {lacking} cannot score a history (no history_scorer())")
-    return {name: g.history_scorer() for name, g in generators.items()}  # type: ignore[attr-defined]
-
-
 def item_stats(timeline: ItemTimeline, cuts: np.ndarray) -> list[dict[str, np.ndarray]]:
     """The ``item_behaviour`` fields as of each cut (one dict per user)."""
     return [timeline.behaviour_at(cut) for cut in cuts]
@@ -239,6 +233,7 @@ class HybridRecommender(Recommender):
         config: HybridConfig | None = None,
         seed: int = 0,
         name: str | None = None,
+        cache: GeneratorCache | None = None,
     ) -> None:
         super().__init__(seed)
         if not generators:
@@ -252,6 +247,7 @@ class HybridRecommender(Recommender):
         self.interactions = pl.DataFrame()
         self.history = HybridHistory()
         self.last_pool: ScoredPool | None = None
+        self.cache = cache or GeneratorCache()  # share one to reuse fits across hybrids
 
     def _vectors(self, interactions: pl.DataFrame, items: pl.DataFrame) -> np.ndarray | None:
         if self.vector_source is None:
@@ -271,24 +267,29 @@ class HybridRecommender(Recommender):
     def _pipeline(self, interactions: pl.DataFrame, items: pl.DataFrame) -> HybridPipeline:
         """Generators fitted on ``interactions``, as a pipeline without a pool scorer."""
         cfg = self.config
-        fitted = {name: make().fit(interactions, items) for name, make in self.factories.items()}
-        queries = [n for n, g in fitted.items() if hasattr(g, "query")]
+        fitted = {name: self.cache.fit(make, interactions, items)
+                  for name, make in self.factories.items()}
+        queries = [n for n, g in fitted.items() if g.answers_queries]
         features = CandidateFeatures(list(fitted), self._vectors(interactions, items), queries,
                                      self._catalogue(items))
         config = PipelineConfig(
             list(fitted), queries, cfg.candidates, cfg.cold_slots, cfg.positive_threshold,
+            trending_new_items=cfg.trending_new_items,
             content=self.vector_source is not None,
             catalogue_facts=features.catalogue is not None, feature_names=features.names,
         )
         known = np.isin(self.item_ids, interactions["item_id"].unique().to_numpy())
-        return HybridPipeline(config, self.item_ids, history_scorers(fitted), features, known)
+        scorers = {name: g.scorer for name, g in fitted.items()}
+        return HybridPipeline(config, self.item_ids, scorers, features, known)
 
     def _pool(self, pipeline: HybridPipeline, interactions: pl.DataFrame, users: np.ndarray,
-              cuts: np.ndarray | None) -> ScoredPool:
-        """``users``' pools and features as of ``cuts``, from ``interactions`` before them."""
+              cuts: np.ndarray | None, item_events: pl.DataFrame | None = None) -> ScoredPool:
+        """``users``' pools and features as of ``cuts``, from ``interactions`` before them;
+        item statistics from ``item_events`` before each cut (default: ``interactions``)."""
         context = user_context(interactions, self.item_ids, users, cuts,
                                self.config.positive_threshold)
-        timeline = ItemTimeline.build(interactions, self.item_ids)
+        events = interactions if item_events is None else item_events
+        timeline = ItemTimeline.build(events, self.item_ids)
         return pipeline.pool(context, item_stats(timeline, context.cuts))
 
     def _fold_examples(
@@ -305,7 +306,10 @@ class HybridRecommender(Recommender):
             pl.DataFrame({"user_id": users}), on="user_id", how="right"
         )
         cut_times = naive_utc(cuts.sort("user_id")["event_timestamp"])
-        scored = self._pool(pipeline, before, users, cut_times)
+        # item statistics count every event before each user's cut, as the served
+        # item_behaviour rows do (other users' label events included; never the user's own
+        # labels, which start at the cut): new items can be trending without being known
+        scored = self._pool(pipeline, before, users, cut_times, item_events=interactions)
         target = InteractionMatrix.build(positive, self.item_ids)
         label_rows = np.asarray(target.matrix[target.rows(users)].todense()) > 0
         pool_labels = np.take_along_axis(label_rows, scored.pool, 1)

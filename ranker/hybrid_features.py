@@ -38,14 +38,31 @@ ITEM_STATS = ("popularity_7d", "popularity_30d", "popularity_all", "mean_rating"
 ItemStats = Mapping[str, np.ndarray]
 
 
-def ranks(scores: np.ndarray, exclude: np.ndarray) -> np.ndarray:
-    """0-based rank of every item per row (best first), excluded items ranked last (ties in
-    numpy's deterministic introsort order: 3x faster than a stable sort, and the same in
-    training and serving)."""
+RANK_DEPTH = 1000  # each generator ranks its best 1,000 unseen items; the rest tie below them
+
+
+def ranks(scores: np.ndarray, exclude: np.ndarray, depth: int = RANK_DEPTH) -> np.ndarray:
+    """0-based rank of each row's best ``depth`` items (best first); every other item, and
+    every excluded one, gets rank ``depth``.
+
+    A generator's rank matters at its top (reciprocal ranks, fusion); ranking only the top
+    is ~5x faster than sorting a 10k catalogue and stays O(items) on larger ones. Ties are
+    broken by numpy's deterministic selection and introsort, the same in training and serving.
+
+    >>> ranks(np.array([[0.1, 0.9, 0.5, 0.7]]), np.array([[False, True, False, False]]), 2)
+    array([[2, 2, 1, 0]])
+    """
     masked = np.where(exclude, -np.inf, scores)
-    order = np.argsort(-masked, axis=1)
-    out = np.empty_like(order)
-    np.put_along_axis(out, order, np.arange(scores.shape[1])[None, :], axis=1)
+    depth = min(depth, scores.shape[1])
+    out = np.full(scores.shape, depth, dtype=np.int64)
+    if depth == 0:
+        return out
+    top = (np.argpartition(-masked, depth - 1, axis=1)[:, :depth] if depth < scores.shape[1]
+           else np.broadcast_to(np.arange(depth), scores.shape))
+    top_scores = np.take_along_axis(masked, top, axis=1)
+    best = np.take_along_axis(top, np.argsort(-top_scores, axis=1), axis=1)
+    ranked = np.isfinite(np.take_along_axis(masked, best, axis=1))  # excluded: not ranked
+    np.put_along_axis(out, best, np.where(ranked, np.arange(depth)[None, :], depth), axis=1)
     return out
 
 
@@ -83,6 +100,30 @@ def candidate_pool(
     # a user with fewer cold items than slots gets the RRF items ranked next instead
     filler = _best(rest, size)[:, size - reserved.shape[1]:]
     return np.concatenate([warm, np.where(reserved_ok, reserved, filler)], axis=1)
+
+
+TRENDING = "popularity_30d"  # the item_behaviour field that says an item is trending
+
+
+def new_item_ranks(content_ranks: np.ndarray | None, item_stats: Sequence[ItemStats],
+                   cold: np.ndarray, exclude: np.ndarray) -> np.ndarray:
+    """Each user's ranks of the new (``cold``) items for the pool's reserved slots:
+    reciprocal-rank fusion of the content generator's ranks (like what the user liked) and
+    the items' recent popularity as of the user's cut (new and trending); popularity alone
+    without a content generator.
+
+    >>> stats = [{TRENDING: np.array([9.0, 0.0, 3.0, 1.0])}]
+    >>> cold = np.array([[False, True, True, True]])
+    >>> new_item_ranks(np.array([[0, 1, 2, 3]]), stats, cold, np.zeros((1, 4), bool)).tolist()
+    [[4, 2, 0, 1]]
+    """
+    outside = exclude | ~cold
+    trending = np.stack([np.nan_to_num(np.asarray(s[TRENDING], dtype=np.float64))
+                         for s in item_stats])
+    fused = 1.0 / (RRF_K + ranks(trending, outside | ~(trending > 0)))  # unseen lately: no rank
+    if content_ranks is not None:
+        fused = fused + 1.0 / (RRF_K + content_ranks)
+    return ranks(fused, outside)
 
 
 def unit_rows(matrix: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ import polars as pl
 
 from ranker import evaluation
 from ranker.features import ItemVectors
+from ranker.generator_cache import GeneratorCache
 from ranker.hybrid import ContentGenerator, HybridConfig, HybridRecommender
 from ranker.hybrid_pipeline import SCORER_FILE, SavedPipeline
 from ranker.recommender import Recommender, catalogue
@@ -39,6 +40,8 @@ VALIDATION_FRACTION = 0.1
 
 def _hybrid_factory(generators: dict[str, dict[str, Any]], vectors: ItemVectors, quick: bool
                     ) -> evaluation.ModelSpec:
+    cache = GeneratorCache()  # grid points and the final fit repeat the generators' fits
+
     def build(params: dict[str, Any], seed: int) -> Recommender:
         factories: dict[str, Any] = {
             name: functools.partial(evaluation.BASELINE_FACTORIES[name], seed=seed, **tuned)
@@ -46,7 +49,7 @@ def _hybrid_factory(generators: dict[str, dict[str, Any]], vectors: ItemVectors,
         }
         factories["content"] = functools.partial(ContentGenerator, vectors)
         cfg = HybridConfig(seed=seed, **(evaluation.QUICK_HYBRID if quick else {}), **params)
-        return HybridRecommender(factories, vectors, cfg, seed, "hybrid")
+        return HybridRecommender(factories, vectors, cfg, seed, "hybrid", cache)
 
     grid = [{}] if quick else evaluation.HYBRID_GRID
     return evaluation.ModelSpec("hybrid", build, grid, baseline=False)

@@ -43,6 +43,7 @@ from ranker.hybrid_features import (
     ScoredPool,
     UserContext,
     candidate_pool,
+    new_item_ranks,
     ranks,
     with_exploration_slots,
 )
@@ -85,6 +86,8 @@ class PipelineConfig:
     positive_threshold: float = 4.0
     content: bool = True  # content similarity features (item vectors)
     catalogue_facts: bool = True  # genre match and year offset
+    trending_new_items: bool = False  # cold slots by content and recent popularity (else
+    # by content alone, as pipelines saved before this option)
     explore: int = 0  # exploration slots: new items in the last places of the top ``depth``
     depth: int = 20
     feature_names: list[str] = field(default_factory=list)
@@ -159,6 +162,8 @@ class HybridPipeline:
         generator_ranks = [ranks(s, context.seen) for s in scores]
         content = (generator_ranks[cfg.generators.index(CONTENT)]
                    if CONTENT in cfg.generators else None)
+        if cfg.trending_new_items:
+            content = new_item_ranks(content, item_stats, cold, context.seen)
         pool = (candidate_pool(generator_ranks, context.seen, cfg.candidates, cold, content,
                                cfg.cold_slots) if candidates is None else candidates)
         recent = [History(p[-RECENT:], np.full(min(p.size, RECENT), cfg.positive_threshold))

@@ -11,6 +11,7 @@ ONNX run. Errors a caller can fix raise :class:`RequestError`; Redis failures ra
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -39,6 +40,8 @@ from server.item_snapshot import (
 )
 from server.models import ServingModels, UserInputs
 from server.retrieval import CandidateIndex
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -160,6 +163,8 @@ class RankingEngine:
         self.version_key = materialization_key(store.config.project)
         self._loaded: _Loaded | None = None
         self._reload_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._reloader: threading.Thread | None = None
         self.reloads = 0
         self.snapshot_errors = 0
 
@@ -190,32 +195,78 @@ class RankingEngine:
                        np.argsort(-snapshot.popularity, kind="stable"), index, pipeline, stats)
 
     def ensure_snapshot(self, materialization: bytes | None, now: datetime) -> _Loaded:
-        """The current snapshot, reloaded when stale; a failed reload keeps the old one."""
+        """The snapshot to answer with.
+
+        A stale snapshot (the materialization counter moved, or the refresh interval passed)
+        is still served while one background thread loads its successor and swaps it in, so
+        no request waits for a reload. A request waits only when there is no snapshot yet or
+        when the current one holds a row past its TTL (point-in-time correctness comes
+        first). A failed reload keeps the old snapshot.
+        """
         loaded = self._loaded
-        if (loaded is not None and loaded.snapshot.materialization == materialization
-                and now < loaded.snapshot.valid_until):
+        if loaded is not None and self._current(loaded, materialization, now):
             metrics.SNAPSHOT.labels("hit").inc()
             metrics.SNAPSHOT_AGE.set((now - loaded.snapshot.loaded_at).total_seconds())
             return loaded
+        expires = loaded.snapshot.expires_at if loaded is not None else None
+        if loaded is not None and (expires is None or now < expires):
+            metrics.SNAPSHOT.labels("stale").inc()
+            self._reload_in_background(materialization, now)
+            return loaded
         with self._reload_lock:
-            loaded = self._loaded
-            if (loaded is not None and loaded.snapshot.materialization == materialization
-                    and now < loaded.snapshot.valid_until):
-                return loaded
-            try:
-                self._loaded = self._load(materialization, now)
-                self.reloads += 1
-                metrics.SNAPSHOT.labels("reload").inc()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise StoreUnavailable(f"online store unreachable: {exc}") from exc
-            except MixedVersionsError:
-                self.snapshot_errors += 1
-                if loaded is None:
-                    raise
-                loaded.snapshot.materialization = materialization
-                loaded.snapshot.valid_until = now + timedelta(
-                    seconds=self.config.snapshot_refresh_seconds)
-            return self._loaded
+            return self._reload(materialization, now)
+
+    @staticmethod
+    def _current(loaded: _Loaded, materialization: bytes | None, now: datetime) -> bool:
+        return (loaded.snapshot.materialization == materialization
+                and now < loaded.snapshot.valid_until)
+
+    def _reload(self, materialization: bytes | None, now: datetime) -> _Loaded:
+        """Load and swap in a new snapshot (the caller holds the reload lock)."""
+        loaded = self._loaded
+        if loaded is not None and self._current(loaded, materialization, now):
+            return loaded
+        try:
+            self._loaded = self._load(materialization, now)
+            self.reloads += 1
+            metrics.SNAPSHOT.labels("reload").inc()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"online store unreachable: {exc}") from exc
+        except MixedVersionsError:
+            self.snapshot_errors += 1
+            if loaded is None:
+                raise
+            loaded.snapshot.materialization = materialization
+            loaded.snapshot.valid_until = now + timedelta(
+                seconds=self.config.snapshot_refresh_seconds)
+        return self._loaded
+
+    def _reload_in_background(self, materialization: bytes | None, now: datetime) -> None:
+        """Start a reload thread unless one is running."""
+        with self._state_lock:
+            if self._reloader is not None and self._reloader.is_alive():
+                return
+            self._reloader = threading.Thread(
+                target=self._background_reload, args=(materialization, now),
+                name="avrec-snapshot-reload", daemon=True)
+            self._reloader.start()
+
+    def _background_reload(self, materialization: bytes | None, now: datetime) -> None:
+        try:
+            with self._reload_lock:
+                self._reload(materialization, now)
+        except Exception as exc:  # any failure: the old snapshot keeps serving
+            self.snapshot_errors += 1
+            metrics.SNAPSHOT.labels("failed").inc()
+            logger.warning("background snapshot reload failed (the old one serves): %s", exc)
+
+    def wait_for_reload(self, timeout: float | None = None) -> bool:
+        """Wait for a running background reload; False if it is still running."""
+        reloader = self._reloader
+        if reloader is not None:
+            reloader.join(timeout)
+            return not reloader.is_alive()
+        return True
 
     # -- user --------------------------------------------------------------------------------
 

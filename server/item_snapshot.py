@@ -8,7 +8,7 @@ the whole catalogue taken in one pipelined pass. A snapshot is replaced when
   round trip as the user's row) changes: a materialization wrote new rows;
 * its ``valid_until`` passes: the refresh interval (catching writes that bypassed
   ``avrec materialize``, e.g. a bare ``feast materialize``) or the first item row to outlive
-  its view's TTL, so an expired row is never served from memory.
+  its view's TTL (``expires_at``), so an expired row is never served from memory.
 
 A snapshot whose vectors mix two embedding versions is refused
 (:class:`avrec.online_features.MixedVersionsError`); the server keeps the one it has.
@@ -70,6 +70,7 @@ class ItemSnapshot:
     materialization: bytes | None
     loaded_at: datetime
     valid_until: datetime
+    expires_at: datetime | None = None  # the first row to outlive its TTL (None: none will)
     freshest: dict[str, datetime | None] = field(default_factory=dict)
     _order: np.ndarray = field(init=False, repr=False)
 
@@ -179,6 +180,7 @@ def load_snapshot(
         materialization=materialization,
         loaded_at=now,
         valid_until=min([now + refresh, *expiries]),
+        expires_at=min(expiries, default=None),
         freshest=freshest,
     )
     snapshot.dense = snapshot.dense_for(encoder)

@@ -2,8 +2,9 @@
 
 * ``avrec_request_seconds{method}``: latency histogram per RPC,
 * ``avrec_requests_total{method, code}``: calls by gRPC status code,
-* ``avrec_item_snapshot_total{result}``: snapshot lookups (``hit``) and reloads (``reload``),
-  whose ratio is the cache hit ratio,
+* ``avrec_item_snapshot_total{result}``: snapshot lookups (``hit``; ``stale``: served while
+  a background reload runs) and reloads (``reload``; ``failed``: a background reload that
+  failed, the old snapshot kept serving),
 * ``avrec_item_snapshot_age_seconds``: how old the served item snapshot is.
 """
 

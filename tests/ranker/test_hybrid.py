@@ -21,9 +21,11 @@ from ranker.hybrid import (
     item_stats,
 )
 from ranker.hybrid_features import (
+    TRENDING,
     CandidateFeatures,
     UserContext,
     candidate_pool,
+    new_item_ranks,
     ranks,
     user_context,
     with_exploration_slots,
@@ -114,9 +116,38 @@ def test_exploration_slots_put_the_best_cold_items_at_the_end_of_the_top() -> No
     np.testing.assert_array_equal(with_exploration_slots(scores, cold, 0, 4), scores)
 
 
+def test_new_item_slots_take_trending_new_items_as_well_as_similar_ones() -> None:
+    n = 40
+    cold = np.zeros((1, n), bool)
+    cold[0, 30:] = True  # items 30..39 are new
+    content = -np.arange(n, dtype=float)[None, :]  # content prefers low columns: 30 best new
+    trending = np.zeros(n)
+    trending[39] = 25.0  # the new item everyone watches this month
+    exclude = np.zeros((1, n), bool)
+    generator = [np.arange(n)[None, :]]  # ranks: column 0 first
+    by_content = candidate_pool(generator, exclude, 10, cold, ranks(content, exclude), 2)
+    both = new_item_ranks(ranks(content, exclude), [{TRENDING: trending}], cold, exclude)
+    with_trending = candidate_pool(generator, exclude, 10, cold, both, 2)
+    assert sorted(by_content[0, -2:].tolist()) == [30, 31]
+    assert sorted(with_trending[0, -2:].tolist()) == [30, 39]
+    assert with_trending[0, :8].tolist() == list(range(8))  # warm part unchanged
+
+
 def test_ranks_put_excluded_items_last() -> None:
     got = ranks(np.array([[0.1, 0.9, 0.5]]), np.array([[False, True, False]]))
-    assert got.tolist() == [[1, 2, 0]]
+    assert got.tolist() == [[1, 3, 0]]
+
+
+def test_ranks_are_the_sorted_order_down_to_the_depth() -> None:
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(4, 500))
+    exclude = rng.random((4, 500)) < 0.2
+    got = ranks(scores, exclude, depth=50)
+    for row in range(4):  # oracle: a full sort of the unexcluded items
+        unexcluded = np.flatnonzero(~exclude[row])
+        order = unexcluded[np.argsort(-scores[row, unexcluded])]
+        assert got[row, order[:50]].tolist() == list(range(50))
+        assert (np.delete(got[row], order[:50]) == 50).all()
 
 
 def test_feature_names_match_the_feature_columns(contract_data: ContractData) -> None:
