@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -340,16 +341,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+GLOBAL_VALUE_OPTIONS = ("--redis-url",)  # global options that take a value
+
+
+def split_global_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(global options, the subcommand and its arguments).
+
+    >>> split_global_options(["--redis-url", "redis://h:1/0", "train", "--epochs", "2"])
+    (['--redis-url', 'redis://h:1/0'], ['train', '--epochs', '2'])
+    """
+    for i, token in enumerate(argv):
+        takes_value = i > 0 and argv[i - 1] in GLOBAL_VALUE_OPTIONS
+        if not token.startswith("-") and not takes_value:
+            return argv[:i], argv[i:]
+    return argv, []
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``avrec`` console script."""
+    """Entry point of the ``avrec`` console script.
+
+    Global options come before the subcommand and hold for every subcommand: the delegated
+    ones (``train``, ``evaluate``, ``serve``, ...) read ``--redis-url`` as ``$REDIS_URL``.
+    Errors a user can fix print one line and exit with 2.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in DELEGATED:
-        return run_delegated(argv[0], argv[1:])
-    args = build_parser().parse_args(argv)
+    head, rest = split_global_options(argv)
+    command = rest[0] if rest else ""
     try:
+        if command in DELEGATED:
+            options = build_parser().parse_args([*head, "redis"])  # the global options only
+            if options.redis_url:
+                os.environ["REDIS_URL"] = options.redis_url
+            return run_delegated(command, rest[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"avrec {args.command}: error: {exc}", file=sys.stderr)
+        print(f"avrec {command}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -705,18 +705,19 @@ def build_splits(events: pl.DataFrame, args: argparse.Namespace) -> list[Split]:
 
 
 def check_preconditions(names: Sequence[str], offline: Path) -> None:
-    """Fail before any work when a requested model cannot run (clear message, no traceback)."""
+    """Fail before any work when a requested model cannot run (FileNotFoundError: the CLI
+    prints its one-line message and exits with 2)."""
     missing = [t for t in ("events", "items") if not tables.table_path(t, offline).exists()]
     if missing:
-        raise SystemExit(f"avrec evaluate: no {', '.join(missing)} table in {offline}; "
+        raise FileNotFoundError(f"no {', '.join(missing)} table in {offline}; "
                          "run `avrec ingest` first")
     if SERVED in names and not tables.table_path("item_behaviour", offline).exists():
-        raise SystemExit(f"avrec evaluate: {SERVED} reads the item_behaviour feature table, "
+        raise FileNotFoundError(f"{SERVED} reads the item_behaviour feature table, "
                          f"which is not in {offline}; run `avrec features` first")
     if any(n in DEEP_MODELS for n in names):
         registry = config.registry_path()
         if not registry.exists():
-            raise SystemExit(f"avrec evaluate: {', '.join(n for n in names if n in DEEP_MODELS)}"
+            raise FileNotFoundError(f"{', '.join(n for n in names if n in DEEP_MODELS)}"
                              f" read features through Feast, but there is no registry at "
                              f"{registry}; run `avrec features && avrec apply` first")
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from avrec import cli
 
@@ -53,3 +54,15 @@ def test_cli_errors_are_clear() -> None:
 def test_parse_time_defaults_to_utc() -> None:
     assert cli.parse_time("2018-01-01").isoformat() == "2018-01-01T00:00:00+00:00"
     assert cli.parse_time("2018-01-01T02:00:00+02:00").hour == 0
+
+
+def test_global_options_hold_for_delegated_subcommands(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    url = "redis://127.0.0.1:6390/3"
+    # once an AttributeError ('Namespace' object has no attribute 'func')
+    code = cli.main(["--redis-url", url, "evaluate", "--models", "no-such-model"])
+    assert code == 2 and "avrec evaluate: error: " in capsys.readouterr().err
+    assert cli.config.redis_url() == url
+    assert cli.main(["--redis-url", url, "training-set", "--start", "2018-03-01",
+                     "--end", "2018-01-01", "--out", "x.parquet"]) == 2

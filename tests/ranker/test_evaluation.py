@@ -171,10 +171,10 @@ def test_hybrids_bring_their_generators_in_front() -> None:
 
 def test_missing_inputs_fail_before_any_work(tmp_path: Path, ml_offline: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(SystemExit, match="avrec ingest"):
+    with pytest.raises(FileNotFoundError, match="avrec ingest"):
         evaluation.main(["--offline", str(tmp_path), "--models", "popularity"])
     monkeypatch.setenv("AVREC_DATA_DIR", str(tmp_path))
-    with pytest.raises(SystemExit, match="avrec apply"):
+    with pytest.raises(FileNotFoundError, match="avrec apply"):
         evaluation.main(["--offline", str(ml_offline), "--models", "popularity,deep-text"])
     with pytest.raises(FileNotFoundError, match="encodings"):
         evaluation.main(["--offline", str(ml_offline), "--models", "hybrid-text",
