@@ -457,6 +457,23 @@ def _popularity(pairs: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(pairs.ravel(), minlength=n).astype(np.float64)
 
 
+def fit_gated_fusion(
+    events: pl.DataFrame,
+    features: ItemFeatures,
+    cutoff: datetime,
+    *,
+    config: TrainConfig = TrainConfig(),
+    pair_config: PairConfig = PairConfig(),
+) -> ItemFusionModel:
+    """The gated fusion fitted on every pre-cutoff pair, alone: bit for bit the ``gated``
+    model :func:`train_fusion` returns, without choosing ``a``, fitting the weighted sum or
+    scoring anything (what a consumer of the mixed vectors needs, ~10x faster)."""
+    before = between(co_consumption_pairs(events, pair_config), end=cutoff)
+    if before.height < 2:
+        raise NotEnoughData(f"{before.height} co-consumption pairs before {cutoff.isoformat()}")
+    return fit("gated", features, pair_rows(before, features), config)[0]
+
+
 def train_fusion(
     events: pl.DataFrame,
     features: ItemFeatures,

@@ -554,10 +554,13 @@ def _served_builder(
 
 
 class FusedVectors:
-    """The fusion trained on a stage's fit interactions, both kinds, trained once per stage.
+    """The fusion trained on a stage's fit interactions, trained once per stage and kind.
 
-    ``deep-mixed``, ``deep-asum`` and ``two-tower`` fit on the same interactions in a stage:
-    the fusion (gated and weighted sum, fitted together) is trained once and reused.
+    ``deep-mixed``, ``deep-asum``, ``two-tower`` and the hybrids' inner folds fit on the same
+    interactions: each fusion is trained once and reused. ``mixed`` alone trains only the
+    gated fusion (:func:`encoders.fusion_training.fit_gated_fusion`, the same weights);
+    ``asum`` runs the whole :func:`~encoders.fusion_training.train_fusion` (its ``a`` is
+    chosen on validation pairs).
     """
 
     def __init__(self, frame: pl.DataFrame) -> None:
@@ -576,15 +579,21 @@ class FusedVectors:
         last = interactions["event_timestamp"].max()
         keys = interactions.select("user_id", "item_id", "event_timestamp")
         key = (interactions.height, last, int(keys.hash_rows(seed=7).sum()))
-        if key not in self.fitted:
+        fitted = self.fitted.setdefault(key, {})
+        if kind not in fitted:
             features = ft.ItemFeatures.from_encodings(self.frame)
             cutoff = last + timedelta(microseconds=1)
-            run = ft.train_fusion(interactions, features, items, cutoff, ablations=False)
-            self.fitted[key] = {
-                "mixed": ItemVectors(features.item_ids, ft.embed(run.gated, features), "mixed"),
-                "asum": ItemVectors(features.item_ids, ft.embed(run.asum, features), "asum"),
-            }
-        return self.fitted[key][kind]
+            if kind == "mixed":  # the gated fusion alone (no a-grid, no scoring)
+                gated = ft.fit_gated_fusion(interactions, features, cutoff)
+                fitted["mixed"] = ItemVectors(features.item_ids, ft.embed(gated, features),
+                                              "mixed")
+            else:
+                run = ft.train_fusion(interactions, features, items, cutoff, ablations=False)
+                fitted["mixed"] = ItemVectors(features.item_ids, ft.embed(run.gated, features),
+                                              "mixed")
+                fitted["asum"] = ItemVectors(features.item_ids, ft.embed(run.asum, features),
+                                             "asum")
+        return fitted[kind]
 
 
 _FUSED: dict[Path, FusedVectors] = {}

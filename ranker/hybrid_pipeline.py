@@ -147,6 +147,7 @@ class HybridPipeline:
         self.config, self.item_ids = config, np.asarray(item_ids, dtype=np.int64)
         self.scorers, self.features, self.model = scorers, features, model
         self.known = np.asarray(known, dtype=bool)  # per catalogue column: fitted on
+        self._id_order = np.argsort(self.item_ids, kind="stable")
 
     def pool(self, context: UserContext, item_stats: Sequence[ItemStats],
              candidates: np.ndarray | None = None) -> ScoredPool:
@@ -186,10 +187,9 @@ class HybridPipeline:
     def context(self, users: Sequence[ServedUser], now: np.datetime64) -> UserContext:
         """The features' view of users as a server reads them (history item ids outside the
         catalogue are dropped)."""
-        order = np.argsort(self.item_ids, kind="stable")
         histories = []
         for user in users:
-            cols = lookup_rows(self.item_ids, order, user.history_items)
+            cols = lookup_rows(self.item_ids, self._id_order, user.history_items)
             known = cols >= 0
             ratings = np.asarray(user.history_ratings, dtype=np.float64)[known]
             histories.append(History(cols[known], ratings))

@@ -198,6 +198,18 @@ def test_events_after_the_cutoff_do_not_change_the_fusion(
         assert torch.equal(value, cut.gated.state_dict()[name]), name
 
 
+def test_the_gated_fusion_alone_is_the_one_train_fusion_returns(
+    offline: Path, features: fusion_training.ItemFeatures
+) -> None:
+    events = pl.read_parquet(offline / "events.parquet")
+    items = pl.read_parquet(offline / "items.parquet")
+    run = fusion_training.train_fusion(events, features, items, CUTOFF, a_grid=(0.5,),
+                                       config=SMALL, ablations=False)
+    alone = fusion_training.fit_gated_fusion(events, features, CUTOFF, config=SMALL)
+    for name, value in run.gated.state_dict().items():
+        assert torch.equal(value, alone.state_dict()[name]), name
+
+
 def test_job_writes_the_table(fused: dict, encodings_path: Path) -> None:
     table = pl.read_parquet(fused["out"])
     assert table.schema == pl.Schema(mixed_job.ITEM_EMBEDDINGS_SCHEMA)
