@@ -112,18 +112,24 @@ def new_item_ranks(content_ranks: np.ndarray | None, item_stats: Sequence[ItemSt
     the items' recent popularity as of the user's cut (new and trending); popularity alone
     without a content generator.
 
-    >>> stats = [{TRENDING: np.array([9.0, 0.0, 3.0, 1.0])}]
-    >>> cold = np.array([[False, True, True, True]])
-    >>> new_item_ranks(np.array([[0, 1, 2, 3]]), stats, cold, np.zeros((1, 4), bool)).tolist()
-    [[4, 2, 0, 1]]
+    >>> stats = [{TRENDING: np.array([9.0, 0.0, 3.0, 1.0, 0.0])}]
+    >>> cold = np.array([[False, True, True, True, True]])
+    >>> content = np.array([[0, 1, 2, 3, 4]])
+    >>> new_item_ranks(content, stats, cold, np.zeros((1, 5), bool)).tolist()
+    [[1000, 2, 0, 1, 3]]
     """
-    outside = exclude | ~cold
-    trending = np.stack([np.nan_to_num(np.asarray(s[TRENDING], dtype=np.float64))
+    columns = np.flatnonzero(cold.any(axis=0))  # ranked among the new items only
+    out = np.full(cold.shape, RANK_DEPTH, dtype=np.int64)
+    if columns.size == 0:
+        return out
+    outside = (exclude | ~cold)[:, columns]
+    trending = np.stack([np.nan_to_num(np.asarray(s[TRENDING], dtype=np.float64)[columns])
                          for s in item_stats])
     fused = 1.0 / (RRF_K + ranks(trending, outside | ~(trending > 0)))  # unseen lately: no rank
     if content_ranks is not None:
-        fused = fused + 1.0 / (RRF_K + content_ranks)
-    return ranks(fused, outside)
+        fused = fused + 1.0 / (RRF_K + content_ranks[:, columns])
+    out[:, columns] = ranks(fused, outside)
+    return out
 
 
 def unit_rows(matrix: np.ndarray) -> np.ndarray:
