@@ -35,7 +35,7 @@ import polars as pl
 
 from avrec import tables
 from ranker.history_scorers import History
-from ranker.hybrid_features import RECENT, candidate_pool, ranks
+from ranker.hybrid_features import CONTENT, RECENT, candidate_pool, new_item_ranks, ranks
 from ranker.hybrid_pipeline import ServedUser, served_order
 from server.app import build_engine
 from server.config import ServeConfig
@@ -71,6 +71,15 @@ def stage_calls(engine, users: list[int]) -> dict[str, list[Callable[[], object]
     now = utc_datetime64(engine.clock.now())
     cfg = pipe.config
     cold = ~pipe.known[None, :]
+
+    def pool_of(generator_ranks: list[np.ndarray], context: object) -> np.ndarray:
+        """The pool as :meth:`~ranker.hybrid_pipeline.HybridPipeline.pool` draws it."""
+        content = generator_ranks[cfg.generators.index(CONTENT)]
+        if cfg.trending_new_items:
+            content = new_item_ranks(content, [stats], cold, context.seen)
+        return candidate_pool(generator_ranks, context.seen, cfg.candidates, cold, content,
+                              cfg.cold_slots)
+
     stages: dict[str, list[Callable[[], object]]] = {
         name: [] for name in ("pipeline.recommend", "context", "history scorers", "ranks",
                               "pool", "features", "onnx scorer", "served order")}
@@ -82,9 +91,7 @@ def stage_calls(engine, users: list[int]) -> dict[str, list[Callable[[], object]
         context = pipe.context([user], now)
         scores = [pipe.scorers[g].score(context.histories) for g in cfg.generators]
         generator_ranks = [ranks(s, context.seen) for s in scores]
-        content = generator_ranks[cfg.generators.index("content")]
-        pool = candidate_pool(generator_ranks, context.seen, cfg.candidates, cold, content,
-                              cfg.cold_slots)
+        pool = pool_of(generator_ranks, context)
         recent = [History(p[-RECENT:], np.full(min(p.size, RECENT), cfg.positive_threshold))
                   for p in context.positives]
         queries = [pipe.scorers[g].score(recent) for g in cfg.queries]
@@ -98,8 +105,7 @@ def stage_calls(engine, users: list[int]) -> dict[str, list[Callable[[], object]
                                           for g in cfg.generators],
                                          [pipe.scorers[g].score(r) for g in cfg.queries]))
         stages["ranks"].append(lambda s=scores, c=context: [ranks(x, c.seen) for x in s])
-        stages["pool"].append(lambda r=generator_ranks, c=context, n=content: candidate_pool(
-            r, c.seen, cfg.candidates, cold, n, cfg.cold_slots))
+        stages["pool"].append(lambda r=generator_ranks, c=context: pool_of(r, c))
         stages["features"].append(lambda c=context, p=pool, s=scores, r=generator_ranks,
                                   q=queries: pipe.features.build(c, p, s, r, [stats], q))
         stages["onnx scorer"].append(lambda f=features: pipe.model(f))
