@@ -271,12 +271,19 @@ def _demo_service(redis_url: str, clock: datetime, port: int) -> None:
     print(f"    try `avrec recommend 610 --explain`; stop it with `kill {process.pid}`")
 
 
+def global_options_parser() -> argparse.ArgumentParser:
+    """The options given before any subcommand (they hold for every subcommand)."""
+    parser = argparse.ArgumentParser(prog="avrec", add_help=False)
+    parser.add_argument("--redis-url", default=None, help="default: $REDIS_URL or local 6379")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``avrec`` (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
-        prog="avrec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="avrec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[global_options_parser()],
     )
-    parser.add_argument("--redis-url", default=None, help="default: $REDIS_URL or local 6379")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("redis", help="make sure Redis answers").set_defaults(func=cmd_redis)
@@ -369,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     command = rest[0] if rest else ""
     try:
         if command in DELEGATED:
-            options = build_parser().parse_args([*head, "redis"])  # the global options only
+            options = global_options_parser().parse_args(head)
             if options.redis_url:
                 os.environ["REDIS_URL"] = options.redis_url
             return run_delegated(command, rest[1:])

@@ -13,13 +13,14 @@ model's outputs differ beyond ``--min-cosine``.
 
 Batches: encoders 64 texts x 64 tokens and 32 images; the ranker scores one user x 1,000
 candidates (``Rank 1x1000``); the hybrid scorer one pool of 1,000 candidates. Imports neither
-torch nor transformers (onnxruntime, numpy and this checkout's torch-free
-``avrec.onnx_runtime``), so a bare GPU machine needs only onnxruntime-gpu and numpy.
+torch nor transformers (this checkout's ``avrec.onnx_runtime`` and ``ranker.export``, which
+need onnxruntime, numpy, polars and duckdb), so a bare GPU machine needs only those.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 from avrec.onnx_runtime import cuda_device_count, cuda_usable
+from ranker.export import latest_model_dir
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 DIMS = {"batch": 1000, "users": 1, "pool": 1000, "sequence": 64}  # symbolic dims
@@ -36,12 +38,10 @@ ENCODER_BATCH = {"sentence_embedding": 64, "image_embedding": 32}
 
 
 def models_under(root: Path) -> list[Path]:
-    """The encoders' ONNX files and those of the newest training run."""
+    """The encoders' ONNX files and those of the newest training run (``LATEST``)."""
     found = sorted((root / "encoders").glob("*/model.onnx"))
-    runs = sorted(p for p in (root / "ranker").glob("*") if p.is_dir()) if (
-        root / "ranker").is_dir() else []
-    if runs:
-        found += sorted(runs[-1].glob("*/*.onnx"))
+    with contextlib.suppress(FileNotFoundError):
+        found += sorted(latest_model_dir(root / "ranker").glob("*/*.onnx"))
     return found
 
 

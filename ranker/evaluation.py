@@ -583,16 +583,10 @@ class FusedVectors:
         if kind not in fitted:
             features = ft.ItemFeatures.from_encodings(self.frame)
             cutoff = last + timedelta(microseconds=1)
-            if kind == "mixed":  # the gated fusion alone (no a-grid, no scoring)
-                gated = ft.fit_gated_fusion(interactions, features, cutoff)
-                fitted["mixed"] = ItemVectors(features.item_ids, ft.embed(gated, features),
-                                              "mixed")
-            else:
-                run = ft.train_fusion(interactions, features, items, cutoff, ablations=False)
-                fitted["mixed"] = ItemVectors(features.item_ids, ft.embed(run.gated, features),
-                                              "mixed")
-                fitted["asum"] = ItemVectors(features.item_ids, ft.embed(run.asum, features),
-                                             "asum")
+            model = (ft.fit_gated_fusion(interactions, features, cutoff) if kind == "mixed"
+                     else ft.train_fusion(interactions, features, items, cutoff,
+                                          ablations=False).asum)
+            fitted[kind] = ItemVectors(features.item_ids, ft.embed(model, features), kind)
         return fitted[kind]
 
 
@@ -719,16 +713,16 @@ def check_preconditions(names: Sequence[str], offline: Path) -> None:
     missing = [t for t in ("events", "items") if not tables.table_path(t, offline).exists()]
     if missing:
         raise FileNotFoundError(f"no {', '.join(missing)} table in {offline}; "
-                         "run `avrec ingest` first")
+                                "run `avrec ingest` first")
     if SERVED in names and not tables.table_path("item_behaviour", offline).exists():
         raise FileNotFoundError(f"{SERVED} reads the item_behaviour feature table, "
-                         f"which is not in {offline}; run `avrec features` first")
+                                f"which is not in {offline}; run `avrec features` first")
     if any(n in DEEP_MODELS for n in names):
         registry = config.registry_path()
         if not registry.exists():
             raise FileNotFoundError(f"{', '.join(n for n in names if n in DEEP_MODELS)}"
-                             f" read features through Feast, but there is no registry at "
-                             f"{registry}; run `avrec features && avrec apply` first")
+                                    f" read features through Feast, but there is no registry "
+                                    f"at {registry}; run `avrec features && avrec apply` first")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

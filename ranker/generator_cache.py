@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,14 +71,25 @@ class GeneratorCache:
         return (f"{cls.__module__}.{cls.__qualname__}", factory.args,
                 tuple(sorted(factory.keywords.items())))
 
+    def fit_all(self, factories: Mapping[str, Callable[[], Any]], interactions: pl.DataFrame,
+                items: pl.DataFrame) -> dict[str, FittedGenerator]:
+        """Every generator fitted on the same data (fingerprinted once)."""
+        data = (fingerprint(interactions), fingerprint(items.select("item_id")))
+        return {name: self._fit(make, interactions, items, data)
+                for name, make in factories.items()}
+
     def fit(self, factory: Callable[[], Any], interactions: pl.DataFrame, items: pl.DataFrame
             ) -> FittedGenerator:
         """The generator ``factory()`` fitted on ``interactions`` (from the cache when the
         same fit ran before)."""
+        return self.fit_all({"": factory}, interactions, items)[""]
+
+    def _fit(self, factory: Callable[[], Any], interactions: pl.DataFrame,
+             items: pl.DataFrame, data: tuple[Any, ...]) -> FittedGenerator:
         settings = self.key_of(factory)
         key = None
         if settings is not None and self.size > 0:
-            key = (settings, fingerprint(interactions), fingerprint(items.select("item_id")))
+            key = (settings, *data)
             if key in self.entries:
                 self.hits += 1
                 self.entries.move_to_end(key)

@@ -267,8 +267,7 @@ class HybridRecommender(Recommender):
     def _pipeline(self, interactions: pl.DataFrame, items: pl.DataFrame) -> HybridPipeline:
         """Generators fitted on ``interactions``, as a pipeline without a pool scorer."""
         cfg = self.config
-        fitted = {name: self.cache.fit(make, interactions, items)
-                  for name, make in self.factories.items()}
+        fitted = self.cache.fit_all(self.factories, interactions, items)
         queries = [n for n, g in fitted.items() if g.answers_queries]
         features = CandidateFeatures(list(fitted), self._vectors(interactions, items), queries,
                                      self._catalogue(items))

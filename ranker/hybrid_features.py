@@ -46,7 +46,8 @@ def ranks(scores: np.ndarray, exclude: np.ndarray, depth: int = RANK_DEPTH) -> n
     every excluded one, gets rank ``depth``.
 
     A generator's rank matters at its top (reciprocal ranks, fusion); ranking only the top
-    is ~5x faster than sorting a 10k catalogue and stays O(items) on larger ones. Ties are
+    costs a selection plus a sort of ``depth`` items instead of a sort of the catalogue
+    (``bench/hybrid_latency.py``: 1.66 -> 0.5-1.0 ms for four generators over 9,742 items). Ties are
     broken by numpy's deterministic selection and introsort, the same in training and serving.
 
     >>> ranks(np.array([[0.1, 0.9, 0.5, 0.7]]), np.array([[False, True, False, False]]), 2)
