@@ -14,7 +14,11 @@ Two input formats are understood:
     items file).
 
 Every input row either lands in an offline table or goes to ``rejects.parquet`` with its
-source file, line number, reason and raw text. Outputs are rewritten whole and sorted, so
+source file, line number, reason and raw text, and the report's counts add up per source:
+``read == landed + rejected``. Files are UTF-8 (a byte-order mark is accepted); a row with
+bytes that are not UTF-8 (``bad_encoding``), a field over 128 KiB (``field_too_large``), too
+many or too few fields (``wrong_field_count``) or only empty fields (``empty_row``) is
+rejected, never repaired. Ids are ASCII digits. Outputs are rewritten whole and sorted, so
 re-running on the same input gives the same files (idempotent).
 """
 
@@ -38,7 +42,12 @@ RATING_RANGE = (0.5, 5.0)
 # Anything before the web or after tomorrow is a corrupt timestamp, not an event.
 EARLIEST = datetime(1990, 1, 1, tzinfo=UTC)
 GENRE_NONE = "(no genres listed)"
-_YEAR = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})(?:[-–]\d{0,4})?\)\s*$")
+_YEAR = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})(?:[-–]\d{0,4})?\)\s*$", re.ASCII)
+# bytes that are not UTF-8, as decoded with errors="surrogateescape"
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+IMAGE_NOT_FOUND = "image_not_found (item kept without image)"
+# reject rows written as warnings: their input row landed anyway
+NOTES = frozenset({IMAGE_NOT_FOUND})
 
 
 class IngestError(ValueError):
@@ -50,13 +59,33 @@ class IngestReport:
     """What an ingest run read, wrote and rejected."""
 
     rows_read: Counter[str] = field(default_factory=Counter)
+    rows_landed: Counter[str] = field(default_factory=Counter)
     rows_written: Counter[str] = field(default_factory=Counter)
     rejects: Counter[tuple[str, str]] = field(default_factory=Counter)
 
+    def rejected(self) -> Counter[str]:
+        """Rejected input rows per source (warnings about rows that landed left out)."""
+        out: Counter[str] = Counter()
+        for (source, reason), n in self.rejects.items():
+            if reason not in NOTES:
+                out[source] += n
+        return out
+
+    def unaccounted(self) -> dict[str, tuple[int, int, int]]:
+        """Sources whose ``read != landed + rejected``: ``{source: (read, landed, rejected)}``
+        (empty when every row is accounted for)."""
+        rejected = self.rejected()
+        sources = set(self.rows_read) | set(self.rows_landed) | set(rejected)
+        counts = {s: (self.rows_read[s], self.rows_landed[s], rejected[s]) for s in sources}
+        return {s: c for s, c in counts.items() if c[0] != c[1] + c[2]}
+
     def summary(self) -> str:
         """A short human-readable table of the counts."""
-        lines = ["source               read", "-------------------- --------"]
-        lines += [f"{src:<20} {n:>8}" for src, n in sorted(self.rows_read.items())]
+        rejected = self.rejected()
+        lines = ["source                   read   landed rejected",
+                 "-------------------- -------- -------- --------"]
+        lines += [f"{src:<20} {n:>8} {self.rows_landed[src]:>8} {rejected[src]:>8}"
+                  for src, n in sorted(self.rows_read.items())]
         lines += ["", "table                written", "-------------------- --------"]
         lines += [f"{t:<20} {n:>8}" for t, n in sorted(self.rows_written.items())]
         lines += ["", "rejected (source, reason)"]
@@ -76,34 +105,60 @@ class _Rejects:
         )
 
 
-def _read_csv(path: Path, required: list[str], rejects: _Rejects) -> list[tuple[int, dict]]:
-    """Rows of a CSV as (line number, dict); ragged rows go to rejects."""
+def _read_csv(
+    path: Path, required: list[str], rejects: _Rejects
+) -> tuple[list[tuple[int, dict]], int]:
+    """Rows of a CSV as (line number, dict), and the number of rows read (blank lines aside);
+    rows that cannot be read whole go to rejects."""
     if not path.exists():
         raise IngestError(f"input file not found: {path}")
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
+    source, rows, read = path.name, [], 0
+    # utf-8-sig: a byte-order mark is not part of the first column's name
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.reader(f)  # fields over csv.field_size_limit() (128 KiB) raise csv.Error
+        try:
+            header = next(reader, None)
+        except csv.Error as exc:
+            raise IngestError(f"{path}: unreadable header: {exc}") from exc
         if header is None:
             raise IngestError(f"{path}: empty file, expected header {required}")
         header = [h.strip() for h in header]
         missing = [c for c in required if c not in header]
         if missing:
             raise IngestError(f"{path}: missing column(s) {missing}; header is {header}")
-        rows = []
-        for record in reader:
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:  # the rest of the physical line is skipped
+                read += 1
+                reason = "field_too_large" if "field limit" in str(exc) else "unreadable_row"
+                rejects.add(source, reader.line_num, reason, str(exc))
+                continue
             line = reader.line_num
-            if not record or all(not v.strip() for v in record):
-                continue
-            if len(record) != len(header):
-                rejects.add(path.name, line, "wrong_field_count", record)
-                continue
-            rows.append((line, dict(zip(header, record, strict=True))))
-    return rows
+            if not record or (len(record) == 1 and not record[0].strip()):
+                continue  # a blank line is no row
+            read += 1
+            if any(_NOT_UTF8.search(v) for v in record):
+                rejects.add(source, line, "bad_encoding", record)
+            elif len(record) != len(header):
+                rejects.add(source, line, "wrong_field_count", record)
+            elif all(not v.strip() for v in record):
+                rejects.add(source, line, "empty_row", record)
+            else:
+                rows.append((line, dict(zip(header, record, strict=True))))
+    return rows, read
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also takes ``²``, which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def _parse_id(text: str) -> int | None:
     text = text.strip()
-    if not text.isdigit():
+    if not _digits(text):
         return None
     value = int(text)
     return value if 0 < value < 2**63 else None
@@ -112,7 +167,7 @@ def _parse_id(text: str) -> int | None:
 def _parse_timestamp(text: str, latest: datetime) -> datetime | None:
     text = text.strip()
     try:
-        if re.fullmatch(r"\d+(\.\d+)?", text):
+        if re.fullmatch(r"\d+(\.\d+)?", text, re.ASCII):
             ts = datetime.fromtimestamp(float(text), tz=UTC)
         else:
             ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -123,6 +178,8 @@ def _parse_timestamp(text: str, latest: datetime) -> datetime | None:
 
 
 def _parse_float(text: str) -> float | None:
+    if not text.isascii():
+        return None
     try:
         value = float(text)
     except ValueError:
@@ -180,7 +237,9 @@ def _events_from_rows(
     return out
 
 
-def _dedupe_events(events: list[dict], rejects: _Rejects) -> pl.DataFrame:
+def _dedupe_events(
+    events: list[dict], rejects: _Rejects, landed: Counter[str]
+) -> pl.DataFrame:
     """One event per (user, item, event_type, timestamp); the first row read wins.
 
     A second tag by the same user on the same item in the same second is the same
@@ -197,6 +256,7 @@ def _dedupe_events(events: list[dict], rejects: _Rejects) -> pl.DataFrame:
             rejects.add(e["_source"], e["_line"], reason, e["_raw"])
             continue
         seen[key] = e
+        landed[e["_source"]] += 1
         kept.append({k: v for k, v in e.items() if not k.startswith("_")})
     frame = pl.DataFrame(kept, schema=tables.EVENTS_SCHEMA, orient="row")
     return frame.sort(["event_timestamp", "user_id", "item_id", "event_type"])
@@ -239,9 +299,11 @@ def _finish(
     rejects: _Rejects,
     out_dir: Path,
     report: IngestReport,
+    items_source: str,
 ) -> IngestReport:
-    _write(_dedupe_events(events, rejects), "events", out_dir, report)
+    _write(_dedupe_events(events, rejects, report.rows_landed), "events", out_dir, report)
     _write(_items_frame(items, item_tags), "items", out_dir, report)
+    report.rows_landed[items_source] = len(items)
     reject_frame = pl.DataFrame(rejects.rows, schema=tables.REJECTS_SCHEMA, orient="row")
     _write(reject_frame.sort(["source", "line"]), "rejects", out_dir, report)
     for row in rejects.rows:
@@ -271,7 +333,7 @@ def _catalogue_items(
         year_text = (row.get("year") or "").strip()
         title, year = _split_title(title) if not year_text else (title, None)
         if year_text:
-            if not year_text.isdigit():
+            if not _digits(year_text):
                 rejects.add(source, line, "bad_year", row)
                 continue
             year = int(year_text)
@@ -294,10 +356,10 @@ def ingest_movielens(
     ml_dir, report, rejects = Path(ml_dir), IngestReport(), _Rejects()
     latest = now or datetime.now(UTC)
 
-    movie_rows = _read_csv(ml_dir / "movies.csv", ["movieId", "title", "genres"], rejects)
-    report.rows_read["movies.csv"] = len(movie_rows)
+    movie_rows, report.rows_read["movies.csv"] = _read_csv(
+        ml_dir / "movies.csv", ["movieId", "title", "genres"], rejects)
     posters = (
-        {int(p.stem): p.resolve() for p in Path(posters_dir).glob("*.jpg") if p.stem.isdigit()}
+        {int(p.stem): p.resolve() for p in Path(posters_dir).glob("*.jpg") if _digits(p.stem)}
         if posters_dir
         else {}
     )
@@ -311,11 +373,11 @@ def ingest_movielens(
     for item_id in sorted(set(posters) - known):
         rejects.add("posters", 0, "unknown_item", str(posters[item_id]))
     report.rows_read["posters"] = len(posters)
+    report.rows_landed["posters"] = sum(1 for i in items if i["image_path"] is not None)
 
-    rating_rows = _read_csv(
+    rating_rows, report.rows_read["ratings.csv"] = _read_csv(
         ml_dir / "ratings.csv", ["userId", "movieId", "rating", "timestamp"], rejects
     )
-    report.rows_read["ratings.csv"] = len(rating_rows)
     events = _events_from_rows(
         "ratings.csv",
         [
@@ -339,8 +401,8 @@ def ingest_movielens(
     item_tags: dict[int, Counter[str]] = {}
     tags_path = ml_dir / "tags.csv"
     if tags_path.exists():
-        tag_rows = _read_csv(tags_path, ["userId", "movieId", "tag", "timestamp"], rejects)
-        report.rows_read["tags.csv"] = len(tag_rows)
+        tag_rows, report.rows_read["tags.csv"] = _read_csv(
+            tags_path, ["userId", "movieId", "tag", "timestamp"], rejects)
         valid = []
         for line, r in tag_rows:
             if not r["tag"].strip():
@@ -370,7 +432,7 @@ def ingest_movielens(
         for e in tag_events:
             item_tags.setdefault(e["item_id"], Counter())[e["_raw"]["tag"].strip().lower()] += 1
         events += tag_events
-    return _finish(events, items, item_tags, rejects, Path(out_dir), report)
+    return _finish(events, items, item_tags, rejects, Path(out_dir), report, "movies.csv")
 
 
 def ingest_generic(
@@ -381,8 +443,8 @@ def ingest_generic(
     latest = now or datetime.now(UTC)
     items_csv, events_csv = Path(items_csv), Path(events_csv)
 
-    item_rows = _read_csv(items_csv, ["item_id", "title"], rejects)
-    report.rows_read[items_csv.name] = len(item_rows)
+    item_rows, report.rows_read[items_csv.name] = _read_csv(
+        items_csv, ["item_id", "title"], rejects)
 
     def image_for(_item_id: int, row: dict) -> str | None:
         raw = (row.get("image_path") or "").strip()
@@ -390,16 +452,15 @@ def ingest_generic(
             return None
         path = Path(raw) if Path(raw).is_absolute() else items_csv.parent / raw
         if not path.is_file():
-            rejects.add(items_csv.name, 0, "image_not_found (item kept without image)", row)
+            rejects.add(items_csv.name, 0, IMAGE_NOT_FOUND, row)
             return None
         return str(path.resolve())
 
     items = _catalogue_items(items_csv.name, item_rows, rejects, image_for)
-    event_rows = _read_csv(
+    event_rows, report.rows_read[events_csv.name] = _read_csv(
         events_csv, ["user_id", "item_id", "event_type", "value", "timestamp"], rejects
     )
-    report.rows_read[events_csv.name] = len(event_rows)
     events = _events_from_rows(
         events_csv.name, event_rows, {i["item_id"] for i in items}, rejects, latest
     )
-    return _finish(events, items, {}, rejects, Path(out_dir), report)
+    return _finish(events, items, {}, rejects, Path(out_dir), report, items_csv.name)

@@ -30,6 +30,7 @@ from server import metrics
 from server.config import ServeConfig, load_config
 from server.engine import Clock, RankingEngine
 from server.event_log import EventLog
+from server.malformed import MalformedRequestInterceptor
 from server.models import load_serving_models
 from server.protocol import SERVICE_NAME, ranking_pb2_grpc
 from server.service import BearerTokenInterceptor, RankingServicer
@@ -87,6 +88,7 @@ def start(config: ServeConfig, engine_class: type[RankingEngine] = RankingEngine
     ]
     token = config.token()
     interceptors = [BearerTokenInterceptor(token)] if token else []
+    interceptors.append(MalformedRequestInterceptor())  # garbage: INVALID_ARGUMENT
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers),
         options=options, interceptors=interceptors,

@@ -144,10 +144,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                 LoggedEvent(
                     e.user_id, e.item_id, e.event_type,
                     e.rating if e.event_type == "rating" else None,
-                    e.event_timestamp.ToDatetime(tzinfo=UTC)
-                    if e.HasField("event_timestamp") else None,
+                    event_time(e.event_timestamp, i) if e.HasField("event_timestamp") else None,
                 )
-                for e in request.events
+                for i, e in enumerate(request.events)
             ]
             if len(events) > self.engine.config.max_candidates:
                 raise RequestError(f"{len(events)} events; at most "
@@ -157,6 +156,29 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                 accepted=result.accepted, users_updated=result.users,
                 offline_path=str(result.path))
         return self._call("LogEvents", context, work)
+
+
+# protobuf's Timestamp range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z
+TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)
+EARLIEST_EVENT = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def event_time(stamp: Timestamp, index: int) -> datetime:
+    """An event's ``event_timestamp`` as an aware datetime; RequestError when out of range.
+
+    Times before the unix epoch are refused too: no catalogue has such events, and the
+    behaviour windows (``t - 730 days``) would leave ``datetime``'s range near year 1.
+    """
+    low, high = TIMESTAMP_SECONDS
+    if not low <= stamp.seconds <= high or not 0 <= stamp.nanos <= 999_999_999:
+        raise RequestError(
+            f"event {index}: event_timestamp (seconds {stamp.seconds}, nanos {stamp.nanos}) "
+            f"outside protobuf's range (seconds in [{low}, {high}], nanos in [0, 999999999])")
+    when = stamp.ToDatetime(tzinfo=UTC)
+    if when < EARLIEST_EVENT:
+        raise RequestError(f"event {index}: event_timestamp {when.isoformat()} is before "
+                           f"{EARLIEST_EVENT.isoformat()}")
+    return when
 
 
 class DeadlinePassed(RuntimeError):

@@ -139,3 +139,84 @@ def test_unreadable_input_is_a_clear_error(tmp_path: Path) -> None:
         ingest.ingest_generic(tmp_path / "events.csv", tmp_path / "items.csv", tmp_path / "o")
     with pytest.raises(ingest.IngestError, match="not found"):
         ingest.ingest_generic(tmp_path / "nope.csv", tmp_path / "items.csv", tmp_path / "o")
+
+
+ITEMS_1_TO_20 = "item_id,title\n" + "".join(f"{i},Item {i}\n" for i in range(1, 21))
+
+
+def assert_accounted(report: ingest.IngestReport, out: Path) -> None:
+    """read == landed + rejected for every source, and the tables agree with the report."""
+    assert report.unaccounted() == {}, report.summary()
+    rejects = tables.read_table("rejects", out)
+    assert rejects.height == sum(report.rejects.values())
+    events = tables.read_table("events", out)
+    assert events.height == report.rows_landed["events.csv"]
+
+
+def test_hostile_files_reject_rows_not_runs(tmp_path: Path) -> None:
+    huge = "x" * 140_000
+    lines = [
+        b"\xef\xbb\xbfuser_id,item_id,event_type,value,timestamp",  # BOM
+        b"1,2,rating,4.0,964982703",
+        b"\xc2\xb2,2,rating,4.0,964982703",  # id written with a unicode digit
+        b"1,3,r\xe9ting,4.0,964982703",  # Latin-1, not UTF-8
+        b"1,4,tag,," + huge.encode() + b",964982703",  # a field over 128 KiB
+        b"1,5,rating,4.0",  # too few fields
+        b"1,5,rating,4.0,964982703,extra",  # too many
+        b",,,,",
+        b"",
+        b"2,6,rating,3.5,964982703",
+    ]
+    (tmp_path / "events.csv").write_bytes(b"\r\n".join(lines) + b"\r\n")
+    (tmp_path / "items.csv").write_text(ITEMS_1_TO_20)
+    out = tmp_path / "out"
+    report = ingest.ingest_generic(tmp_path / "events.csv", tmp_path / "items.csv", out)
+    assert_accounted(report, out)
+    assert report.rows_read["events.csv"] == 8 and report.rows_landed["events.csv"] == 2
+    by_line = {r["line"]: r["reason"] for r in tables.read_table("rejects", out).iter_rows(
+        named=True) if r["source"] == "events.csv"}
+    assert by_line == {3: "bad_id", 4: "bad_encoding", 5: "field_too_large",
+                       6: "wrong_field_count", 7: "wrong_field_count", 8: "empty_row"}
+    events = tables.read_table("events", out)
+    assert "\ufffd" not in "".join(events["event_type"].to_list())
+
+
+def test_read_counts_malformed_rows(tmp_path: Path) -> None:
+    rows = [f"{1 + i % 500},{1 + i % 20},play,,{900_000_000 + i}" for i in range(100_000)]
+    for at in (10, 20_000, 40_000, 60_000, 99_000):  # 5 malformed: too many / too few fields
+        rows.insert(at, "1,2,play" if at % 20_000 else "1,2,play,,900000000,9")
+    (tmp_path / "events.csv").write_text(
+        "user_id,item_id,event_type,value,timestamp\n" + "\n".join(rows) + "\n")
+    (tmp_path / "items.csv").write_text(ITEMS_1_TO_20)
+    out = tmp_path / "out"
+    report = ingest.ingest_generic(tmp_path / "events.csv", tmp_path / "items.csv", out)
+    assert report.rows_read["events.csv"] == 100_005
+    assert report.rejected()["events.csv"] == 5
+    assert report.rows_landed["events.csv"] == 100_000
+    assert_accounted(report, out)
+
+
+def test_fuzzed_event_files_are_accounted_for(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from hypothesis import HealthCheck, given, settings
+
+    from tests.fuzzing import csv_files
+
+    root = tmp_path_factory.mktemp("fuzz")
+    (root / "items.csv").write_text(ITEMS_1_TO_20)
+    counter = iter(range(10**9))
+
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(csv_files())
+    def one(data: bytes) -> None:
+        run = root / str(next(counter))
+        run.mkdir()
+        (run / "events.csv").write_bytes(data)
+        try:
+            report = ingest.ingest_generic(run / "events.csv", root / "items.csv", run / "out")
+        except ingest.IngestError as exc:  # only a file without a usable header is refused
+            assert any(m in str(exc) for m in ("missing column", "empty file", "header")), exc
+            return
+        assert_accounted(report, run / "out")
+
+    one()
