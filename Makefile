@@ -29,6 +29,10 @@ $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v '^WARNING: Location' || true
 	$(PY) -m pip install -q -e '.[all]' --config-settings editable_mode=compat 2>&1 | grep -v '^WARNING: Location' || true
+	@# The browser tests (tests/web/test_browser.py) drive Debian's chromium; they skip without it.
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null) \
+	  || echo "chromium not installed: the browser tests will skip"
 	$(PY) -c "import feast, torch, torchvision, onnxruntime, avrec" && touch $@
 
 demo: setup

@@ -10,6 +10,7 @@
     avrec embed / neighbours / fuse   item encoders and the mixed embedding (encoders/)
     avrec train / evaluate            the ranker and its offline evaluation (ranker/)
     avrec serve / recommend           the gRPC ranking service and a client of it (server/)
+    avrec web                         the web page, a client of the service (web/)
     avrec demo                        all of the above on the embedded default dataset
 
 Heavy imports (feast, torch) happen inside the subcommands, so ``avrec --help`` is instant.
@@ -139,6 +140,7 @@ DELEGATED = {
     "evaluate": "ranker.evaluation",
     "serve": "server.app",
     "recommend": "server.client",
+    "web": "web.serve",
 }
 
 
@@ -147,7 +149,8 @@ def run_delegated(name: str, argv: list[str]) -> int:
     try:
         target = importlib.import_module(DELEGATED[name])
     except ModuleNotFoundError as exc:
-        raise SystemExit(f"avrec {name}: {exc} (install the training extras: .[train])") from exc
+        extra = "web" if name == "web" else "train"
+        raise SystemExit(f"avrec {name}: {exc} (install the extras: .[{extra}])") from exc
     return int(target.main(argv) or 0)
 
 
@@ -234,30 +237,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     done = _step("ranking service: avrec serve (gRPC) + a client call")
     _demo_service(status.url, replay_now, args.port)
     done()
+    done = _step("web page: avrec web (a client of the service)")
+    _demo_web(args.port, args.web_port)
+    done()
     return 0
+
+
+def _start_background(name: str, arguments: list[str]):
+    """``avrec NAME ARGUMENTS`` in the background, replacing the one an earlier demo started
+    (``data/NAME.pid``), its output in ``data/NAME.log``: (process, log)."""
+    import signal
+    import subprocess
+
+    pid_file = config.data_dir() / f"{name}.pid"
+    if pid_file.exists():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            time.sleep(2)
+    log = config.data_dir() / f"{name}.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "avrec.cli", name, *arguments],
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    pid_file.write_text(str(process.pid))
+    return process, log
 
 
 def _demo_service(redis_url: str, clock: datetime, port: int) -> None:
     """Start ``avrec serve`` in the background (replacing an earlier demo server), wait until
     it is serving, and ask it for recommendations with titles."""
-    import os
-    import signal
-    import subprocess
-
     from server.client import RankingClient, format_answer
 
-    pid_file = config.data_dir() / "serve.pid"
-    if pid_file.exists():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid_file.read_text()), signal.SIGTERM)
-            time.sleep(2)
-    log = config.data_dir() / "serve.log"
-    command = [sys.executable, "-m", "avrec.cli", "serve", "--redis-url", redis_url,
-               "--clock", clock.isoformat(), "--port", str(port)]
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    pid_file.write_text(str(process.pid))
+    process, log = _start_background("serve", ["--redis-url", redis_url,
+                                               "--clock", clock.isoformat(), "--port", str(port)])
     with RankingClient(f"127.0.0.1:{port}") as client:
         try:
             client.wait_until_serving(300, process)
@@ -269,6 +280,28 @@ def _demo_service(redis_url: str, clock: datetime, port: int) -> None:
             print("    " + format_answer(answer).replace("\n", "\n    "))
     print(f"    the service keeps running on 127.0.0.1:{port} (pid {process.pid}, log {log});")
     print(f"    try `avrec recommend 610 --explain`; stop it with `kill {process.pid}`")
+
+
+def _demo_web(service_port: int, port: int) -> None:
+    """Start ``avrec web`` in the background like the service (replacing an earlier demo
+    page), wait until it answers, and print its URL."""
+    import urllib.request
+
+    process, log = _start_background("web", ["--port", str(port),
+                                             "--target", f"127.0.0.1:{service_port}"])
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                print(f"    the web page did not start; see {log}")
+                return
+            time.sleep(0.5)
+    print(f"    open {url} (pid {process.pid}, log {log}): users, likes, neighbours, "
+          f"evaluation; stop it with `kill {process.pid}`")
 
 
 def global_options_parser() -> argparse.ArgumentParser:
@@ -344,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["feast", "duckdb"], default="duckdb")
     p.add_argument("--skip-embed", action="store_true")
     p.add_argument("--port", type=int, default=50051, help="port of the demo's ranking service")
+    p.add_argument("--web-port", type=int, default=8080, help="port of the demo's web page")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,0 +1,45 @@
+"""``avrec web``: the web page on uvicorn (default http://127.0.0.1:8080), a client of the
+ranking service at ``--target``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="avrec web", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--target", default=os.environ.get("AVREC_WEB_TARGET", "127.0.0.1:50051"),
+                        help="the gRPC ranking service (default 127.0.0.1:50051)")
+    parser.add_argument("--top-k", type=int, default=10, help="cards per list (1-50)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per service call")
+    parser.add_argument("--items", type=Path, help="items table (default: the offline one)")
+    parser.add_argument("--report", type=Path, action="append", default=[],
+                        help="directory of evaluation runs, or of one run's report.json "
+                             "(default: data/reports and data/evaluation)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.top_k <= 50:
+        parser.error("--top-k must be between 1 and 50")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from web.app import WebSettings, create_app
+
+    args = parse_args(argv)
+    settings = WebSettings(target=args.target, top_k=args.top_k, timeout=args.timeout,
+                           items=args.items, reports=args.report)
+    print(f"avrec web: http://{args.host}:{args.port}/ (ranking service {args.target})",
+          flush=True)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
