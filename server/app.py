@@ -76,7 +76,8 @@ def build_engine(
     engine = engine_class(store, client, models, catalogue, config, Clock(config.clock_start()))
     now = engine.clock.now()
     engine.ensure_snapshot(engine.materialization(), now)  # refuses mismatched embeddings
-    return engine, EventLog(offline, catalogue["item_id"].to_numpy())
+    return engine, EventLog(offline, catalogue["item_id"].to_numpy(),
+                            client if config.incremental_events else None)
 
 
 def start(config: ServeConfig, engine_class: type[RankingEngine] = RankingEngine) -> Service:

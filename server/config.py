@@ -44,6 +44,7 @@ class ServeConfig:
     grace_seconds: float = 5.0
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
     hybrid: bool = True  # serve the hybrid ranker when the model directory has one
+    incremental_events: bool = True  # LogEvents: incremental rows (false: recompute, slow)
     tls_cert: str | None = None
     tls_key: str | None = None
     auth_token: str | None = None  # bearer token every call must carry (health excepted)

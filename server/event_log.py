@@ -1,12 +1,18 @@
-"""``LogEvents``: validate user events, append them offline, update the users' online rows now.
+"""``LogEvents``: validate user events, append them offline, update the online rows now.
 
 Accepted events are appended as one Parquet file per call under ``offline/event_log/`` (the
 events schema of :mod:`avrec.tables`; ``avrec features`` folds them into the behaviour tables
-for later training). Each touched user's ``user_behaviour`` row is then recomputed from that
-user's whole history (offline events + logged ones) with the same code that builds the offline
-table (:func:`avrec.behaviour_features.user_features`), and the latest row as of ``now`` is
-written to Redis through Feast's ``write_to_online_store``, so the next ``Rank`` sees it; so
-is the user's ``user_history`` row (:func:`avrec.behaviour_features.user_history`).
+for later training). Then the online rows, so the next ``Rank`` sees them:
+
+* incremental (the default, ``incremental_events``): each touched user's ``user_behaviour``
+  and ``user_history`` rows and each touched item's ``item_behaviour`` row are updated from a
+  per-entity state in Redis, in one pipelined batch (:mod:`server.incremental`; equal to the
+  offline code, property-tested);
+* recompute (``incremental_events: false``, the former path, kept for comparison): each
+  touched user's rows are recomputed from that user's whole history (offline events + logged
+  ones) with the code that builds the offline tables
+  (:func:`avrec.behaviour_features.user_features`, :func:`~avrec.behaviour_features.user_history`)
+  and written through Feast's ``write_to_online_store``; item rows wait for materialization.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import numpy as np
 import polars as pl
 
 from avrec import behaviour_features, tables
+from server.incremental import OnlineUpdater
 
 if TYPE_CHECKING:
+    import redis
     from feast import FeatureStore
 
 EVENT_TYPES = ("rating", "tag")
@@ -59,13 +67,24 @@ class LogResult:
 class EventLog:
     """The offline history the server updates users from, plus the events logged since start."""
 
-    def __init__(self, offline: Path, catalogue_ids: np.ndarray) -> None:
+    def __init__(self, offline: Path, catalogue_ids: np.ndarray,
+                 client: redis.Redis | None = None) -> None:
+        """``client``: update rows incrementally through it (None: recompute them)."""
         self.offline = offline
         self.items = tables.read_table("items", offline)
         self.genres = behaviour_features.genre_vocabulary(self.items)
-        self.events = tables.read_events(offline)
+        self._events = [tables.read_events(offline)]
         self.catalogue = set(int(i) for i in catalogue_ids)
         self._lock = threading.Lock()
+        self.client = client
+        self.updater: OnlineUpdater | None = None
+
+    @property
+    def events(self) -> pl.DataFrame:
+        """Every event the server knows: offline, logged earlier, logged since start."""
+        if len(self._events) > 1:  # batches are concatenated when read, not per call
+            self._events = [pl.concat(self._events, how="vertical_relaxed", rechunk=True)]
+        return self._events[0]
 
     def validate(self, events: Sequence[LoggedEvent], now: datetime) -> pl.DataFrame:
         """The batch as an events frame, or :class:`EventError` naming the first bad event."""
@@ -101,7 +120,7 @@ class EventLog:
         tmp = path.with_suffix(".tmp")
         frame.write_parquet(tmp)
         tmp.replace(path)
-        self.events = pl.concat([self.events, frame], how="vertical_relaxed")
+        self._events.append(frame)
         return path
 
     def user_rows(self, user_ids: list[int], now: datetime) -> pl.DataFrame:
@@ -123,9 +142,17 @@ class EventLog:
     def log(self, store: FeatureStore, events: Sequence[LoggedEvent], now: datetime) -> LogResult:
         """Validate, append offline, then write the touched users' rows online."""
         frame = self.validate(events, now)
+        users = sorted(set(frame["user_id"].to_list()))
+        if self.client is not None:
+            with self._lock:
+                path = self.append(frame, now)
+                if self.updater is None:
+                    self.updater = OnlineUpdater(store, self.client, self.items, self.genres,
+                                                 lambda: self.events)
+                self.updater.update(frame, now)
+            return LogResult(frame.height, users, path)
         with self._lock:
             path = self.append(frame, now)
-            users = sorted(set(frame["user_id"].to_list()))
             rows = self.user_rows(users, now)
             histories = self.history_rows(users, now)
         store.write_to_online_store(USER_VIEW, rows.to_pandas(use_pyarrow_extension_array=False))
