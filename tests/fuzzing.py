@@ -94,18 +94,34 @@ def candidate_lists(items: Sequence[int]) -> st.SearchStrategy[list[int]]:
     return st.one_of(short, sampled, short, sampled, short, short, sampled, short, short, huge)
 
 
+def valid_options() -> st.SearchStrategy:
+    return maybe(st.builds(ranking_pb2.RankOptions, explain=st.booleans(),
+                           diversity_lambda=st.floats(0, 1, width=32)))
+
+
 def rank_requests(users: Sequence[int], items: Sequence[int]) -> st.SearchStrategy:
-    return st.builds(
+    """Half plausible requests (known user, 1-300 distinct known items), half wild ones."""
+    plausible = st.builds(
+        lambda user, n, rnd, top_k, opts: ranking_pb2.RankRequest(
+            user_id=user, candidate_item_ids=rnd.sample(list(items), n), top_k=top_k,
+            options=opts),
+        st.sampled_from(list(users)), st.integers(1, 300), st.randoms(use_true_random=False),
+        st.integers(0, 50), valid_options())
+    wild = st.builds(
         lambda user, candidates, top_k, opts: ranking_pb2.RankRequest(**fields(
             user_id=user, candidate_item_ids=candidates, top_k=top_k, options=opts)),
         maybe(ids(users)), maybe(candidate_lists(items)), maybe(int32s()), options())
+    return st.one_of(plausible, wild)
 
 
 def recommend_requests(users: Sequence[int]) -> st.SearchStrategy:
-    return st.builds(
+    plausible = st.builds(ranking_pb2.RecommendRequest, user_id=st.sampled_from(list(users)),
+                          top_k=st.integers(1, 100), options=valid_options())
+    wild = st.builds(
         lambda user, top_k, opts: ranking_pb2.RecommendRequest(**fields(
             user_id=user, top_k=top_k, options=opts)),
         maybe(ids(users)), maybe(int32s()), options())
+    return st.one_of(plausible, wild)
 
 
 def timestamps() -> st.SearchStrategy:
@@ -126,9 +142,17 @@ def log_requests(users: Sequence[int], items: Sequence[int]) -> st.SearchStrateg
         maybe(ids(users)), maybe(ids(items)),
         maybe(st.one_of(st.sampled_from(["rating", "tag"]), texts())),
         maybe(float32s()), maybe(timestamps()))
+    valid = st.builds(
+        lambda user, item, rating, stamp: ranking_pb2.Event(**fields(
+            user_id=user, item_id=item, event_type="rating" if rating else "tag",
+            rating=rating, event_timestamp=stamp)),
+        st.sampled_from(list(users)), st.sampled_from(list(items)),
+        st.sampled_from([None, 0.5, 1.0, 3.5, 5.0]),
+        maybe(st.integers(820_000_000, 1_537_000_000).map(lambda t: Timestamp(seconds=t))))
     many = st.builds(lambda e, n: [e] * n, event, st.sampled_from([1201, 5000]))
     return st.builds(lambda events: ranking_pb2.LogEventsRequest(events=events),
-                     st.one_of(st.lists(event, max_size=8), many))
+                     st.one_of(st.lists(valid, min_size=1, max_size=4),
+                               st.lists(event, max_size=8), many))
 
 
 def health_requests() -> st.SearchStrategy:

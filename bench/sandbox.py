@@ -1,0 +1,112 @@
+"""A ranking service of its own for the hardening benches (``fuzz_rpc.py``, ``soak.py``).
+
+Their ``LogEvents`` calls write: an ``event_log`` file per call and the users' online rows. So
+that a bench never writes into the shared data directory or the machine's Redis, ``sandbox``
+copies ``offline/`` of the data directory into a temporary one (models are linked, read only),
+starts its own redis-server on a free loopback port, runs ``avrec apply`` + ``avrec materialize``
+there as of the replay clock, and starts ``avrec serve`` on a free port. Everything is stopped
+and removed on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from avrec import config, tables
+
+CLOCK = "2018-09-25T00:00:00+00:00"
+
+
+@dataclass
+class Server:
+    target: str
+    pid: int
+    data_dir: Path | None  # None: a server the caller started (its data dir unknown)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` (MB), from ``/proc/<pid>/status``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def logged_events(data_dir: Path) -> int:
+    """Rows in the offline event log (what LogEvents persisted)."""
+    files = sorted((data_dir / "offline" / tables.EVENT_LOG).glob("*.parquet"))
+    return sum(pl.read_parquet(f).height for f in files)
+
+
+@contextlib.contextmanager
+def sandbox(source: Path | None = None, clock: str = CLOCK,
+            serve_args: tuple[str, ...] = ()) -> Iterator[Server]:
+    """A running ``avrec serve`` over a copy of ``source`` (default: the data directory)."""
+    from avrec.redis_server import start_embedded
+    from server.client import RankingClient
+
+    source = Path(source or config.data_dir())
+    root = Path(tempfile.mkdtemp(prefix="avrec-sandbox-"))
+    shutil.copytree(source / "offline", root / "offline")
+    (root / "models").symlink_to((source / "models").resolve())
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    redis_pid = start_embedded(url, workdir=root / "redis")
+    env = {**os.environ, "AVREC_DATA_DIR": str(root), "REDIS_URL": url}
+    cli = [sys.executable, "-m", "avrec.cli"]
+    process = None
+    try:
+        print(f"sandbox {root}: redis {url}, apply + materialize as of {clock}", flush=True)
+        subprocess.run([*cli, "apply"], env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([*cli, "materialize", "--start", "1970-01-01T00:00:00+00:00",
+                        "--end", clock], env=env, check=True, stdout=subprocess.DEVNULL)
+        port = free_port()
+        log = (root / "serve.log").open("w")
+        process = subprocess.Popen([*cli, "serve", "--port", str(port), "--clock", clock,
+                                    *serve_args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        with RankingClient(f"127.0.0.1:{port}") as client:
+            client.wait_until_serving(600, process)
+        yield Server(f"127.0.0.1:{port}", process.pid, root)
+    finally:
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(redis_pid, signal.SIGTERM)
+        time.sleep(0.5)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def items_and_users(data_dir: Path) -> tuple[list[int], list[int]]:
+    """Catalogue ids, and users active in 2018 (fresh at the replay clock)."""
+    offline = data_dir / "offline"
+    items = tables.read_table("items", offline)["item_id"].to_list()
+    events = tables.read_table("events", offline)
+    last = events.group_by("user_id").agg(pl.col("event_timestamp").max())
+    users = last.sort("event_timestamp")["user_id"].to_list()[-200:]
+    return items, users
