@@ -50,6 +50,8 @@ class WebSettings:
     encodings: Path | None = None  # item_encodings (text, image vectors)
     embeddings: Path | None = None  # item_embeddings (mixed vectors)
     reports: list[Path] = field(default_factory=list)  # where report.json runs are looked for
+    token: str | None = None  # the service's bearer token, when it wants one
+    root_cert: bytes | None = None  # CA certificate of a TLS service
 
     def report_roots(self) -> list[Path]:
         data = config.data_dir()
@@ -116,7 +118,8 @@ def create_app(settings: WebSettings | None = None, gateway: Gateway | None = No
 
     def service() -> Gateway:
         if "gateway" not in state:
-            state["gateway"] = gateway or Gateway(settings.target, settings.timeout)
+            state["gateway"] = gateway or Gateway(settings.target, settings.timeout,
+                                                  settings.token, settings.root_cert)
         return state["gateway"]
 
     def similar() -> Similar:

@@ -56,9 +56,10 @@ class Gateway:
     """One channel to the ranking service, shared by every request (grpc stubs are
     thread-safe)."""
 
-    def __init__(self, target: str, timeout: float = 5.0, token: str | None = None) -> None:
+    def __init__(self, target: str, timeout: float = 5.0, token: str | None = None,
+                 root_cert: bytes | None = None) -> None:
         self.target = target
-        self.client = RankingClient(target, token=token, timeout=timeout)
+        self.client = RankingClient(target, token=token, root_cert=root_cert, timeout=timeout)
 
     def close(self) -> None:
         self.client.channel.close()

@@ -21,6 +21,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--report", type=Path, action="append", default=[],
                         help="directory of evaluation runs, or of one run's report.json "
                              "(default: data/reports and data/evaluation)")
+    parser.add_argument("--token-file", type=Path, help="the service's bearer token")
+    parser.add_argument("--root-cert", type=Path, help="CA certificate of a TLS service")
     args = parser.parse_args(argv)
     if not 1 <= args.top_k <= 50:
         parser.error("--top-k must be between 1 and 50")
@@ -33,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     from web.app import WebSettings, create_app
 
     args = parse_args(argv)
-    settings = WebSettings(target=args.target, top_k=args.top_k, timeout=args.timeout,
-                           items=args.items, reports=args.report)
+    settings = WebSettings(
+        target=args.target, top_k=args.top_k, timeout=args.timeout, items=args.items,
+        reports=args.report,
+        token=args.token_file.read_text().strip() if args.token_file else None,
+        root_cert=args.root_cert.read_bytes() if args.root_cert else None)
     print(f"avrec web: http://{args.host}:{args.port}/ (ranking service {args.target})",
           flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")

@@ -19,6 +19,7 @@
     const ticket = ++pending;
     const prev = Array.from(answer.querySelectorAll(".card")).map((c) => c.dataset.itemId);
     const params = new URLSearchParams({ k: k, diversity: slider.value, prev: prev.join(",") });
+    if (section.dataset.new) params.set("new", "1");
     const reply = await fetch(`/user/${userId}/cards?${params}`, { headers: { "X-Fragment": "1" } });
     const html = await reply.text();
     if (ticket !== pending) return;  // a newer refresh is on its way
