@@ -6,7 +6,8 @@
 ``--seconds`` (default 60) of closed-loop load at ``--concurrency`` (default 8) client threads:
 Rank of ``--candidates`` (200) random catalogue items for an active user (70%), Recommend top
 20 (20%), LogEvents of 1 to 3 ratings of users kept apart for the soak (10%). Per window:
-calls, errors by status code, p50/p99 per method (client side, ms). The server's RSS and open
+calls, errors by status code, p50/p99 per method (client side, ms), the server's CPU time per
+call and the load average (to tell a slower server from a busier machine). The server's RSS and open
 file descriptors (``/proc/<pid>``) after a warm-up and at the end, and the events lost: every
 event a LogEvents call acknowledged must be in the offline event log afterwards (counted when
 the data directory is known: the sandbox's, or ``--data-dir``).
@@ -19,6 +20,7 @@ directory and a Redis of its own, so the soak's events never reach shared data.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import threading
@@ -74,10 +76,20 @@ class Load:
             code = error.code().name
         return method, code, time.perf_counter() - started, acked
 
-    def run(self, seconds: float, concurrency: int, seed: int) -> float:
-        """Run the load; returns its start (``perf_counter``)."""
+    def run(self, seconds: float, concurrency: int, seed: int, pid: int,
+            window: float) -> list[tuple[float, float]]:
+        """Run the load; per window the server's CPU seconds and the box's load average."""
         start = time.perf_counter()
         stop = start + seconds
+        samples: list[tuple[float, float]] = []
+        done = threading.Event()
+
+        def monitor() -> None:
+            last = cpu_seconds(pid)
+            while not done.wait(window):
+                now = cpu_seconds(pid)
+                samples.append((now - last, os.getloadavg()[0]))
+                last = now
 
         def worker(index: int) -> None:
             rng = random.Random(seed * 1000 + index)
@@ -87,14 +99,26 @@ class Load:
                     self.calls.append((time.perf_counter() - start, method, code, took, acked))
 
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-        for thread in threads:
+        watcher = threading.Thread(target=monitor)
+        for thread in [*threads, watcher]:
             thread.start()
         for thread in threads:
             thread.join()
-        return start
+        done.set()
+        watcher.join()
+        return samples
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` (0 when unknown)."""
+    if not pid:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def report(calls: list[tuple[float, str, str, float, int]], seconds: float, window: float,
+           samples: list[tuple[float, float]],
            before: tuple[float, int] | None, after: tuple[float, int] | None,
            acked: int, persisted: int | None) -> bool:
     windows = max(1, round(seconds / window))
@@ -102,8 +126,8 @@ def report(calls: list[tuple[float, str, str, float, int]], seconds: float, wind
     for call in calls:
         by_window[min(int(call[0] // window), windows - 1)].append(call)
     print("\n| window | calls | errors | " + " | ".join(
-        f"{m} p50 / p99 ms" for m in METHODS) + " |")
-    print("|---|---|---|" + "---|" * len(METHODS))
+        f"{m} p50 / p99 ms" for m in METHODS) + " | server CPU ms/call | load avg |")
+    print("|---|---|---|" + "---|" * (len(METHODS) + 2))
     p99: dict[str, list[float]] = defaultdict(list)
     errors_total: Counter[str] = Counter()
     for w in range(windows):
@@ -120,8 +144,9 @@ def report(calls: list[tuple[float, str, str, float, int]], seconds: float, wind
                 p99[method].append(float("nan"))
                 cells.append("-")
         error_text = ", ".join(f"{k} {v}" for k, v in errors.items()) or "0"
+        cpu, load = samples[w] if w < len(samples) else (float("nan"), float("nan"))
         print(f"| {w * window:.0f}-{(w + 1) * window:.0f} s | {len(rows)} | {error_text} | "
-              + " | ".join(cells) + " |")
+              + " | ".join(cells) + f" | {1e3 * cpu / max(1, len(rows)):.1f} | {load:.1f} |")
     total = len(calls)
     per_method = Counter(c[1] for c in calls)
     print(f"\n{total} calls in {seconds:.0f} s ({total / seconds:.1f}/s): "
@@ -159,14 +184,14 @@ def soak(server: Server, data_dir: Path, args: argparse.Namespace) -> int:
     before = (rss_mb(server.pid), open_fds(server.pid)) if server.pid else None
     print(f"soak {server.target}: {args.seconds:.0f} s, {args.concurrency} clients, mix "
           f"Rank/Recommend/LogEvents {args.mix}, Rank 1x{args.candidates}", flush=True)
-    load.run(args.seconds, args.concurrency, args.seed)
+    samples = load.run(args.seconds, args.concurrency, args.seed, server.pid, args.window)
     after = (rss_mb(server.pid), open_fds(server.pid)) if server.pid else None
     load.channel.close()
     acked = sum(c[4] for c in load.calls)
     persisted = None
     if logged_before is not None:
         persisted = logged_events(server.data_dir or data_dir) - logged_before
-    report(load.calls, args.seconds, args.window, before, after, acked, persisted)
+    report(load.calls, args.seconds, args.window, samples, before, after, acked, persisted)
     return 0
 
 
