@@ -35,6 +35,12 @@ def _error(exc: grpc.RpcError) -> ServiceError:
     code = exc.code()
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return ServiceError(400, exc.details() or "the service refused the request")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ServiceError(503, "The ranking service did not answer in time "
+                                 "(DEADLINE_EXCEEDED): it may be overloaded. Reload to try again.")
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return ServiceError(503, f"The ranking service refused this page ({code.name}): "
+                                 "start `avrec web` with the service's --token-file.")
     if code in DOWN_CODES:
         return ServiceError(503, f"The ranking service is not answering ({code.name}). "
                                  "Start it with `avrec serve` and reload this page.")

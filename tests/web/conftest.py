@@ -93,6 +93,8 @@ def web_service(web_stack: server.Stack) -> Iterator[object]:
 def web_settings(files: WebFiles, target: str, reports: list[Path] | None = None):
     from web.app import WebSettings
 
+    # a generous deadline: the shared test box can be slow, and a slow answer is not the
+    # "service down" these tests look for
     return WebSettings(target=target, items=files.items, offline=files.offline,
                        encodings=files.encodings, embeddings=files.embeddings,
-                       reports=reports or [])
+                       reports=reports or [], timeout=60.0)
