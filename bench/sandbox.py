@@ -6,6 +6,10 @@ copies ``offline/`` of the data directory into a temporary one (models are linke
 starts its own redis-server on a free loopback port, runs ``avrec apply`` + ``avrec materialize``
 there as of the replay clock, and starts ``avrec serve`` on a free port. Everything is stopped
 and removed on exit.
+
+Without ``make demo``'s data (no trained model under ``data/models``), ``python
+bench/sandbox.py --build-small DIR`` writes a small data directory like the test suite's (a few
+minutes) for the benches' ``--source DIR``.
 """
 
 from __future__ import annotations
@@ -110,3 +114,41 @@ def items_and_users(data_dir: Path) -> tuple[list[int], list[int]]:
     last = events.group_by("user_id").agg(pl.col("event_timestamp").max())
     users = last.sort("event_timestamp")["user_id"].to_list()[-200:]
     return items, users
+
+
+def build_small(root: Path) -> Path:
+    """A small serving data directory like the test suite's stack (``tests/server/conftest.py``):
+    MovieLens ingested, genre-projection item vectors, the quick ``avrec train``; for trying the
+    benches where ``make demo`` has not run. Returns the model directory."""
+    from datetime import UTC, datetime
+
+    from avrec import behaviour_features, feature_store, ingest
+    from avrec.redis_server import start_embedded
+    from ranker import train_job
+    from ranker.training import TrainConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.server.conftest import CLOCK, genre_embeddings
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    os.environ.update(AVREC_DATA_DIR=str(root), REDIS_URL=url)
+    redis_pid = start_embedded(url, workdir=root / "redis")
+    try:
+        offline = config.offline_dir()
+        ingest.ingest_movielens(config.datasets_dir() / "ml-latest-small", offline)
+        behaviour_features.build(offline)
+        items = tables.read_table("items", offline)
+        genre_embeddings(items).write_parquet(tables.table_path("item_embeddings", offline))
+        feature_store.apply(url)
+        feature_store.materialize(end=CLOCK, redis_url=url)
+        return train_job.train(vectors="mixed", start=datetime(2018, 1, 1, tzinfo=UTC),
+                               negatives=2, train_config=TrainConfig(epochs=2, progress=False),
+                               hybrid_quick=True)
+    finally:
+        os.kill(redis_pid, signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "--build-small":
+        sys.exit("usage: python bench/sandbox.py --build-small DIR")
+    print(build_small(Path(sys.argv[2]).resolve()))

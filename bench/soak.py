@@ -84,12 +84,16 @@ class Load:
         samples: list[tuple[float, float]] = []
         done = threading.Event()
 
+        last = [cpu_seconds(pid)]
+
+        def sample() -> None:
+            now = cpu_seconds(pid)
+            samples.append((now - last[0], os.getloadavg()[0]))
+            last[0] = now
+
         def monitor() -> None:
-            last = cpu_seconds(pid)
             while not done.wait(window):
-                now = cpu_seconds(pid)
-                samples.append((now - last, os.getloadavg()[0]))
-                last = now
+                sample()
 
         def worker(index: int) -> None:
             rng = random.Random(seed * 1000 + index)
@@ -106,6 +110,8 @@ class Load:
             thread.join()
         done.set()
         watcher.join()
+        if len(samples) < round(seconds / window):  # the last window, cut short by the join
+            sample()
         return samples
 
 

@@ -10,6 +10,7 @@ Every call is counted and timed in Prometheus metrics (:mod:`server.metrics`).
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -215,6 +216,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         if handler_call_details.method.startswith(self.OPEN):
             return continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
-        if metadata.get("authorization") == self.expected:
+        given = metadata.get("authorization")
+        # constant time: how much of a wrong token matches must not show in the timing
+        if isinstance(given, str) and hmac.compare_digest(given.encode(), self.expected.encode()):
             return continuation(handler_call_details)
         return self._deny
