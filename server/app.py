@@ -9,6 +9,7 @@ stop it gracefully: new calls are refused, calls in flight get ``grace_seconds``
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -83,6 +84,10 @@ def build_engine(
 def start(config: ServeConfig, engine_class: type[RankingEngine] = RankingEngine) -> Service:
     """Build and start the server (returns at once; the port is bound)."""
     engine, events = build_engine(config, engine_class)
+    # what start loaded (Feast, onnxruntime, torch when installed, the snapshot) stays for
+    # good: out of the cyclic GC, whose full passes over it cost tens of ms inside requests
+    gc.collect()
+    gc.freeze()
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),

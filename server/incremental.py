@@ -4,8 +4,9 @@ a small per-entity state instead of recomputing the whole history.
 The rows are exactly those of the offline code (:mod:`avrec.behaviour_features`) as of the
 server's clock: ``tests/server/test_incremental.py`` proves it on random event sequences
 (window exits, ties in time, out-of-order events, ratings and other events). What a row
-needs that the row itself does not keep is the **state**, stored in Redis next to Feast's
-hash under ``avrec:<project>:state:<user|item>:<id>``:
+needs that the row itself does not keep is the **state**, stored in the entity's own Feast
+hash (field ``_avrec_state:<view>``, beside Feast's ``_ts:<view>``; Feast reads and writes
+only its own fields):
 
 * counts (events, ratings, rating sum, positive ratings), first and last event time;
 * the event times inside the longest window (30 days) as of the state's clock, plus the
@@ -19,10 +20,13 @@ hash under ``avrec:<project>:state:<user|item>:<id>``:
 
 A state is rebuilt from the server's event history when it is missing or when the Feast
 row no longer carries the stamp the state last wrote (``avrec materialize`` wrote a newer
-row), or when the clock went back (a replay clock restarted). Each batch reads all states
-in one round trip and writes states and rows in one ``MULTI/EXEC`` under ``WATCH`` (another
-writer in between: the batch is redone). Rows are written unconditionally (Feast's own
-writer skips a row whose stamp is not newer, which loses a second event at the same instant).
+row), or when the clock went back past the state's events (a replay clock restarted; the
+rebuilt rows then leave out events after the clock, as the offline code does at that clock).
+Each batch reads all states and row stamps in one round trip (one HMGET per entity) and
+writes each entity's rows and state in one HSET, all in one ``MULTI/EXEC`` under ``WATCH``
+of the touched hashes (another writer in between: the batch is redone). Rows are written
+unconditionally (Feast's own writer skips a row whose stamp is not newer, which loses a
+second event at the same instant).
 
 Value encoding: the row values are built as Feast's ``python_values_to_proto_values`` builds
 them (checked byte for byte in the tests); that function costs 0.5-0.7 ms for one
@@ -31,7 +35,6 @@ them (checked byte for byte in the tests); that function costs 0.5-0.7 ms for on
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from array import array
@@ -39,6 +42,7 @@ from bisect import bisect_right, insort
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -57,7 +61,7 @@ USER_VIEW, HISTORY_VIEW, ITEM_VIEW = "user_behaviour", "user_history", "item_beh
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 WINDOW_US = {name: w // timedelta(microseconds=1) for name, w in WINDOWS.items()}
 LONGEST_US = max(WINDOW_US.values())
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def micros(when: datetime) -> int:
@@ -150,36 +154,42 @@ class Tally:
     def mean_rating(self) -> float | None:
         return self.rating_sum / self.ratings if self.ratings else None
 
-    def header(self) -> dict[str, Any]:
-        return {"n": self.n, "r": self.ratings, "s": self.rating_sum, "p": self.positives,
-                "f": self.first, "l": self.last, "e": self.expired, "a": self.as_of,
-                "w": self.written}
+    def pack(self, arrays: Sequence[array]) -> bytes:
+        """The tally and ``arrays`` (window first) as bytes: a fixed header, array sizes,
+        the arrays' machine bytes."""
+        head = _HEAD.pack(STATE_VERSION, self.n, self.ratings, self.rating_sum,
+                          self.positives, *(_NONE if v is None else v for v in (
+                              self.first, self.last, self.expired, self.written)),
+                          self.as_of, len(arrays) + 1)
+        arrays = [self.window, *arrays]
+        sizes = struct.pack(f"<{len(arrays)}I", *map(len, arrays))
+        return head + sizes + b"".join(a.tobytes() for a in arrays)
 
-    def load(self, head: dict[str, Any], window: array) -> None:
-        self.n, self.ratings, self.rating_sum = head["n"], head["r"], head["s"]
-        self.positives, self.first, self.last = head["p"], head["f"], head["l"]
-        self.expired, self.as_of, self.written = head["e"], head["a"], head["w"]
-        self.window = window
+    @classmethod
+    def unpack(cls, blob: bytes, codes: str) -> tuple[Tally, list[array]] | None:
+        """A tally and the other arrays (typecodes ``codes``); None for another version."""
+        (version, n, ratings, total, positives, first, last, expired, written, as_of,
+         count) = _HEAD.unpack_from(blob)
+        if version != STATE_VERSION or count != len(codes) + 1:
+            return None
+        tally = cls()
+        tally.n, tally.ratings, tally.rating_sum, tally.positives = n, ratings, total, positives
+        tally.first, tally.last, tally.expired, tally.written = (
+            None if v == _NONE else v for v in (first, last, expired, written))
+        tally.as_of = as_of
+        sizes = struct.unpack_from(f"<{count}I", blob, _HEAD.size)
+        offset, arrays = _HEAD.size + 4 * count, []
+        for code, size in zip("q" + codes, sizes, strict=True):
+            a = array(code)
+            a.frombytes(blob[offset:offset + size * a.itemsize])
+            offset += size * a.itemsize
+            arrays.append(a)
+        tally.window = arrays[0]
+        return tally, arrays[1:]
 
 
-def _pack(header: dict[str, Any], arrays: Sequence[array]) -> bytes:
-    head = json.dumps(header | {"v": STATE_VERSION, "sizes": [len(a) for a in arrays]},
-                      separators=(",", ":")).encode()
-    return struct.pack("<I", len(head)) + head + b"".join(a.tobytes() for a in arrays)
-
-
-def _unpack(blob: bytes, codes: str) -> tuple[dict[str, Any], list[array]] | None:
-    (size,) = struct.unpack_from("<I", blob)
-    head = json.loads(blob[4:4 + size])
-    if head.get("v") != STATE_VERSION:
-        return None
-    arrays, offset = [], 4 + size
-    for code, n in zip(codes, head["sizes"], strict=True):
-        a = array(code)
-        a.frombytes(blob[offset:offset + n * a.itemsize])
-        offset += n * a.itemsize
-        arrays.append(a)
-    return head, arrays
+_HEAD = struct.Struct("<BqqdqqqqqqB")  # version, counts, sum, times (None: _NONE), arrays
+_NONE = -(2**63)
 
 
 class ItemState:
@@ -202,15 +212,15 @@ class ItemState:
         return t.stamp(now), values
 
     def pack(self) -> bytes:
-        return _pack(self.tally.header(), [self.tally.window])
+        return self.tally.pack([])
 
     @classmethod
     def unpack(cls, blob: bytes) -> ItemState | None:
-        unpacked = _unpack(blob, "q")
+        unpacked = Tally.unpack(blob, "")
         if unpacked is None:
             return None
         state = cls()
-        state.tally.load(unpacked[0], unpacked[1][0])
+        state.tally = unpacked[0]
         return state
 
 
@@ -230,6 +240,11 @@ class UserState:
     def add(self, ts: int, item: int, is_rating: bool, value: float | None,
             genres: Iterable[int]) -> None:
         self.tally.add(ts, is_rating, value)
+        self.add_details(ts, item, is_rating, value, genres)
+
+    def add_details(self, ts: int, item: int, is_rating: bool, value: float | None,
+                    genres: Iterable[int]) -> None:
+        """Everything but the tally: genre counts, recent items, the rated history."""
         for g in genres:
             self.genres[g] += 1
         self._recent(ts, item)
@@ -288,19 +303,19 @@ class UserState:
                                      "history_ratings": self.history_ratings.tolist()}
 
     def pack(self) -> bytes:
-        head = self.tally.header() | {"g": self.genres, "ri": self.recent}
-        return _pack(head, [self.tally.window, self.history_ts, self.history_items,
-                            self.history_ratings])
+        recent = array("q", [v for entry in self.recent for v in entry])
+        return self.tally.pack([array("q", self.genres), recent, self.history_ts,
+                                self.history_items, self.history_ratings])
 
     @classmethod
     def unpack(cls, blob: bytes) -> UserState | None:
-        unpacked = _unpack(blob, "qqqd")
+        unpacked = Tally.unpack(blob, "qqqqd")
         if unpacked is None:
             return None
-        head, (window, times, items, ratings) = unpacked
-        state = cls(len(head["g"]))
-        state.tally.load(head, window)
-        state.genres, state.recent = head["g"], head["ri"]
+        tally, (genres, recent, times, items, ratings) = unpacked
+        state = cls(0)
+        state.tally, state.genres = tally, genres.tolist()
+        state.recent = [[recent[i], recent[i + 1]] for i in range(0, len(recent), 2)]
         state.history_ts, state.history_items, state.history_ratings = times, items, ratings
         return state
 
@@ -319,47 +334,76 @@ class Replayed:
     items: dict[int, ItemState]
 
 
-def event_rows(frame: pl.DataFrame) -> Iterable[tuple[int, int, bool, float | None, int]]:
+def event_rows(frame: pl.DataFrame) -> list[tuple[int, int, bool, float | None, int]]:
     """(user, item, is rating, value, time in µs) per row of an events frame."""
-    us = frame["event_timestamp"].dt.epoch("us").to_list()
-    return zip(frame["user_id"].to_list(), frame["item_id"].to_list(),
-               (frame["event_type"] == "rating").to_list(), frame["value"].to_list(), us,
-               strict=True)
+    at = [frame.columns.index(c)  # rows() is direct; a select costs 0.5 ms
+          for c in ("user_id", "item_id", "event_type", "value", "event_timestamp")]
+    return [(row[at[0]], row[at[1]], row[at[2]] == "rating", row[at[3]], micros(row[at[4]]))
+            for row in frame.rows()]
+
+
+def _tallies(events: pl.DataFrame, key: str, now: int) -> dict[int, Tally]:
+    """Each entity's :class:`Tally` from its events (column ``us``, all at or before ``now``),
+    in one group-by."""
+    us, horizon = pl.col("us"), now - LONGEST_US
+    is_rating = pl.col("event_type") == "rating"
+    grouped = events.group_by(key).agg(
+        pl.len().alias("n"),
+        is_rating.sum().alias("ratings"),
+        pl.when(is_rating).then(pl.col("value")).fill_null(0.0).sum().alias("rating_sum"),
+        (is_rating & (pl.col("value") >= POSITIVE_RATING)).sum().alias("positives"),
+        us.min().alias("first"), us.max().alias("last"),
+        us.filter(us > horizon).sort().alias("window"),
+        us.filter(us <= horizon).max().alias("expired"),
+    )
+    out = {}
+    for entity, n, ratings, total, positives, first, last, window, expired in (
+            grouped.iter_rows()):
+        tally = out[entity] = Tally()
+        tally.n, tally.ratings, tally.rating_sum, tally.positives = n, ratings, total, positives
+        tally.first, tally.last, tally.expired = first, last, expired
+        tally.window, tally.as_of = array("q", window), now
+    return out
 
 
 def replay(events: pl.DataFrame, now: int, genres: dict[int, tuple[int, ...]],
            n_genres: int, users: set[int] | None = None,
            items: set[int] | None = None) -> Replayed:
-    """States of ``users`` and ``items`` (None: all) from their events at or before ``now``."""
-    events = events.filter(pl.col("event_timestamp").dt.epoch("us") <= now)
-    if users is not None or items is not None:
-        events = events.filter(pl.col("user_id").is_in(list(users or []))
-                               | pl.col("item_id").is_in(list(items or [])))
+    """States of ``users`` and ``items`` (None: all) from their events at or before ``now``:
+    counts and windows by group-by; a user's genres, recent items and history by replaying
+    their events in the offline order."""
+    events = (events.with_columns(pl.col("event_timestamp").dt.epoch("us").alias("us"))
+              .filter(pl.col("us") <= now))
+    of_users = events if users is None else events.filter(pl.col("user_id").is_in(list(users)))
+    of_items = events if items is None else events.filter(pl.col("item_id").is_in(list(items)))
     out = Replayed({}, {})
-    ordered = events.sort("event_timestamp", "item_id", "event_type", "user_id")
-    for user, item, is_rating, value, ts in event_rows(ordered):
-        if users is None or user in users:
-            state = out.users.get(user)
-            if state is None:
-                state = out.users[user] = UserState(n_genres)
-                state.tally.advance(now)
-            state.add(ts, item, is_rating, value, genres.get(item, ()))
-        if items is None or item in items:
-            item_state = out.items.get(item)
-            if item_state is None:
-                item_state = out.items[item] = ItemState()
-                item_state.tally.advance(now)
-            item_state.add(ts, user, is_rating, value)
+    for user, tally in _tallies(of_users, "user_id", now).items():
+        state = out.users[user] = UserState(n_genres)
+        state.tally = tally
+    ordered = of_users.sort("us", "item_id", "event_type").select(
+        "user_id", "item_id", pl.col("event_type") == "rating", "value", "us")
+    for user, item, is_rating, value, ts in ordered.iter_rows():
+        out.users[user].add_details(ts, item, is_rating, value, genres.get(item, ()))
+    if items is None or items:
+        for item, tally in _tallies(of_items, "item_id", now).items():
+            state = out.items[item] = ItemState()
+            state.tally = tally
     for wanted, found, make in ((users, out.users, lambda: UserState(n_genres)),
                                 (items, out.items, ItemState)):
         for key in wanted or ():
             if key not in found:
                 found[key] = make()
-                found[key].tally.advance(now)
+                found[key].tally.as_of = now
     return out
 
 
 # -- Redis: Feast's row layout, written raw ---------------------------------------------------
+
+
+@lru_cache(maxsize=1 << 16)
+def _scalar_bytes(kind: str, value: Any) -> bytes:
+    """Serialized scalar values, memoised (counts and times repeat; 3-4 µs each to build)."""
+    return _value(kind, value).SerializeToString()
 
 
 def _value(kind: str, value: Any) -> Value:
@@ -379,6 +423,9 @@ def _value(kind: str, value: Any) -> Value:
     raise TypeError(f"no raw encoding for {kind}")
 
 
+_LISTS = frozenset({"FLOAT_LIST", "INT64_LIST"})
+
+
 @dataclass(frozen=True)
 class ViewWriter:
     """Writes rows of one view where Feast's Redis store keeps them (see ViewReader)."""
@@ -396,7 +443,8 @@ class ViewWriter:
         """The hash fields of one row: each feature's ``ValueProto`` and ``_ts:<view>``."""
         reader = self.reader
         out: dict[bytes | str, bytes] = {
-            field: _value(kind, values[name]).SerializeToString()
+            field: (_value(kind, values[name]).SerializeToString() if kind in _LISTS
+                    else _scalar_bytes(kind, values[name]))
             for name, kind, field in zip(reader.features, self.kinds, reader.fields,
                                          strict=False)}
         seconds, rest = divmod(stamp_us, 1_000_000)
@@ -404,8 +452,9 @@ class ViewWriter:
         return out
 
 
-def state_key(project: str, kind: str, entity_id: int) -> str:
-    return f"avrec:{project}:state:{kind}:{entity_id}"
+def state_field(view: str) -> str:
+    """The hash field (next to Feast's ``_ts:<view>``) that holds an entity's state."""
+    return f"_avrec_state:{view}"
 
 
 class OnlineUpdater:
@@ -415,7 +464,6 @@ class OnlineUpdater:
                  genres: list[str], history: Callable[[], pl.DataFrame],
                  update_items: bool = True) -> None:
         self.client, self.history, self.update_items = client, history, update_items
-        self.project = store.config.project
         views = {v.name for v in store.list_feature_views()}
         self.user = ViewWriter.from_store(store, USER_VIEW)
         self.user_history = (ViewWriter.from_store(store, HISTORY_VIEW)
@@ -424,6 +472,18 @@ class OnlineUpdater:
         self.genres = genre_index(items, genres)
         self.n_genres = len(genres)
         self.rebuilt = 0  # states rebuilt from the event history (missing or stale)
+        self._keys: dict[tuple[str, int], bytes] = {}  # Feast's hash keys (60 µs each)
+        self.user_fields = [state_field(USER_VIEW), self.user.reader.fields[-1]]
+        self.item_fields = ([state_field(ITEM_VIEW), self.item.reader.fields[-1]]
+                            if self.item is not None else None)
+
+    def key(self, writer: ViewWriter, entity_id: int) -> bytes:
+        """The entity's Feast hash (users' two views share it), computed once."""
+        cached = self._keys.get((writer.reader.join_key, entity_id))
+        if cached is None:
+            cached = self._keys[(writer.reader.join_key, entity_id)] = writer.reader.key(
+                entity_id)
+        return cached
 
     def update(self, frame: pl.DataFrame, now_dt: datetime) -> None:
         """Read the touched states, apply ``frame`` (already in the event history), write
@@ -431,18 +491,17 @@ class OnlineUpdater:
         import redis
 
         now = micros(now_dt)
-        rows = list(event_rows(frame))
-        users = sorted({r[0] for r in rows})
-        items = sorted({r[1] for r in rows}) if self.item is not None else []
-        keys = ([state_key(self.project, "user", u) for u in users]
-                + [state_key(self.project, "item", i) for i in items])
+        events = event_rows(frame)
+        users = sorted({e[0] for e in events})
+        items = sorted({e[1] for e in events}) if self.item is not None else []
+        keys = ([self.key(self.user, u) for u in users]
+                + [self.key(self.item, i) for i in items])  # type: ignore[arg-type]
         with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(*keys)  # held on this connection; the reads use another
-                    blobs, stamps = self._read(keys, users, items)
-                    user_states, item_states = self._states(
-                        users, items, blobs, stamps, now, frame)
+                    replies = self._read(users, items)
+                    user_states, item_states = self._states(users, items, replies, now, events)
                     pipe.multi()
                     self._queue(pipe, users, items, user_states, item_states, now)
                     pipe.execute()
@@ -450,21 +509,17 @@ class OnlineUpdater:
                 except redis.WatchError:
                     continue
 
-    def _read(self, keys: list[str], users: list[int], items: list[int]
-              ) -> tuple[list[bytes | None], list[bytes | None]]:
-        """The states and the stamps of the rows they wrote, in one round trip."""
+    def _read(self, users: list[int], items: list[int]) -> list[list[bytes | None]]:
+        """Each entity's state and the stamp of its row, in one round trip."""
         with self.client.pipeline(transaction=False) as reads:
-            reads.mget(keys)
             for u in users:
-                reads.hget(self.user.reader.key(u), self.user.reader.fields[-1])
-            if self.item is not None:
-                for i in items:
-                    reads.hget(self.item.reader.key(i), self.item.reader.fields[-1])
-            replies = reads.execute()
-        return replies[0], replies[1:]
+                reads.hmget(self.key(self.user, u), self.user_fields)
+            for i in items:
+                reads.hmget(self.key(self.item, i), self.item_fields)  # type: ignore[arg-type]
+            return reads.execute()
 
-    def _states(self, users: list[int], items: list[int], blobs: list[bytes | None],
-                stamps: list[bytes | None], now: int, frame: pl.DataFrame
+    def _states(self, users: list[int], items: list[int], replies: list[list[bytes | None]],
+                now: int, events: list[tuple[int, int, bool, float | None, int]]
                 ) -> tuple[dict[int, UserState], dict[int, ItemState]]:
         """Each touched entity's state with the batch applied (rebuilt when unusable)."""
         user_states: dict[int, UserState] = {}
@@ -475,7 +530,7 @@ class OnlineUpdater:
             (items, item_states, stale_items, len(users), ItemState),
         ):
             for j, entity in enumerate(ids):
-                blob, stamp = blobs[offset + j], stamps[offset + j]
+                blob, stamp = replies[offset + j]
                 state = cls.unpack(blob) if blob else None
                 if (state is None or not state.tally.advance(now)
                         or _stamp_us(stamp) != state.tally.written):
@@ -489,7 +544,7 @@ class OnlineUpdater:
             self.rebuilt += len(stale_users) + len(stale_items)
             user_states |= rebuilt.users
             item_states |= rebuilt.items
-        for user, item, is_rating, value, ts in event_rows(frame):
+        for user, item, is_rating, value, ts in events:
             if user not in stale_users:
                 user_states[user].add(ts, item, is_rating, value, self.genres.get(item, ()))
             if self.item is not None and item not in stale_items:
@@ -499,6 +554,7 @@ class OnlineUpdater:
     def _queue(self, pipe, users: list[int], items: list[int],
                user_states: dict[int, UserState], item_states: dict[int, ItemState],
                now: int) -> None:
+        """One HSET per entity: its row(s) and its state, in Feast's hash."""
         for u in users:
             state = user_states[u]
             if not state.tally.n:  # nothing at or before the clock (it went back)
@@ -509,16 +565,17 @@ class OnlineUpdater:
             history = state.history_row()
             if history is not None and self.user_history is not None:
                 mapping |= self.user_history.mapping(*history)  # the same entity hash
-            pipe.hset(self.user.reader.key(u), mapping=mapping)
-            pipe.set(state_key(self.project, "user", u), state.pack())
+            mapping[self.user_fields[0]] = state.pack()
+            pipe.hset(self.key(self.user, u), mapping=mapping)
         for i in items:
             item_state = item_states[i]
             if self.item is None or not item_state.tally.n:
                 continue
             stamp, values = item_state.row(now)
             item_state.tally.written = stamp
-            pipe.hset(self.item.reader.key(i), mapping=self.item.mapping(stamp, values))
-            pipe.set(state_key(self.project, "item", i), item_state.pack())
+            mapping = self.item.mapping(stamp, values)
+            mapping[self.item_fields[0]] = item_state.pack()
+            pipe.hset(self.key(self.item, i), mapping=mapping)
 
 
 def _stamp_us(raw: bytes | None) -> int | None:

@@ -1,0 +1,222 @@
+"""``LogEvents`` over real gRPC: incremental online rows against the former recompute path.
+
+    python bench/events_bench.py [--single 300] [--batches 5] [--batch-size 2000]
+
+Self-contained: in ``--workdir`` (default ``/tmp/avrec-events-bench``) it ingests MovieLens
+ml-latest-small, computes the behaviour features, writes seeded genre-projection item vectors
+(as ``tests/server``; the service treats any vectors alike), starts a Redis of its own on a
+free port, applies and materializes the feature repo into it, trains a small model once
+(cached for later runs) and starts the service in its own process, once per path, each with
+a replay clock after everything logged before it:
+
+* ``recompute``: the former path (``incremental_events: false``): each touched user's rows
+  recomputed from their whole history with the offline code, written through Feast;
+* ``incremental``: the default: per-entity states in Redis, users' and items' rows updated
+  in one pipelined batch (``server/incremental.py``). Its first batch touches every user and
+  finds no state: they are rebuilt from the history (``first touch``); later calls are warm.
+
+Nothing outside ``--workdir`` is written (the machine's Redis and ``data/`` are not used).
+Per row: client-side p50/p99 per call, calls/s, events/s and the server's CPU seconds. The
+client is one Python thread on the same cores as the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+CLOCK = datetime(2018, 9, 25, tzinfo=UTC)
+MODES = ("recompute", "incremental")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build(workdir: Path, redis_url: str) -> Path:
+    """Offline tables (cached), Redis applied and materialized, a model (cached)."""
+    from avrec import behaviour_features, config, feature_store, ingest, tables
+    from tests.server.conftest import genre_embeddings
+
+    offline = config.offline_dir()
+    if not (offline / "ready").exists():
+        ingest.ingest_movielens(config.datasets_dir() / "ml-latest-small", offline)
+        behaviour_features.build(offline)
+        items = tables.read_table("items", offline)
+        genre_embeddings(items).write_parquet(tables.table_path("item_embeddings", offline))
+        (offline / "ready").write_text("")
+    shutil.rmtree(offline / tables.EVENT_LOG, ignore_errors=True)  # earlier runs' events
+    started = time.perf_counter()
+    feature_store.apply(redis_url)
+    feature_store.materialize(end=CLOCK, start=datetime(1970, 1, 1, tzinfo=UTC),
+                              redis_url=redis_url)  # whole: the Redis is new
+    print(f"  applied and materialized in {time.perf_counter() - started:.0f} s", flush=True)
+    models = workdir / "model"
+    if not (models / "ready").exists():
+        from ranker import train_job
+        from ranker.training import TrainConfig
+
+        trained = train_job.train(vectors="mixed", start=datetime(2018, 1, 1, tzinfo=UTC),
+                                  negatives=2, train_config=TrainConfig(epochs=2, progress=False),
+                                  hybrid_quick=True)
+        shutil.rmtree(models, ignore_errors=True)
+        shutil.copytree(trained, models)
+        (models / "ready").write_text(str(trained))
+    return models
+
+
+def serve(mode: str, port: int, clock: str, model_dir: str) -> int:
+    """Run one server process until SIGTERM."""
+    from server.app import start
+    from server.config import load_config
+
+    settings = {"port": port, "clock": clock, "model_dir": model_dir,
+                "redis_url": os.environ["REDIS_URL"], "hybrid": False,
+                "incremental_events": mode == "incremental"}
+    service = start(load_config(None, settings, environ={}))
+    print("ready", flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    service.stop(1)
+    return 0
+
+
+def events_for(rng: np.random.Generator, users: np.ndarray, catalogue: np.ndarray, n: int,
+               cover: bool = False) -> list:
+    """``n`` events for random users (``cover``: every user once first), half ratings."""
+    from avrec.v1 import ranking_pb2
+
+    who = rng.choice(users, n)
+    if cover:
+        who[: len(users)] = rng.permutation(users)[:n]
+    out = []
+    for user in who.tolist():
+        item = int(rng.choice(catalogue))
+        if rng.random() < 0.5:
+            out.append(ranking_pb2.Event(user_id=user, item_id=item, event_type="rating",
+                                         rating=float(rng.integers(1, 11)) / 2))
+        else:
+            out.append(ranking_pb2.Event(user_id=user, item_id=item, event_type="tag"))
+    return out
+
+
+def measure(client, calls: list[list]) -> np.ndarray:
+    latencies = []
+    for events in calls:
+        started = time.perf_counter()
+        reply = client.log_events(events)
+        latencies.append(time.perf_counter() - started)
+        assert reply.accepted == len(events)
+    return np.asarray(latencies)
+
+
+def run_mode(mode: str, clock: datetime, model_dir: Path, args, users: np.ndarray,
+             catalogue: np.ndarray) -> list[dict]:
+    from server.client import RankingClient
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", mode, "--port", str(port),
+         "--clock", clock.isoformat(), "--model-dir", str(model_dir)],
+        stdout=subprocess.PIPE, text=True)
+    rows = []
+    try:
+        assert server.stdout is not None
+        while (line := server.stdout.readline()) and line.strip() != "ready":
+            pass
+        if line.strip() != "ready":
+            raise RuntimeError(f"{mode} server exited with {server.wait()}")
+        cpu = psutil.Process(server.pid)
+        rng = np.random.default_rng(args.seed)
+        slow = mode == "recompute"
+        plan = [("one event", args.single // (5 if slow else 1), 1, False),
+                ("batch", max(1, args.batches // (2 if slow else 1)), args.batch_size, False)]
+        if not slow:  # every user once: no state yet, each rebuilt from the history
+            plan.insert(0, ("batch, first touch", 1, args.batch_size, True))
+        with RankingClient(f"127.0.0.1:{port}", timeout=600) as client:
+            measure(client, [events_for(rng, users, catalogue, 1) for _ in range(5)])  # warm
+            for what, calls, size, cover in plan:
+                work = [events_for(rng, users, catalogue, size, cover) for _ in range(calls)]
+                before = sum(cpu.cpu_times()[:2])
+                latencies = measure(client, work)
+                touched = np.mean([len({e.user_id for e in w}) for w in work])
+                rows.append({
+                    "path": mode, "what": what, "calls": calls, "events": size,
+                    "users": touched, "p50": np.percentile(latencies, 50) * 1e3,
+                    "p99": np.percentile(latencies, 99) * 1e3,
+                    "calls_s": calls / latencies.sum(),
+                    "events_s": calls * size / latencies.sum(),
+                    "cpu": (sum(cpu.cpu_times()[:2]) - before) / calls,
+                })
+                print(f"  {mode:11} {what:18} p50 {rows[-1]['p50']:8.1f} ms", flush=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--clock", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/avrec-events-bench"))
+    parser.add_argument("--single", type=int, default=300,
+                        help="one-event calls (the recompute path makes a fifth)")
+    parser.add_argument("--batches", type=int, default=5,
+                        help="warm batches (the recompute path makes half)")
+    parser.add_argument("--batch-size", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.serve:
+        return serve(args.serve, args.port, args.clock, args.model_dir)
+
+    from avrec.redis_server import start_embedded
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    redis_url = f"redis://127.0.0.1:{free_port()}/0"
+    os.environ.update(AVREC_DATA_DIR=str(args.workdir / "data"), REDIS_URL=redis_url)
+    redis_pid = start_embedded(redis_url, workdir=args.workdir / "redis")
+    try:
+        from avrec import tables
+
+        print(f"workdir {args.workdir}, Redis {redis_url}; load average "
+              f"{os.getloadavg()[0]:.2f}, {os.cpu_count()} cores", flush=True)
+        model_dir = build(args.workdir, redis_url)
+        users = np.unique(tables.read_table("events")["user_id"].to_numpy())
+        catalogue = tables.read_table("items")["item_id"].to_numpy()
+        rows = []
+        for i, mode in enumerate(MODES):  # each clock after everything logged before it
+            rows += run_mode(mode, CLOCK + timedelta(days=i), model_dir, args, users,
+                             catalogue)
+    finally:
+        os.kill(redis_pid, signal.SIGTERM)
+    print(f"\n{len(users)} users, {len(catalogue)} items; load average "
+          f"{os.getloadavg()[0]:.2f}\n")
+    print("| path | call | calls | events/call | users/call | p50 ms | p99 ms | calls/s "
+          "| events/s | server CPU s/call |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['path']} | {r['what']} | {r['calls']} | {r['events']} | "
+              f"{r['users']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['calls_s']:.1f} | "
+              f"{r['events_s']:,.0f} | {r['cpu']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
