@@ -81,6 +81,8 @@ def sandbox(source: Path | None = None, clock: str = CLOCK,
     env = {**os.environ, "AVREC_DATA_DIR": str(root), "REDIS_URL": url}
     cli = [sys.executable, "-m", "avrec.cli"]
     process = None
+    # SIGTERM would end this process without the cleanup below, leaving server and Redis behind
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         print(f"sandbox {root}: redis {url}, apply + materialize as of {clock}", flush=True)
         subprocess.run([*cli, "apply"], env=env, check=True, stdout=subprocess.DEVNULL)
@@ -104,6 +106,11 @@ def sandbox(source: Path | None = None, clock: str = CLOCK,
             os.kill(redis_pid, signal.SIGTERM)
         time.sleep(0.5)
         shutil.rmtree(root, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def items_and_users(data_dir: Path) -> tuple[list[int], list[int]]:

@@ -102,8 +102,9 @@ class Load:
                 with self._lock:
                     self.calls.append((time.perf_counter() - start, method, code, took, acked))
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-        watcher = threading.Thread(target=monitor)
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True)
+                   for i in range(concurrency)]
+        watcher = threading.Thread(target=monitor, daemon=True)
         for thread in [*threads, watcher]:
             thread.start()
         for thread in threads:
