@@ -451,7 +451,11 @@ def ingest_generic(
         if not raw:
             return None
         path = Path(raw) if Path(raw).is_absolute() else items_csv.parent / raw
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+            found = False
+        if not found:
             rejects.add(items_csv.name, 0, IMAGE_NOT_FOUND, row)
             return None
         return str(path.resolve())

@@ -221,7 +221,22 @@ def _row() -> st.SearchStrategy[str]:
     return st.one_of(valid, valid, st.lists(_field(), min_size=0, max_size=7).map(",".join))
 
 
-def csv_files(header: str = EVENT_HEADER) -> st.SearchStrategy[bytes]:
+ITEM_HEADER = "item_id,title,year,genres,image_path"
+
+
+def item_rows() -> st.SearchStrategy[str]:
+    """items.csv rows: odd titles and years, image paths too long, absolute, climbing out."""
+    image = st.sampled_from(["", "cover.jpg", "missing.jpg", "../../etc/passwd", "/etc/hostname",
+                             "x" * 300 + ".jpg", "/" + "y" * 5000, "a/" * 3000 + "b.jpg",
+                             "nul\x00.jpg", "²"])
+    valid = st.builds(lambda i, t, y, img: f"{i},{t},{y},Drama|Comedy,{img}",
+                      st.integers(1, 30), st.sampled_from(["A", "B (1999)", "Ç", "評価"]),
+                      st.sampled_from(["", "1999", "²", "19x9"]), image)
+    return st.one_of(valid, valid, st.lists(_field(), min_size=0, max_size=6).map(",".join))
+
+
+def csv_files(header: str = EVENT_HEADER,
+              rows: st.SearchStrategy[str] | None = None) -> st.SearchStrategy[bytes]:
     """Event files in many dialects: BOM, CRLF, quoted newlines, non-UTF-8 bytes, huge fields,
     empty and header-only files, random bytes."""
     def assemble(bom: bool, newline: str, head: bool, rows: list[str], tail: bool,
@@ -240,6 +255,6 @@ def csv_files(header: str = EVENT_HEADER) -> st.SearchStrategy[bytes]:
         lambda b: b"x" * 140_000 if b == b"huge" else b)), max_size=2)
     structured = st.builds(assemble, st.booleans(), st.sampled_from(["\n", "\r\n", "\r"]),
                            st.sampled_from([True, True, True, False]),
-                           st.lists(_row(), max_size=12), st.booleans(), junk)
+                           st.lists(rows or _row(), max_size=12), st.booleans(), junk)
     return st.one_of(structured, structured, structured, st.binary(max_size=512),
                      st.sampled_from([b"", header.encode(), header.encode() + b"\r\n"]))

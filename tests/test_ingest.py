@@ -220,3 +220,35 @@ def test_fuzzed_event_files_are_accounted_for(tmp_path_factory: pytest.TempPathF
         assert_accounted(report, run / "out")
 
     one()
+
+
+def test_fuzzed_item_files_are_accounted_for(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from hypothesis import HealthCheck, given, settings
+
+    from tests.fuzzing import ITEM_HEADER, csv_files, item_rows
+
+    root = tmp_path_factory.mktemp("fuzz_items")
+    (root / "events.csv").write_text("user_id,item_id,event_type,value,timestamp\n")
+    (root / "cover.jpg").write_bytes(b"\xff\xd8\xff")
+    counter = iter(range(10**9))
+
+    @settings(max_examples=100, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(csv_files(ITEM_HEADER, item_rows()))
+    def one(data: bytes) -> None:
+        run = root / str(next(counter))
+        run.mkdir()
+        (run / "items.csv").write_bytes(data)
+        (run / "cover.jpg").write_bytes(b"\xff\xd8\xff")
+        try:
+            report = ingest.ingest_generic(root / "events.csv", run / "items.csv", run / "out")
+        except ingest.IngestError as exc:
+            assert any(m in str(exc) for m in ("missing column", "empty file", "header")), exc
+            return
+        assert report.unaccounted() == {}, report.summary()
+        items = tables.read_table("items", run / "out")
+        assert items.height == report.rows_landed["items.csv"]
+        for path in items["image_path"].drop_nulls().to_list():
+            assert path == str((run / "cover.jpg").resolve()) or Path(path).is_absolute()
+
+    one()
