@@ -103,8 +103,8 @@ def rank_requests(users: Sequence[int], items: Sequence[int]) -> st.SearchStrate
     """Half plausible requests (known user, 1-300 distinct known items), half wild ones."""
     plausible = st.builds(
         lambda user, n, rnd, top_k, opts: ranking_pb2.RankRequest(
-            user_id=user, candidate_item_ids=rnd.sample(list(items), n), top_k=top_k,
-            options=opts),
+            user_id=user, candidate_item_ids=rnd.sample(list(items), min(n, len(items))),
+            top_k=top_k, options=opts),
         st.sampled_from(list(users)), st.integers(1, 300), st.randoms(use_true_random=False),
         st.integers(0, 50), valid_options())
     wild = st.builds(
