@@ -7,11 +7,12 @@ package is started as a daemon (no persistence), with its pid and log under the 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import redis
 
@@ -96,15 +97,32 @@ def ensure_redis(url: str | None = None) -> RedisStatus:
 
 
 def feast_connection_string(url: str) -> str:
-    """Turn ``redis://[:password@]host:port/db`` into Feast's ``host:port,db=N,...`` form."""
+    """Turn ``redis[s]://[[user]:password@]host:port/db`` into Feast's ``host:port,db=N,...``
+    form: an ACL user name and a password (URL-decoded, as redis-py reads them) included."""
     parsed = urlparse(url)
     if parsed.scheme not in {"redis", "rediss"}:
         raise ValueError(f"not a redis:// URL: {url!r}")
     parts = [f"{parsed.hostname or '127.0.0.1'}:{parsed.port or 6379}"]
     db = parsed.path.lstrip("/") or "0"
     parts.append(f"db={int(db)}")
+    if parsed.username:
+        parts.append(f"username={_feast_value(unquote(parsed.username), 'user name')}")
     if parsed.password:
-        parts.append(f"password={parsed.password}")
+        parts.append(f"password={_feast_value(unquote(parsed.password), 'password')}")
     if parsed.scheme == "rediss":
         parts.append("ssl=true")
     return ",".join(parts)
+
+
+def _feast_value(value: str, what: str) -> str:
+    """A value Feast's ``key=value,...`` string carries unchanged (it splits on commas and
+    JSON-decodes each value), or ValueError."""
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        decoded = value
+    kept = decoded == value or (type(decoded) is int and str(decoded) == value)
+    if "," in value or not kept:
+        raise ValueError(f"the Redis {what} cannot go into Feast's connection string: it may "
+                         "not hold a comma or be a JSON literal (true, false, null, [..], {..})")
+    return value

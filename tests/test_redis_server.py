@@ -49,3 +49,22 @@ def test_never_starts_a_server_for_a_remote_url() -> None:
     # start_embedded refuses before any connection is attempted (no traffic leaves loopback).
     with pytest.raises(redis_server.RedisUnavailableError, match="loopback"):
         redis_server.start_embedded("redis://192.0.2.1:6379/0")
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("redis://avrec:p%40ss%3Aw0rd@127.0.0.1:6390/1",
+         "127.0.0.1:6390,db=1,username=avrec,password=p@ss:w0rd"),
+        ("rediss://avrec:pw@cache.example:6390/0",
+         "cache.example:6390,db=0,username=avrec,password=pw,ssl=true"),
+    ],
+)
+def test_acl_user_and_url_encoded_password(url: str, expected: str) -> None:
+    assert redis_server.feast_connection_string(url) == expected
+
+
+@pytest.mark.parametrize("password", ["a%2Cb", "true", "null", "1e3", "-0", "%5B1%5D"])
+def test_passwords_feast_cannot_carry_are_refused(password: str) -> None:
+    with pytest.raises(ValueError, match="cannot go into Feast's connection string"):
+        redis_server.feast_connection_string(f"redis://:{password}@127.0.0.1:6379/0")
