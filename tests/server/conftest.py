@@ -120,6 +120,16 @@ def client(service) -> Iterator[object]:
         yield c
 
 
+def current_snapshot(service) -> None:
+    """Bring the server's item snapshot up to Redis. ``LogEvents`` writes item rows online,
+    which a server takes up at its next snapshot reload (``snapshot_refresh_seconds``, or a
+    moved materialization counter); an oracle reading Feast's item rows needs them now."""
+    engine = service.engine
+    engine.client.incr(engine.version_key)  # as `avrec materialize` does
+    engine.ensure_snapshot(engine.materialization(), engine.clock.now())  # starts the reload
+    assert engine.wait_for_reload(120)
+
+
 def env_of(stack: Stack) -> dict[str, str]:
     """The process environment pointing at the stack (for subprocesses)."""
     return {**os.environ, "AVREC_DATA_DIR": str(stack.data_dir), "REDIS_URL": stack.redis_url}

@@ -23,6 +23,7 @@ from ranker.hybrid_pipeline import (
     item_stats,
 )
 from server.protocol import ranking_pb2
+from tests.server.conftest import current_snapshot
 
 USER = 599  # rates until 2017-06: fresh at the replay clock, not touched by other tests
 
@@ -83,6 +84,7 @@ def hybrid_client(hybrid_service):
 def test_recommend_serves_what_the_pipeline_computes_from_feast_reads(
     stack, hybrid_service, hybrid_client
 ) -> None:
+    current_snapshot(hybrid_service)  # item rows logged by earlier tests
     assert hybrid_service.engine.models.hybrid is not None
     answer = hybrid_client.recommend(USER, top_k=20)
     assert "+hybrid-" in answer.model_version
@@ -108,6 +110,7 @@ def test_recommend_leaves_out_the_users_history(stack, hybrid_client) -> None:
 def test_rank_scores_the_callers_candidates_like_the_oracle(
     stack, hybrid_service, hybrid_client
 ) -> None:
+    current_snapshot(hybrid_service)  # item rows logged by earlier tests
     items = tables.read_table("items", stack.data_dir / "offline")["item_id"].to_list()
     candidates = items[::41][:150]
     answer = hybrid_client.rank(USER, candidates)

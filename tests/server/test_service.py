@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from avrec import online_features, tables
 from server.models import encoder_from_contract
 from server.protocol import SERVICE_NAME, ranking_pb2
-from tests.server.conftest import CLOCK
+from tests.server.conftest import CLOCK, current_snapshot
 
 USER = 414  # active until 2018: fresh at the replay clock
 IDLE_USER = 1  # last rated in 2000: expired under the 730-day TTL
@@ -83,6 +83,7 @@ def oracle_scores(stack, service, user_id: int, items: list[int], now) -> np.nda
 
 
 def test_rank_equals_the_feast_sdk_oracle(stack, service, client) -> None:
+    current_snapshot(service)  # item rows logged by earlier tests
     items = catalogue(stack)[::31][:300].tolist()
     answer = client.rank(USER, items)
     assert [i.item_id for i in answer.items] != items
