@@ -62,6 +62,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 WINDOW_US = {name: w // timedelta(microseconds=1) for name, w in WINDOWS.items()}
 LONGEST_US = max(WINDOW_US.values())
 STATE_VERSION = 2
+MAX_REDOS = 20  # batches redone after concurrent writes before the call fails
 
 
 def micros(when: datetime) -> int:
@@ -472,6 +473,7 @@ class OnlineUpdater:
         self.genres = genre_index(items, genres)
         self.n_genres = len(genres)
         self.rebuilt = 0  # states rebuilt from the event history (missing or stale)
+        self.redone = 0  # batches redone because another writer touched their entities
         self._keys: dict[tuple[str, int], bytes] = {}  # Feast's hash keys (60 µs each)
         self.user_fields = [state_field(USER_VIEW), self.user.reader.fields[-1]]
         self.item_fields = ([state_field(ITEM_VIEW), self.item.reader.fields[-1]]
@@ -497,7 +499,7 @@ class OnlineUpdater:
         keys = ([self.key(self.user, u) for u in users]
                 + [self.key(self.item, i) for i in items])  # type: ignore[arg-type]
         with self.client.pipeline(transaction=True) as pipe:
-            while True:
+            for _ in range(MAX_REDOS):
                 try:
                     pipe.watch(*keys)  # held on this connection; the reads use another
                     replies = self._read(users, items)
@@ -507,7 +509,9 @@ class OnlineUpdater:
                     pipe.execute()
                     return
                 except redis.WatchError:
-                    continue
+                    self.redone += 1
+        raise RuntimeError(f"online rows of {len(keys)} entities changed under {MAX_REDOS} "
+                           "tries in a row; the events are logged offline")
 
     def _read(self, users: list[int], items: list[int]) -> list[list[bytes | None]]:
         """Each entity's state and the stamp of its row, in one round trip."""

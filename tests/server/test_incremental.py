@@ -226,12 +226,45 @@ def test_logged_events_leave_the_offline_rows_online(stack, service, client) -> 
             event.event_timestamp.FromDatetime(when)
         events.append(event)
     assert client.log_events(events).accepted == len(events)
+    assert_online_rows_are_offline_rows(stack, sorted({s[0] for s in specs}),
+                                        sorted({s[1] for s in specs}), service.engine.clock.now())
+
+
+def test_a_concurrent_write_makes_the_batch_redo(stack, service) -> None:
+    """A write to a touched entity between the reads and the write (another server process)
+    fails the MULTI/EXEC under WATCH; the batch is redone on the new state."""
+    from server.event_log import EventLog, LoggedEvent
+
+    offline = stack.data_dir / "offline"
+    log = EventLog(offline, tables.read_table("items", offline)["item_id"].to_numpy(),
+                   service.engine.client)
+    first = LoggedEvent(414, 1, "rating", 3.0, None)
+    log.log(stack.store, [first], service.engine.clock.now())
+    updater = log.updater
+    read, intruded = updater._read, []
+
+    def read_then_intrude(users, items):
+        replies = read(users, items)
+        if not intruded:  # another writer, after this batch read its states
+            updater.client.hset(updater.key(updater.user, users[0]), "intruder", b"1")
+            intruded.append(True)
+        return replies
+
+    updater._read = read_then_intrude
     now = service.engine.clock.now()
+    log.log(stack.store, [LoggedEvent(414, 2, "tag", None, None),
+                          LoggedEvent(414, 318, "rating", 5.0, None)], now)
+    assert intruded and updater.redone == 1
+    assert_online_rows_are_offline_rows(stack, [414], [1, 2, 318], now)
+
+
+def assert_online_rows_are_offline_rows(stack, users: list[int], touched: list[int],
+                                        now: datetime) -> None:
+    """Feast's reads of the users' and items' rows equal the offline code as of ``now``."""
     offline = stack.data_dir / "offline"
     history = tables.read_events(offline)
     items = tables.read_table("items", offline)
     genres = behaviour_features.genre_vocabulary(items)
-    users, touched = sorted({s[0] for s in specs}), sorted({s[1] for s in specs})
 
     def latest(rows: pl.DataFrame, key: str) -> dict:
         rows = rows.filter(pl.col("event_timestamp") <= now).sort("event_timestamp")
