@@ -168,17 +168,23 @@ class Tally:
 
     @classmethod
     def unpack(cls, blob: bytes, codes: str) -> tuple[Tally, list[array]] | None:
-        """A tally and the other arrays (typecodes ``codes``); None for another version."""
-        (version, n, ratings, total, positives, first, last, expired, written, as_of,
-         count) = _HEAD.unpack_from(blob)
-        if version != STATE_VERSION or count != len(codes) + 1:
+        """A tally and the other arrays (typecodes ``codes``); None for another version or
+        a blob that does not parse (the state is then rebuilt)."""
+        try:
+            (version, n, ratings, total, positives, first, last, expired, written, as_of,
+             count) = _HEAD.unpack_from(blob)
+            if version != STATE_VERSION or count != len(codes) + 1:
+                return None
+            sizes = struct.unpack_from(f"<{count}I", blob, _HEAD.size)
+        except struct.error:
+            return None
+        if _HEAD.size + 4 * count + sum(sizes) * 8 != len(blob):  # every typecode is 8 bytes
             return None
         tally = cls()
         tally.n, tally.ratings, tally.rating_sum, tally.positives = n, ratings, total, positives
         tally.first, tally.last, tally.expired, tally.written = (
             None if v == _NONE else v for v in (first, last, expired, written))
         tally.as_of = as_of
-        sizes = struct.unpack_from(f"<{count}I", blob, _HEAD.size)
         offset, arrays = _HEAD.size + 4 * count, []
         for code, size in zip("q" + codes, sizes, strict=True):
             a = array(code)

@@ -296,3 +296,14 @@ def assert_online_rows_are_offline_rows(stack, users: list[int], touched: list[i
                     assert read[name][j] == pytest.approx(expected, rel=1e-12)
                 else:
                     assert read[name][j] == expected, (view, entity, name)
+
+
+def test_a_state_that_does_not_parse_is_rebuilt() -> None:
+    genres = genre_index(ITEMS, behaviour_features.genre_vocabulary(ITEMS))
+    events = frame([(1, 2, "rating", 4.0, START), (1, 3, "tag", None, START)])
+    state = replay(events, micros(START), genres, len(GENRES)).users[1]
+    blob = state.pack()
+    assert UserState.unpack(blob).behaviour_row(micros(START)) == state.behaviour_row(
+        micros(START))
+    for bad in (b"", b"{}", blob[:-3], blob + b"x", b"\x01" + blob[1:]):
+        assert UserState.unpack(bad) is None and ItemState.unpack(bad) is None
