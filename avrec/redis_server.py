@@ -12,7 +12,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import redis
 
@@ -97,8 +97,9 @@ def ensure_redis(url: str | None = None) -> RedisStatus:
 
 
 def feast_connection_string(url: str) -> str:
-    """Turn ``redis[s]://[[user]:password@]host:port/db`` into Feast's ``host:port,db=N,...``
-    form: an ACL user name and a password (URL-decoded, as redis-py reads them) included."""
+    """Turn ``redis[s]://[[user]:password@]host:port/db[?ssl_ca_certs=...]`` into Feast's
+    ``host:port,db=N,...`` form: an ACL user name, a password (URL-decoded, as redis-py reads
+    them) and, for ``rediss://``, the TLS settings of the query included."""
     parsed = urlparse(url)
     if parsed.scheme not in {"redis", "rediss"}:
         raise ValueError(f"not a redis:// URL: {url!r}")
@@ -111,7 +112,17 @@ def feast_connection_string(url: str) -> str:
         parts.append(f"password={_feast_value(unquote(parsed.password), 'password')}")
     if parsed.scheme == "rediss":
         parts.append("ssl=true")
+        # TLS settings as redis-py's from_url reads them: ?ssl_ca_certs=/path/ca.pem&...
+        for name, values in parse_qs(parsed.query).items():
+            if name in TLS_STRINGS:
+                parts.append(f"{name}={_feast_value(unquote(values[0]), name)}")
+            elif name in TLS_FLAGS:
+                parts.append(f"{name}={str(values[0].lower() in ('1', 'true', 'yes')).lower()}")
     return ",".join(parts)
+
+
+TLS_STRINGS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+TLS_FLAGS = ("ssl_check_hostname",)
 
 
 def _feast_value(value: str, what: str) -> str:

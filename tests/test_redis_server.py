@@ -58,6 +58,8 @@ def test_never_starts_a_server_for_a_remote_url() -> None:
          "127.0.0.1:6390,db=1,username=avrec,password=p@ss:w0rd"),
         ("rediss://avrec:pw@cache.example:6390/0",
          "cache.example:6390,db=0,username=avrec,password=pw,ssl=true"),
+        ("rediss://h:1/0?ssl_ca_certs=%2Fetc%2Fca.pem&ssl_check_hostname=1&socket_timeout=2",
+         "h:1,db=0,ssl=true,ssl_ca_certs=/etc/ca.pem,ssl_check_hostname=true"),
     ],
 )
 def test_acl_user_and_url_encoded_password(url: str, expected: str) -> None:
