@@ -92,8 +92,8 @@ def start(config: ServeConfig, engine_class: type[RankingEngine] = RankingEngine
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
     ]
-    token = config.token()
-    interceptors = [BearerTokenInterceptor(token)] if token else []
+    token, write_token = config.token(), config.write_secret()
+    interceptors = [BearerTokenInterceptor(token, write_token)] if token or write_token else []
     interceptors.append(MalformedRequestInterceptor())  # garbage: INVALID_ARGUMENT
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers),
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
     parser.add_argument("--auth-token-file")
+    parser.add_argument("--write-token-file", help="the token LogEvents needs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     overrides = {k: v for k, v in vars(args).items() if k != "config"}

@@ -49,6 +49,8 @@ class ServeConfig:
     tls_key: str | None = None
     auth_token: str | None = None  # bearer token every call must carry (health excepted)
     auth_token_file: str | None = None
+    write_token: str | None = None  # when set, LogEvents needs this one (it also reads)
+    write_token_file: str | None = None
 
     def clock_start(self) -> datetime | None:
         """The replay clock's first instant (UTC), or None for the wall clock."""
@@ -59,9 +61,11 @@ class ServeConfig:
 
     def token(self) -> str | None:
         """The bearer token, from ``auth_token`` or the file ``auth_token_file``."""
-        if self.auth_token_file:
-            return Path(self.auth_token_file).read_text().strip()
-        return self.auth_token
+        return _secret(self.auth_token, self.auth_token_file)
+
+    def write_secret(self) -> str | None:
+        """The token LogEvents needs, from ``write_token`` or the file ``write_token_file``."""
+        return _secret(self.write_token, self.write_token_file)
 
     def problems(self) -> list[str]:
         """Settings that cannot work together."""
@@ -119,3 +123,7 @@ def load_config(
     if problems:
         raise ValueError("serve config: " + "; ".join(problems))
     return config
+
+
+def _secret(value: str | None, file: str | None) -> str | None:
+    return Path(file).read_text().strip() if file else value

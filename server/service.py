@@ -199,12 +199,18 @@ def _redis_error(exc: Exception) -> bool:
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Refuses calls without ``authorization: Bearer <token>`` (health checks excepted)."""
+    """Refuses calls without ``authorization: Bearer <token>`` (health checks excepted).
+
+    With a ``write_token``, LogEvents needs that one (the read ``token`` is not enough) and it
+    is accepted for reads too; without a read ``token`` reads are open.
+    """
 
     OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+    WRITES = (f"/{SERVICE_NAME}/LogEvents",)
 
-    def __init__(self, token: str) -> None:
-        self.expected = f"Bearer {token}"
+    def __init__(self, token: str | None, write_token: str | None = None) -> None:
+        self.read = [f"Bearer {t}".encode() for t in (token, write_token) if t] if token else []
+        self.write = [f"Bearer {write_token}".encode()] if write_token else self.read
 
         def deny(request, context):
             metrics.observe("auth", grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
@@ -215,9 +221,13 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(self.OPEN):
             return continuation(handler_call_details)
+        needed = self.write if handler_call_details.method in self.WRITES else self.read
+        if not needed:
+            return continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
         given = metadata.get("authorization")
         # constant time: how much of a wrong token matches must not show in the timing
-        if isinstance(given, str) and hmac.compare_digest(given.encode(), self.expected.encode()):
+        if isinstance(given, str) and any(
+                hmac.compare_digest(given.encode(), token) for token in needed):
             return continuation(handler_call_details)
         return self._deny
