@@ -93,7 +93,12 @@ def sandbox(source: Path | None = None, clock: str = CLOCK,
         process = subprocess.Popen([*cli, "serve", "--port", str(port), "--clock", clock,
                                     *serve_args], env=env, stdout=log, stderr=subprocess.STDOUT)
         with RankingClient(f"127.0.0.1:{port}") as client:
-            client.wait_until_serving(600, process)
+            try:
+                client.wait_until_serving(600, process)
+            except (RuntimeError, TimeoutError):
+                tail = (root / "serve.log").read_text().splitlines()[-15:]
+                print("avrec serve did not start:\n  " + "\n  ".join(tail), file=sys.stderr)
+                raise
         yield Server(f"127.0.0.1:{port}", process.pid, root)
     finally:
         if process is not None:

@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path,
                         help="its data directory (users, items; events lost counted)")
     parser.add_argument("--source", type=Path, help="data directory the sandbox copies")
+    parser.add_argument("--model-dir", help="the sandbox serves this model directory "
+                        "(default: the LATEST run under its models/ranker)")
     args = parser.parse_args(argv)
     if args.target:
         from avrec import config
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         server = Server(args.target, args.server_pid or 0, args.data_dir)
         return soak(server, args.data_dir or config.data_dir(), args)
     args.count_events = True
-    with sandbox(args.source) as server:
+    serve_args = ("--model-dir", args.model_dir) if args.model_dir else ()
+    with sandbox(args.source, serve_args=serve_args) as server:
         return soak(server, server.data_dir, args)
 
 
