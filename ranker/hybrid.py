@@ -50,6 +50,7 @@ from ranker.recommender import InteractionMatrix, Recommender
 from ranker.training import BestWeights, torch_threads
 
 GeneratorFactory = Callable[[], Recommender]
+MIN_STD = 1e-6  # a feature spread below this is taken as none (see ListwiseScorer)
 
 
 @dataclass
@@ -80,12 +81,16 @@ class ListwiseScorer(nn.Module):
     >>> scorer = ListwiseScorer(np.zeros(3), np.ones(3), hidden=8)
     >>> scorer(torch.zeros(2, 5, 3)).shape
     torch.Size([2, 5])
+    >>> ListwiseScorer(np.zeros(2), np.array([3e-7, 0.5]), hidden=8).std.tolist()
+    [1.0, 0.5]
     """
 
     def __init__(self, mean: np.ndarray, std: np.ndarray, hidden: int = 64) -> None:
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.as_tensor(np.where(std > 0, std, 1.0),
+        # a feature (nearly) constant in training is centred, not scaled: divided by a
+        # float-rounding spread (3e-7 was seen), its noise would reach the output x 1e6
+        self.register_buffer("std", torch.as_tensor(np.where(std > MIN_STD, std, 1.0),
                                                     dtype=torch.float32))
         width = len(mean)
         self.mlp = nn.Sequential(
