@@ -1,0 +1,54 @@
+"""Dependencies flow one way: data (``avrec``) -> ``encoders`` -> ``ranker`` -> ``server`` ->
+``web``. A static scan of every import statement (module level or inside functions) keeps it
+so; the CLI, which starts every job, is the one module allowed to reach up."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ("avrec", "encoders", "ranker", "server", "web")  # each may import those before it
+TOP = {"avrec/cli.py"}  # the command line starts every layer's jobs
+SERVER_NEVER = ("torch", "transformers", "duckdb")  # the serving code runs on onnxruntime
+
+
+def imported(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import statement in ``path``."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.lineno, node.module))
+    return out
+
+
+def sources(package: str) -> list[Path]:
+    generated = ROOT / "avrec" / "v1"  # protobuf stubs
+    return [p for p in sorted((ROOT / package).rglob("*.py")) if generated not in p.parents]
+
+
+def test_the_scan_sees_every_kind_of_import(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("import a.b\nfrom c import d\nfrom . import e\n"
+                      "def f():\n    import server.engine\n")
+    assert imported(module) == [(1, "a.b"), (2, "c"), (5, "server.engine")]
+
+
+@pytest.mark.parametrize("package", LAYERS)
+def test_a_layer_imports_only_the_layers_below_it(package: str) -> None:
+    above = LAYERS[LAYERS.index(package) + 1:]
+    wrong = [f"{path.relative_to(ROOT)}:{line} imports {name}"
+             for path in sources(package) if str(path.relative_to(ROOT)) not in TOP
+             for line, name in imported(path) if name.split(".")[0] in above]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_server_code_imports_no_training_stack() -> None:
+    wrong = [f"{path.relative_to(ROOT)}:{line} imports {name}"
+             for path in sources("server")
+             for line, name in imported(path) if name.split(".")[0] in SERVER_NEVER]
+    assert not wrong, "\n".join(wrong)
