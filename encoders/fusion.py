@@ -3,7 +3,7 @@
 Small composable torch modules:
 
 - :class:`ModalityProjection`: one modality's encoding -> ``d``-dim unit vector.
-- :class:`WeightedSumFusion`: the seed's ``a * e_text + (1 - a) * e_visual``, ``a`` fixed.
+- :class:`WeightedSumFusion`: the weighted sum ``a * e_text + (1 - a) * e_visual``, ``a`` fixed.
 - :class:`GatedFusion`: a learned per-dimension gate between the two projections.
 - :class:`ItemFusionModel`: ``(text_embedding, image_embedding, has_image) -> mixed``, the unit
   that is exported to ONNX and served.

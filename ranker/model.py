@@ -3,7 +3,7 @@
 A (user, item) pair is scored from
 
 * ``user_dense``: the user's behaviour features (counts, mean rating, ages, genre affinity),
-* ``history`` / ``history_mask``: vectors of the user's last N items (the seed's e_L(u)),
+* ``history`` / ``history_mask``: vectors of the user's last N items (the design's e_L(u)),
 * ``item_vector``: the candidate's item vector (mixed embedding, or a single modality),
 * ``item_dense``: the candidate's behaviour features (popularity, mean rating, age).
 
