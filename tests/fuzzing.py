@@ -255,6 +255,7 @@ def csv_files(header: str = EVENT_HEADER,
         lambda b: b"x" * 140_000 if b == b"huge" else b)), max_size=2)
     structured = st.builds(assemble, st.booleans(), st.sampled_from(["\n", "\r\n", "\r"]),
                            st.sampled_from([True, True, True, False]),
-                           st.lists(rows or _row(), max_size=12), st.booleans(), junk)
+                           st.lists(_row() if rows is None else rows, max_size=12),
+                           st.booleans(), junk)
     return st.one_of(structured, structured, structured, st.binary(max_size=512),
                      st.sampled_from([b"", header.encode(), header.encode() + b"\r\n"]))
