@@ -17,6 +17,7 @@ for later training). Then the online rows, so the next ``Rank`` sees them:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import uuid
@@ -44,6 +45,11 @@ HISTORY_VIEW = "user_history"
 
 class EventError(ValueError):
     """An event batch that cannot be accepted; nothing of it was written."""
+
+
+class EventLogUnavailable(RuntimeError):
+    """The offline event log cannot be written (disk full, read-only, gone); nothing of the
+    batch was acknowledged or written online."""
 
 
 @dataclass(frozen=True)
@@ -115,11 +121,17 @@ class EventLog:
     def append(self, frame: pl.DataFrame, now: datetime) -> Path:
         """Write the batch under ``offline/event_log/`` and keep it in memory."""
         directory = self.offline / tables.EVENT_LOG
-        directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = path.with_suffix(".tmp")
-        frame.write_parquet(tmp)
-        tmp.replace(path)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            frame.write_parquet(tmp)
+            tmp.replace(path)
+        except (OSError, pl.exceptions.ComputeError) as exc:  # polars wraps ENOSPC
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise EventLogUnavailable(f"the event log cannot be written ({exc}); "
+                                      "no event of this batch was accepted") from exc
         self._events.append(frame)
         return path
 

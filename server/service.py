@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2
 from avrec.online_features import MixedVersionsError
 from server import metrics
 from server.engine import Ranked, RankingEngine, RequestError, StoreUnavailable
-from server.event_log import EventError, EventLog, LoggedEvent
+from server.event_log import EventError, EventLog, EventLogUnavailable, LoggedEvent
 from server.protocol import SERVICE_NAME, ranking_pb2, ranking_pb2_grpc
 
 if TYPE_CHECKING:
@@ -111,6 +111,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
         except StoreUnavailable as exc:
             code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+        except EventLogUnavailable as exc:  # Rank keeps serving: health stays SERVING
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
         except MixedVersionsError as exc:
             code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
         except Exception as exc:

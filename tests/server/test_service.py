@@ -286,3 +286,33 @@ def test_metrics_count_calls_by_status(client) -> None:
     assert count("OK") == ok + 1 and count("INVALID_ARGUMENT") == bad + 1
     assert REGISTRY.get_sample_value("avrec_request_seconds_count", {"method": "Rank"}) > 0
     assert REGISTRY.get_sample_value("avrec_item_snapshot_total", {"result": "hit"}) > 0
+
+
+def test_an_event_log_that_cannot_be_written_refuses_the_batch_and_rank_goes_on(
+    stack, service, client, monkeypatch
+) -> None:
+    """Disk full (the Parquet write fails with ENOSPC, a fake for this one error path):
+    LogEvents answers RESOURCE_EXHAUSTED, nothing is acknowledged or kept, health and Rank
+    stay up, and the next batch is accepted once the disk has room again."""
+    import errno
+
+    log_dir = stack.data_dir / "offline" / tables.EVENT_LOG
+    before = sorted(log_dir.glob("*")) if log_dir.exists() else []
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", disk_full)
+    event = ranking_pb2.Event(user_id=USER, item_id=1, event_type="tag")
+    with pytest.raises(grpc.RpcError) as caught:
+        client.log_events([event])
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "event log cannot be written" in caught.value.details()
+    assert (sorted(log_dir.glob("*")) if log_dir.exists() else []) == before
+    assert client.rank(USER, [1, 2, 3]).items
+    with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    monkeypatch.undo()
+    assert client.log_events([event]).accepted == 1
