@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from avrec import config
+from tests.serving_stack import stack  # noqa: F401  (the session's serving stack, shared)
 
 DATASETS = config.datasets_dir()
 MOVIELENS = DATASETS / "ml-latest-small"

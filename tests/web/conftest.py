@@ -1,9 +1,8 @@
 """The web page against the real serving stack of ``tests/server`` (MovieLens, Feast, Redis, an
 ``avrec train`` model, the gRPC service serving the hybrid).
 
-The stack is built once per test session: when the server suite already built it in this
-session, it is reused (its session fixture's cached value), otherwise it is built here by the
-same fixture function. The web gets its own catalogue copy with the shared posters as image
+The stack is the session's ``stack`` fixture (:mod:`tests.serving_stack`), built once whichever
+suite asks first. The web gets its own catalogue copy with the shared posters as image
 paths (the stack ingests none) and text / image vectors for the neighbour rows.
 """
 
@@ -17,37 +16,10 @@ import polars as pl
 import pytest
 
 from avrec import tables
+from tests import serving_stack as server
 from tests.conftest import POSTERS
-from tests.server import conftest as server
 
 MISSING_POSTER_ITEM = 2  # its image_path points at a file that does not exist
-
-
-def _built_by_server_suite(request: pytest.FixtureRequest, name: str):
-    """The value of ``tests/server``'s session fixture ``name`` if this session set it up
-    already (read from a collected server test's fixture definitions; None otherwise, also
-    when pytest's internals look different)."""
-    try:
-        for item in request.session.items:
-            if "server" not in item.path.parts:
-                continue
-            definitions = item._fixtureinfo.name2fixturedefs.get(name)
-            if definitions:
-                cached = definitions[-1].cached_result
-                return cached[0] if cached is not None and cached[2] is None else None
-    except (AttributeError, IndexError, TypeError):
-        pass
-    return None
-
-
-@pytest.fixture(scope="session")
-def web_stack(request: pytest.FixtureRequest, redis_url: str,
-              tmp_path_factory: pytest.TempPathFactory) -> Iterator[server.Stack]:
-    shared = _built_by_server_suite(request, "stack")
-    if shared is not None:
-        yield shared
-    else:
-        yield from server.stack.__wrapped__(redis_url, tmp_path_factory)
 
 
 @dataclass
@@ -59,11 +31,11 @@ class WebFiles:
 
 
 @pytest.fixture(scope="session")
-def web_files(web_stack: server.Stack, tmp_path_factory: pytest.TempPathFactory) -> WebFiles:
+def web_files(stack: server.Stack, tmp_path_factory: pytest.TempPathFactory) -> WebFiles:
     """The catalogue with the shared posters as image paths (one pointing nowhere), and
     seeded text / image vectors beside the stack's mixed ones."""
     out = tmp_path_factory.mktemp("web-catalogue")
-    offline = web_stack.data_dir / "offline"
+    offline = stack.data_dir / "offline"
     items = tables.read_table("items", offline)
     paths = [str(POSTERS / f"{i}.jpg") if (POSTERS / f"{i}.jpg").is_file() else None
              for i in items["item_id"].to_list()]
@@ -80,12 +52,12 @@ def web_files(web_stack: server.Stack, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="session")
-def web_service(web_stack: server.Stack) -> Iterator[object]:
+def web_service(stack: server.Stack) -> Iterator[object]:
     """The gRPC service serving the stack's hybrid, for the web tests alone."""
     from server.app import start
 
-    with server.stack_env(web_stack):
-        running = start(server.serve_config(web_stack))
+    with server.stack_env(stack):
+        running = start(server.serve_config(stack))
     yield running
     running.stop(0)
 

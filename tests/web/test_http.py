@@ -11,8 +11,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from server.client import RankingClient
+from tests import serving_stack as server
 from tests.conftest import POSTERS, free_port
-from tests.server import conftest as server
 from tests.web.conftest import MISSING_POSTER_ITEM, web_settings
 from tests.web.reports import write_report
 from web.app import create_app
@@ -132,11 +132,11 @@ def test_bad_input_is_a_400_with_a_message(web, method, path, body, message) -> 
     assert message in reply.text and "Traceback" not in reply.text
 
 
-def test_a_stopped_service_is_a_503_banner(web_stack, web_files) -> None:
+def test_a_stopped_service_is_a_503_banner(stack, web_files) -> None:
     from server.app import start
 
-    with server.stack_env(web_stack):
-        running = start(server.serve_config(web_stack))
+    with server.stack_env(stack):
+        running = start(server.serve_config(stack))
     with TestClient(create_app(web_settings(web_files, f"127.0.0.1:{running.port}"))) as web:
         assert web.get(f"/user/{READER}").status_code == 200
         running.stop(0)
