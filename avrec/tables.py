@@ -7,14 +7,19 @@ reads them. Timestamps are UTC with microsecond precision; ids are Int64.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import polars as pl
 
 from avrec import config
 
+log = logging.getLogger("avrec.tables")
+
 TS = pl.Datetime("us", "UTC")
 EVENT_LOG = "event_log"  # directory of events logged online (one Parquet file per batch)
+# the event log's files carry one more, nullable column: the client's idempotency key
+EVENT_ID = "event_id"
 
 EVENTS_SCHEMA: dict[str, pl.DataType] = {
     "user_id": pl.Int64(),
@@ -57,10 +62,55 @@ def read_table(name: str, root: Path | None = None) -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
-def read_events(root: Path | None = None) -> pl.DataFrame:
-    """The events table plus every batch the ranking service logged under ``event_log/``."""
-    events = read_table("events", root)
-    logged = sorted(((root or config.offline_dir()) / EVENT_LOG).glob("*.parquet"))
+def read_event_log(root: Path | None = None) -> list[pl.DataFrame]:
+    """Every readable batch file under ``event_log/``, oldest first (columns as written: the
+    events schema, plus ``event_id`` in files of servers that keep it).
+
+    A crash can leave a write unfinished: a ``*.tmp`` file (killed before its rename) or a
+    file that does not parse (truncated, garbage). Each is skipped with a one-line warning
+    naming it, never a crash; what the server acknowledged was fsynced and renamed first, so
+    it is always among the readable files.
+    """
+    directory = (root or config.offline_dir()) / EVENT_LOG
+    if not directory.is_dir():
+        return []
+    for leftover in sorted(directory.glob("*.tmp")):
+        log.warning("event log: skipping %s: an unfinished write (never acknowledged)", leftover)
+    frames = []
+    for path in sorted(directory.glob("*.parquet")):
+        try:
+            frame = pl.read_parquet(path)
+        except (OSError, pl.exceptions.PolarsError, pl.exceptions.PanicException) as exc:
+            reason = " ".join(str(exc).split())[:200]
+            log.warning("event log: skipping unreadable %s (%s)", path, reason)
+            continue
+        missing = sorted(set(EVENTS_SCHEMA) - set(frame.columns))
+        if missing:
+            log.warning("event log: skipping %s: no column %s", path, ", ".join(missing))
+            continue
+        frames.append(frame)
+    return frames
+
+
+def with_event_log(events: pl.DataFrame, logged: list[pl.DataFrame]) -> pl.DataFrame:
+    """``events`` plus the logged batches, in the events schema (``event_id`` left out)."""
     if not logged:
         return events
-    return pl.concat([events, *map(pl.read_parquet, logged)], how="vertical_relaxed")
+    columns = list(EVENTS_SCHEMA)
+    return pl.concat([events, *(frame.select(columns) for frame in logged)],
+                     how="vertical_relaxed")
+
+
+def event_ids(logged: list[pl.DataFrame]) -> set[str]:
+    """The client ``event_id`` of every logged event that had one."""
+    ids: set[str] = set()
+    for frame in logged:
+        if EVENT_ID in frame.columns:
+            ids.update(frame[EVENT_ID].drop_nulls().cast(pl.Utf8).to_list())
+    return ids
+
+
+def read_events(root: Path | None = None) -> pl.DataFrame:
+    """The events table plus every batch the ranking service logged under ``event_log/``
+    (unreadable or unfinished batch files skipped with a warning: :func:`read_event_log`)."""
+    return with_event_log(read_table("events", root), read_event_log(root))

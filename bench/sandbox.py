@@ -61,8 +61,7 @@ def open_fds(pid: int) -> int:
 
 def logged_events(data_dir: Path) -> int:
     """Rows in the offline event log (what LogEvents persisted)."""
-    files = sorted((data_dir / "offline" / tables.EVENT_LOG).glob("*.parquet"))
-    return sum(pl.read_parquet(f).height for f in files)
+    return sum(frame.height for frame in tables.read_event_log(data_dir / "offline"))
 
 
 @contextlib.contextmanager

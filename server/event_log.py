@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import uuid
 from collections.abc import Sequence
@@ -70,6 +71,15 @@ class LogResult:
     path: Path
 
 
+def fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (the entry lives in the directory)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class EventLog:
     """The offline history the server updates users from, plus the events logged since start."""
 
@@ -119,17 +129,30 @@ class EventLog:
         return pl.DataFrame(rows, schema=tables.EVENTS_SCHEMA, orient="row")
 
     def append(self, frame: pl.DataFrame, now: datetime) -> Path:
-        """Write the batch under ``offline/event_log/`` and keep it in memory."""
+        """Write the batch under ``offline/event_log/`` durably and keep it in memory.
+
+        The file is written as ``*.tmp``, fsynced, renamed to ``*.parquet`` and the directory
+        fsynced, all before the call returns (and so before ``LogEvents`` acknowledges): an
+        acknowledged batch survives a SIGKILL or a power cut. A crash before the rename leaves
+        a ``*.tmp`` that readers skip (:func:`avrec.tables.read_event_log`).
+        """
         directory = self.offline / tables.EVENT_LOG
         path = directory / f"{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = path.with_suffix(".tmp")
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            frame.write_parquet(tmp)
+            if not directory.is_dir():
+                directory.mkdir(parents=True, exist_ok=True)
+                fsync_directory(directory.parent)
+            with tmp.open("wb") as out:
+                frame.write_parquet(out)
+                out.flush()
+                os.fsync(out.fileno())
             tmp.replace(path)
+            fsync_directory(directory)
         except (OSError, pl.exceptions.ComputeError) as exc:  # polars wraps ENOSPC
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+            for leftover in (tmp, path):  # not acknowledged: not kept either
+                with contextlib.suppress(OSError):
+                    leftover.unlink(missing_ok=True)
             raise EventLogUnavailable(f"the event log cannot be written ({exc}); "
                                       "no event of this batch was accepted") from exc
         self._events.append(frame)

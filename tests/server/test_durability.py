@@ -1,0 +1,126 @@
+"""Durable ``LogEvents`` (issue 12): each batch file is fsynced, renamed and its directory
+fsynced before the call is acknowledged; readers of ``offline/event_log/`` skip what a crash
+can leave behind (``*.tmp``, truncated or garbage files) with a one-line warning."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from avrec import tables
+
+NOW = datetime(2018, 9, 25, tzinfo=UTC)
+
+
+def tiny_offline(root: Path) -> Path:
+    """An offline directory with two items and one event: enough for :class:`EventLog`."""
+    offline = root / "offline"
+    offline.mkdir(parents=True)
+    pl.DataFrame(
+        {"item_id": [1, 2], "title": ["a", "b"], "year": [2000, None],
+         "genres": [["Drama"], []], "tags": [[], []], "description": [None, None],
+         "image_path": [None, None]},
+        schema=tables.ITEMS_SCHEMA,
+    ).write_parquet(tables.table_path("items", offline))
+    pl.DataFrame(
+        [(1, 1, "rating", 4.0, datetime(2018, 1, 1, tzinfo=UTC))],
+        schema=tables.EVENTS_SCHEMA, orient="row",
+    ).write_parquet(tables.table_path("events", offline))
+    return offline
+
+
+def batch(user: int, n: int = 3) -> pl.DataFrame:
+    return pl.DataFrame(
+        [(user, 1 + i % 2, "rating", 3.0, NOW) for i in range(n)],
+        schema=tables.EVENTS_SCHEMA, orient="row",
+    )
+
+
+def test_append_fsyncs_the_file_and_the_directory_before_returning(tmp_path, monkeypatch):
+    from server.event_log import EventLog
+
+    offline = tiny_offline(tmp_path)
+    log = EventLog(offline, np.array([1, 2]))
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = log.append(batch(7), NOW)
+    directory = offline / tables.EVENT_LOG
+    # the parent first (the directory was created), then the file (still *.tmp), then the
+    # directory after the rename
+    assert synced[-2:] == [str(path.with_suffix(".tmp")), str(directory)]
+    assert str(offline) in synced[:-2]
+    assert pl.read_parquet(path).height == 3
+    assert sorted(p.name for p in directory.iterdir()) == [path.name]
+
+
+def test_readers_skip_unfinished_truncated_and_garbage_files_with_a_warning(tmp_path, caplog):
+    from server.event_log import EventLog
+
+    offline = tiny_offline(tmp_path)
+    log = EventLog(offline, np.array([1, 2]))
+    good = log.append(batch(7), NOW)
+    directory = offline / tables.EVENT_LOG
+    truncated = log.append(batch(8, 50), NOW)
+    whole = truncated.read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 2])  # a torn tail
+    garbage = directory / "20180925T000000000002-garbage.parquet"
+    garbage.write_bytes(b"\x00not parquet at all\n" * 3)
+    empty = directory / "20180925T000000000003-empty.parquet"
+    empty.write_bytes(b"")
+    unfinished = directory / "20180925T000000000004-0000cafe.tmp"
+    unfinished.write_bytes(whole[:100])
+    wrong = directory / "20180925T000000000005-wrong.parquet"
+    pl.DataFrame({"x": [1]}).write_parquet(wrong)
+
+    with caplog.at_level(logging.WARNING, logger="avrec.tables"):
+        events = tables.read_events(offline)  # the reader of `avrec features`
+    assert events.height == 1 + 3  # the offline event + the good batch
+    assert set(events["user_id"].to_list()) == {1, 7}
+    assert events.columns == list(tables.EVENTS_SCHEMA)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for bad in (truncated, garbage, empty, unfinished, wrong):
+        (line,) = [m for m in warned if str(bad) in m]
+        assert "\n" not in line
+    assert not any(str(good) in m for m in warned)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="avrec.tables"):
+        restarted = EventLog(offline, np.array([1, 2]))  # a server starting over the log
+    assert restarted.events.height == 4
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 5
+
+
+def test_features_build_reads_past_a_torn_event_log(tmp_path, caplog):
+    """``avrec features`` (``behaviour_features.build``) over a log with a torn file."""
+    from avrec import behaviour_features
+    from server.event_log import EventLog
+
+    offline = tiny_offline(tmp_path)
+    EventLog(offline, np.array([1, 2])).append(batch(7), NOW)
+    torn = offline / tables.EVENT_LOG / "20180925T000000000009-torn.parquet"
+    torn.write_bytes(b"PAR1\x00\x01")
+    with caplog.at_level(logging.WARNING, logger="avrec.tables"):
+        behaviour_features.build(offline)
+    users = pl.read_parquet(tables.table_path("user_behaviour", offline))
+    assert {1, 7} <= set(users["user_id"].to_list())
+    assert any(str(torn) in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("missing", [True, False])
+def test_no_event_log_directory_reads_the_events_alone(tmp_path, missing):
+    offline = tiny_offline(tmp_path)
+    if not missing:
+        (offline / tables.EVENT_LOG).mkdir()
+    assert tables.read_events(offline).height == 1
