@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 EVENT_TYPES = ("rating", "tag")
 RATING_RANGE = (0.5, 5.0)
+MAX_EVENT_ID = 128  # characters of a client event_id
 USER_VIEW = "user_behaviour"
 HISTORY_VIEW = "user_history"
 
@@ -62,13 +63,15 @@ class LoggedEvent:
     event_type: str
     rating: float | None
     timestamp: datetime | None
+    event_id: str | None = None  # the client's idempotency key (None: none)
 
 
 @dataclass(frozen=True)
 class LogResult:
     accepted: int
     users: list[int]
-    path: Path
+    path: Path | None  # None: every event was a duplicate, nothing written
+    duplicates: int = 0
 
 
 def fsync_directory(directory: Path) -> None:
@@ -89,7 +92,10 @@ class EventLog:
         self.offline = offline
         self.items = tables.read_table("items", offline)
         self.genres = behaviour_features.genre_vocabulary(self.items)
-        self._events = [tables.read_events(offline)]
+        logged = tables.read_event_log(offline)  # torn or unfinished files: skipped
+        self._events = [tables.with_event_log(tables.read_table("events", offline), logged)]
+        # every event_id accepted so far, here or by an earlier process (idempotent retries)
+        self._ids = tables.event_ids(logged)
         self.catalogue = set(int(i) for i in catalogue_ids)
         self._lock = threading.Lock()
         self.client = client
@@ -121,6 +127,8 @@ class EventLog:
                 low, high = RATING_RANGE
                 if value is None or not math.isfinite(value) or not low <= value <= high:
                     raise EventError(f"{where}: rating {value} outside [{low}, {high}]")
+            if event.event_id is not None and len(event.event_id) > MAX_EVENT_ID:
+                raise EventError(f"{where}: event_id longer than {MAX_EVENT_ID} characters")
             stamp = event.timestamp or now
             if stamp > now:
                 raise EventError(f"{where}: timestamp {stamp.isoformat()} is after the server "
@@ -128,13 +136,32 @@ class EventLog:
             rows.append((event.user_id, event.item_id, event.event_type, value, stamp))
         return pl.DataFrame(rows, schema=tables.EVENTS_SCHEMA, orient="row")
 
-    def append(self, frame: pl.DataFrame, now: datetime) -> Path:
+    def fresh(self, frame: pl.DataFrame, ids: Sequence[str | None]
+              ) -> tuple[pl.DataFrame, list[str | None]]:
+        """The events of ``frame`` not accepted before (by ``event_id``; the first of ids
+        repeated within the batch), with their ids. Call under the lock."""
+        keep, kept, seen = [], [], set()
+        for event_id in ids:
+            new = event_id is None or (event_id not in self._ids and event_id not in seen)
+            keep.append(new)
+            if new:
+                kept.append(event_id)
+                if event_id is not None:
+                    seen.add(event_id)
+        if all(keep):
+            return frame, list(ids)
+        return frame.filter(pl.Series(keep, dtype=pl.Boolean)), kept
+
+    def append(self, frame: pl.DataFrame, now: datetime,
+               ids: Sequence[str | None] | None = None) -> Path:
         """Write the batch under ``offline/event_log/`` durably and keep it in memory.
 
         The file is written as ``*.tmp``, fsynced, renamed to ``*.parquet`` and the directory
         fsynced, all before the call returns (and so before ``LogEvents`` acknowledges): an
         acknowledged batch survives a SIGKILL or a power cut. A crash before the rename leaves
-        a ``*.tmp`` that readers skip (:func:`avrec.tables.read_event_log`).
+        a ``*.tmp`` that readers skip (:func:`avrec.tables.read_event_log`). The file has one
+        more column than the events schema, ``event_id`` (null when the client gave none);
+        once written, those ids are accepted for good.
         """
         directory = self.offline / tables.EVENT_LOG
         path = directory / f"{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
@@ -143,8 +170,10 @@ class EventLog:
             if not directory.is_dir():
                 directory.mkdir(parents=True, exist_ok=True)
                 fsync_directory(directory.parent)
+            ids = list(ids) if ids is not None else [None] * frame.height
             with tmp.open("wb") as out:
-                frame.write_parquet(out)
+                frame.with_columns(pl.Series(tables.EVENT_ID, ids, dtype=pl.Utf8)
+                                   ).write_parquet(out)
                 out.flush()
                 os.fsync(out.fileno())
             tmp.replace(path)
@@ -156,6 +185,7 @@ class EventLog:
             raise EventLogUnavailable(f"the event log cannot be written ({exc}); "
                                       "no event of this batch was accepted") from exc
         self._events.append(frame)
+        self._ids.update(i for i in ids if i is not None)
         return path
 
     def user_rows(self, user_ids: list[int], now: datetime) -> pl.DataFrame:
@@ -175,24 +205,35 @@ class EventLog:
         return behaviour_features.user_history(events, now, now)
 
     def log(self, store: FeatureStore, events: Sequence[LoggedEvent], now: datetime) -> LogResult:
-        """Validate, append offline, then write the touched users' rows online."""
+        """Validate, drop events already accepted (by ``event_id``), append the rest offline,
+        then write the touched users' rows online."""
         frame = self.validate(events, now)
-        users = sorted(set(frame["user_id"].to_list()))
+        ids = [event.event_id or None for event in events]
         if self.client is not None:
             with self._lock:
-                path = self.append(frame, now)
+                frame, ids = self.fresh(frame, ids)
+                if frame.height == 0:
+                    return LogResult(0, [], None, len(events))
+                path = self.append(frame, now, ids)
                 if self.updater is None:
                     self.updater = OnlineUpdater(store, self.client, self.items, self.genres,
                                                  lambda: self.events)
                 self.updater.update(frame, now)
-            return LogResult(frame.height, users, path)
+            return LogResult(frame.height, _users(frame), path, len(events) - frame.height)
         with self._lock:
-            path = self.append(frame, now)
+            frame, ids = self.fresh(frame, ids)
+            if frame.height == 0:
+                return LogResult(0, [], None, len(events))
+            users = _users(frame)
+            path = self.append(frame, now, ids)
             rows = self.user_rows(users, now)
             histories = self.history_rows(users, now)
         store.write_to_online_store(USER_VIEW, rows.to_pandas(use_pyarrow_extension_array=False))
         if histories.height and HISTORY_VIEW in {v.name for v in store.list_feature_views()}:
             store.write_to_online_store(
                 HISTORY_VIEW, histories.to_pandas(use_pyarrow_extension_array=False))
-        return LogResult(frame.height, users, path)
+        return LogResult(frame.height, users, path, len(events) - frame.height)
 
+
+def _users(frame: pl.DataFrame) -> list[int]:
+    return sorted(set(frame["user_id"].to_list()))

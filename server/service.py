@@ -148,6 +148,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                     e.user_id, e.item_id, e.event_type,
                     e.rating if e.event_type == "rating" else None,
                     event_time(e.event_timestamp, i) if e.HasField("event_timestamp") else None,
+                    e.event_id or None,
                 )
                 for i, e in enumerate(request.events)
             ]
@@ -157,7 +158,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             result = self.events.log(self.store, events, self.engine.clock.now())
             return ranking_pb2.LogEventsResponse(
                 accepted=result.accepted, users_updated=result.users,
-                offline_path=str(result.path))
+                offline_path=str(result.path) if result.path else "",
+                duplicates=result.duplicates)
         return self._call("LogEvents", context, work)
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
 import numpy as np
 import polars as pl
 import pytest
@@ -124,3 +126,59 @@ def test_no_event_log_directory_reads_the_events_alone(tmp_path, missing):
     if not missing:
         (offline / tables.EVENT_LOG).mkdir()
     assert tables.read_events(offline).height == 1
+
+
+def interactions(stack, user: int) -> int | None:
+    return stack.store.get_online_features(
+        features=["user_behaviour:interactions_all"], entity_rows=[{"user_id": user}],
+    ).to_dict()["interactions_all"][0]
+
+
+def test_a_retried_batch_counts_once_even_after_a_restart(stack, service, client) -> None:
+    """The same batch sent twice: the online rows change once and the log holds it once; a
+    retry after a server restart (the ids read back from the event log) is dropped too."""
+    from server.app import start
+    from server.client import RankingClient
+    from server.protocol import ranking_pb2
+    from tests.server.conftest import serve_config, stack_env
+
+    user, run = 40_100_000, uuid.uuid4().hex[:8]  # a user of its own
+    events = [ranking_pb2.Event(user_id=user, item_id=item, event_type="rating", rating=4.0,
+                                event_id=f"{run}-{item}") for item in (1, 2, 3)]
+    first = client.log_events(events)
+    assert (first.accepted, first.duplicates) == (3, 0) and first.offline_path
+    assert interactions(stack, user) == 3
+    again = client.log_events(events)
+    assert (again.accepted, again.duplicates, again.offline_path) == (0, 3, "")
+    assert list(again.users_updated) == []
+    assert interactions(stack, user) == 3
+    # part new, part retried; an id repeated inside one batch counts once
+    fresh = ranking_pb2.Event(user_id=user, item_id=4, event_type="tag", event_id=f"{run}-4")
+    mixed = client.log_events([events[0], fresh, fresh])
+    assert (mixed.accepted, mixed.duplicates) == (1, 2)
+    assert interactions(stack, user) == 4
+    # no event_id: never deduplicated
+    bare = ranking_pb2.Event(user_id=user, item_id=5, event_type="tag")
+    assert client.log_events([bare]).accepted == 1 and client.log_events([bare]).accepted == 1
+    assert interactions(stack, user) == 6
+    with pytest.raises(grpc.RpcError) as caught:
+        client.log_events([ranking_pb2.Event(user_id=user, item_id=1, event_type="tag",
+                                             event_id="x" * 129)])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    with stack_env(stack):
+        restarted = start(serve_config(stack, hybrid=False))
+    try:
+        with RankingClient(f"127.0.0.1:{restarted.port}") as after:
+            retry = after.log_events([*events, fresh])
+    finally:
+        restarted.stop(0)
+    assert (retry.accepted, retry.duplicates) == (0, 4)
+    assert interactions(stack, user) == 6
+    logged = pl.concat([f.select(tables.EVENT_ID) for f in tables.read_event_log(
+        stack.data_dir / "offline") if tables.EVENT_ID in f.columns])
+    ids = logged[tables.EVENT_ID].drop_nulls().to_list()
+    assert sorted(i for i in ids if i.startswith(run)) == sorted(
+        [f"{run}-1", f"{run}-2", f"{run}-3", f"{run}-4"])
+    mine = tables.read_events(stack.data_dir / "offline").filter(pl.col("user_id") == user)
+    assert mine.height == 6  # what `avrec features` reads: each event once, the bare ones twice
