@@ -31,6 +31,7 @@ from server import metrics
 from server.config import ServeConfig, load_config
 from server.engine import Clock, RankingEngine
 from server.event_log import EventLog
+from server.hot_swap import ModelWatcher
 from server.malformed import MalformedRequestInterceptor
 from server.models import load_serving_models
 from server.protocol import SERVICE_NAME, ranking_pb2_grpc
@@ -45,11 +46,20 @@ class Service:
     port: int
     engine: RankingEngine
     health: health.HealthServicer
+    watcher: ModelWatcher | None = None  # hot swaps; None with a fixed model_dir
 
     def stop(self, grace: float | None = None) -> None:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.watcher is not None:
+            self.watcher.stop()
         self.server.stop(grace).wait()
+
+
+def model_root(config: ServeConfig) -> Path:
+    """The models root whose ``LATEST`` names the run to serve (no fixed ``model_dir``)."""
+    return (Path(config.model_root) if config.model_root
+            else avrec_config.data_dir() / "models" / "ranker")
 
 
 def build_engine(
@@ -62,7 +72,7 @@ def build_engine(
     store = get_store(url)
     fields = service_fields(store, [USER_SERVICE, ITEM_SERVICE])
     model_dir = (Path(config.model_dir) if config.model_dir
-                 else latest_model_dir(avrec_config.data_dir() / "models" / "ranker"))
+                 else latest_model_dir(model_root(config)))
     models = load_serving_models(model_dir, fields, None, threads=config.ort_threads,
                                  hybrid=config.hybrid)
     client = redis.Redis.from_url(
@@ -122,7 +132,11 @@ def start(config: ServeConfig, engine_class: type[RankingEngine] = RankingEngine
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if config.metrics_port:
         metrics.serve_metrics(config.metrics_port, config.host)
-    return Service(server, port, engine, health_servicer)
+    watcher = None
+    if not config.model_dir:  # serving LATEST: follow it
+        watcher = ModelWatcher(engine, model_root(config), config).start(
+            config.model_watch_seconds)
+    return Service(server, port, engine, health_servicer, watcher)
 
 
 def serve(config: ServeConfig) -> int:
@@ -143,6 +157,8 @@ def serve(config: ServeConfig) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if service.watcher is not None:  # SIGHUP: look at LATEST now
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: service.watcher.wake())
     stopped.wait()
     service.stop(config.grace_seconds)
     return 0
@@ -154,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="YAML file of ServeConfig settings")
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
-    parser.add_argument("--model-dir", help="default: the newest `avrec train` run")
+    parser.add_argument("--model-dir", help="a fixed run (default: the one LATEST names, "
+                        "followed: a new `avrec train` run is hot-swapped in)")
+    parser.add_argument("--model-root", help="the models root whose LATEST is served "
+                        "(default: data/models/ranker)")
+    parser.add_argument("--model-watch-seconds", type=float,
+                        help="how often LATEST is read (0: only on SIGHUP)")
     parser.add_argument("--redis-url")
     parser.add_argument("--clock", help="replay clock start (ISO time); default: wall clock")
     parser.add_argument("--metrics-port", type=int)

@@ -31,6 +31,10 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     model_dir: str | None = None  # default: the newest run of `avrec train`
+    # the models root whose LATEST names the run to serve when model_dir is unset (default
+    # data/models/ranker); LATEST is watched and a new run hot-swapped in (server/hot_swap.py)
+    model_root: str | None = None
+    model_watch_seconds: float = 10.0  # how often LATEST is read (0: only on SIGHUP)
     redis_url: str | None = None  # default: $REDIS_URL
     clock: str | None = None  # ISO time the replay clock starts at; None = wall clock
     max_candidates: int = 2000

@@ -94,10 +94,14 @@ class Ranked:
     served_at: datetime
     embedding_version: str | None
     item_freshness: dict[str, datetime | None] = field(default_factory=dict)
+    model_version: str = ""  # of the models that answered (a hot swap may follow)
 
 
 @dataclass
 class _Loaded:
+    """What a request is served with: the models and the item snapshot they were bound to.
+    A request reads ``engine._loaded`` once; a reload or a model hot swap replaces it whole."""
+
     snapshot: ItemSnapshot
     vectors: ItemVectors
     unit: np.ndarray
@@ -105,6 +109,7 @@ class _Loaded:
     index: CandidateIndex | None
     pipeline: HybridPipeline | None = None  # the hybrid over the snapshot's rows
     stats: dict[str, np.ndarray] | None = None  # its item statistics, snapshot row order
+    models: ServingModels | None = None  # set by _load
 
 
 def utc_datetime64(when: datetime) -> np.datetime64:
@@ -170,29 +175,54 @@ class RankingEngine:
 
     # -- item snapshot ---------------------------------------------------------------------
 
-    def _load(self, materialization: bytes | None, now: datetime) -> _Loaded:
+    def _load(self, materialization: bytes | None, now: datetime,
+              models: ServingModels | None = None) -> _Loaded:
+        """A snapshot bound to ``models`` (default: the serving ones)."""
+        models = models or self.models
         snapshot = load_snapshot(
             self.client, self.behaviour_reader, self.embedding_reader, self.catalogue,
-            self.models.encoder, now, timedelta(seconds=self.config.snapshot_refresh_seconds),
-            self.models.vector_field, materialization,
+            models.encoder, now, timedelta(seconds=self.config.snapshot_refresh_seconds),
+            models.vector_field, materialization,
         )
-        wanted = self.models.contract.embedding_version
+        wanted = models.contract.embedding_version
         if snapshot.embedding_version != wanted:
             raise MixedVersionsError(
                 f"the online store serves embedding version {snapshot.embedding_version!r}, "
-                f"the model {self.models.version} was trained on {wanted!r}"
+                f"the model {models.version} was trained on {wanted!r}"
             )
         has = snapshot.has_vector
         vectors = ItemVectors(snapshot.item_ids[has], snapshot.vectors[has], "served")
-        index = (CandidateIndex.build(self.models, snapshot)
-                 if self.models.user_tower is not None else None)
+        index = (CandidateIndex.build(models, snapshot)
+                 if models.user_tower is not None else None)
         pipeline = stats = None
-        if self.models.hybrid is not None:
-            pipeline = self.models.hybrid.bind(snapshot.item_ids, snapshot.vectors,
-                                               self.catalogue)
+        if models.hybrid is not None:
+            pipeline = models.hybrid.bind(snapshot.item_ids, snapshot.vectors, self.catalogue)
             stats = item_stats(snapshot.frame)
         return _Loaded(snapshot, vectors, snapshot.unit_vectors(),
-                       np.argsort(-snapshot.popularity, kind="stable"), index, pipeline, stats)
+                       np.argsort(-snapshot.popularity, kind="stable"), index, pipeline, stats,
+                       models)
+
+    def swap_models(self, models: ServingModels) -> None:
+        """Serve ``models`` from the next request on (a model hot swap).
+
+        The new models get a snapshot of their own (loaded here, in the caller's thread, while
+        requests go on with the old pair); then one reference swap. A request holds the pair
+        it started with, so every answer is the old model's or the new one's, never a mix.
+        Raises (the old models keep serving) when the online store does not serve what the
+        new models need: their embedding version, or the ``user_history`` view of a hybrid.
+        """
+        history_reader = self.history_reader
+        if models.hybrid is not None and history_reader is None:
+            try:
+                history_reader = ViewReader.from_store(self.store, HISTORY_VIEW)
+            except Exception as exc:  # Feast raises FeatureViewNotFoundException
+                raise ContractError(str(models.directory), [
+                    f"the hybrid reads the {HISTORY_VIEW!r} feature view, which the registry "
+                    f"lacks ({exc})"]) from exc
+        with self._reload_lock:  # no snapshot reload of the old models in between
+            loaded = self._load(self.materialization(), self.clock.now(), models)
+            self.history_reader = history_reader
+            self.models, self._loaded = models, loaded
 
     def ensure_snapshot(self, materialization: bytes | None, now: datetime) -> _Loaded:
         """The snapshot to answer with.
@@ -307,7 +337,8 @@ class RankingEngine:
         record = self.user_reader.prefixed(row)
         last = record.get(DERIVED_AGES[USER_AGE])
         (record[USER_AGE],) = age_days(now, [last])
-        encoder = self.models.tower_encoder if tower else self.models.encoder
+        models = loaded.models or self.models
+        encoder = models.tower_encoder if tower else models.encoder
         assert encoder is not None
         dense = encoder.user_dense_record(record)
         history_rows = encoder.history_row(row.values.get("recent_items"), loaded.vectors)
@@ -349,7 +380,7 @@ class RankingEngine:
         explain: bool, lam: float, now: datetime,
     ) -> Ranked:
         snap = loaded.snapshot
-        logits = self.models.score(user, snap.vectors[rows], snap.dense[rows])
+        logits = (loaded.models or self.models).score(user, snap.vectors[rows], snap.dense[rows])
         relevance = sigmoid(logits.astype(np.float64))
         k = len(rows) if top_k == 0 else min(top_k, len(rows))
         if 0.0 < lam < 1.0:
@@ -402,7 +433,7 @@ class RankingEngine:
             )
         ]
         return Ranked(items, not row.fresh, row, now, snap.embedding_version,
-                      dict(snap.freshest))
+                      dict(snap.freshest), (loaded.models or self.models).version)
 
     def history_rows(self, row: OnlineRow, loaded: _Loaded) -> np.ndarray:
         """Snapshot rows of the user's recent items that have a vector."""
@@ -451,7 +482,8 @@ class RankingEngine:
         wanted = max(self.config.retrieval_candidates, top_k)
         pool: list[int] = []
         if loaded.index is not None:
-            query = self.models.user_vector(self.user_inputs(row, loaded, now, tower=True))
+            models = loaded.models or self.models
+            query = models.user_vector(self.user_inputs(row, loaded, now, tower=True))
             found, _ = loaded.index.search(query, wanted, seen)
             pool = found.tolist()
         if not row.fresh or loaded.index is None:

@@ -5,7 +5,9 @@
 * ``avrec_item_snapshot_total{result}``: snapshot lookups (``hit``; ``stale``: served while
   a background reload runs) and reloads (``reload``; ``failed``: a background reload that
   failed, the old snapshot kept serving),
-* ``avrec_item_snapshot_age_seconds``: how old the served item snapshot is.
+* ``avrec_item_snapshot_age_seconds``: how old the served item snapshot is,
+* ``avrec_model_swaps_total{result}``: model hot swaps (``swapped``; ``refused``: a new run
+  that failed its checks, the old model kept serving; :mod:`server.hot_swap`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ REQUEST_SECONDS = Histogram(
 REQUESTS = Counter("avrec_requests_total", "RPCs by method and status code", ["method", "code"])
 SNAPSHOT = Counter("avrec_item_snapshot_total", "Item snapshot hits and reloads", ["result"])
 SNAPSHOT_AGE = Gauge("avrec_item_snapshot_age_seconds", "Age of the served item snapshot")
+MODEL_SWAPS = Counter("avrec_model_swaps_total", "Model hot swaps, done and refused", ["result"])
 
 
 def observe(method: str, code: str, seconds: float) -> None:

@@ -41,8 +41,9 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     return stamp
 
 
-def to_proto(answer: Ranked, model_version: str) -> ranking_pb2.RankResponse:
-    """A :class:`Ranked` answer as a ``RankResponse``."""
+def to_proto(answer: Ranked, model_version: str | None = None) -> ranking_pb2.RankResponse:
+    """A :class:`Ranked` answer as a ``RankResponse`` (the version of the models that
+    answered unless ``model_version`` is given)."""
     items = []
     for item in answer.items:
         scored = ranking_pb2.ScoredItem(
@@ -62,7 +63,7 @@ def to_proto(answer: Ranked, model_version: str) -> ranking_pb2.RankResponse:
                   for view, ts in answer.item_freshness.items()]
     return ranking_pb2.RankResponse(
         items=items,
-        model_version=model_version,
+        model_version=model_version or answer.model_version,
         embedding_version=answer.embedding_version or "",
         cold_start_user=answer.cold_start_user,
         user_features=freshness,
@@ -133,13 +134,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return self._call("Rank", context, lambda: to_proto(self.engine.rank(
             request.user_id, list(request.candidate_item_ids), request.top_k,
             options.explain, options.diversity_lambda,
-        ), self.engine.models.version))
+        )))
 
     def Recommend(self, request, context):
         options = request.options
         return self._call("Recommend", context, lambda: to_proto(self.engine.recommend(
             request.user_id, request.top_k, options.explain, options.diversity_lambda,
-        ), self.engine.models.version))
+        )))
 
     def LogEvents(self, request, context):
         def work() -> ranking_pb2.LogEventsResponse:
