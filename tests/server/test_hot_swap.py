@@ -184,3 +184,44 @@ def test_a_pointer_being_written_or_to_nothing_keeps_the_model(stack, tmp_path, 
     watcher = ModelWatcher(Engine(), root, serve_config(stack))  # type: ignore[arg-type]
     assert watcher.check() == ("same" if not content else "refused")
     assert watcher.check() in ("same", "refused")  # not retried while named
+
+
+def test_sighup_swaps_at_once_in_avrec_serve(stack, tmp_path) -> None:
+    """``avrec serve`` with ``--model-watch-seconds 0`` reads ``LATEST`` only on SIGHUP."""
+    import signal
+    import subprocess
+    import sys
+
+    from server.client import RankingClient
+    from tests.conftest import free_port
+    from tests.server.conftest import CLOCK, env_of
+
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "run-a").symlink_to(stack.model_dir)
+    shutil.copytree(stack.model_dir, root / "run-b")
+    point(root, "run-a")
+    port = free_port()
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "server.app", "--port", str(port), "--clock",
+               CLOCK.isoformat(), "--model-root", str(root), "--model-watch-seconds", "0",
+               "--redis-url", stack.redis_url]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, env=env_of(stack), stdout=out,
+                                   stderr=subprocess.STDOUT)
+    try:
+        with RankingClient(f"127.0.0.1:{port}", timeout=60) as client:
+            client.wait_until_serving(600, process)
+            assert client.rank(USER, [1, 2, 3]).model_version.startswith("run-a/")
+            point(root, "run-b")
+            time.sleep(1.0)
+            assert client.rank(USER, [1, 2, 3]).model_version.startswith("run-a/")  # no poll
+            process.send_signal(signal.SIGHUP)
+            wait_for(lambda: client.rank(USER, [1, 2, 3]).model_version.startswith("run-b/"),
+                     120)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "model hot swap: run-a/" in log.read_text()
