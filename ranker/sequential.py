@@ -385,6 +385,7 @@ def heldout_ndcg(
     if rows.size == 0:
         return 0.0
     table = encoder.items.table()[1:]
+    k = min(k, table.shape[0])  # a catalogue smaller than k ranks all of it
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
     values = []
     encoder.eval()
@@ -404,7 +405,7 @@ def heldout_ndcg(
                                     inputs[i] - 1)
             if relevant.size == 0:
                 continue
-            top = np.argpartition(-scores[i], k)[:k]
+            top = np.argpartition(-scores[i], k - 1)[:k]
             top = top[np.argsort(-scores[i, top], kind="stable")]
             gains = np.isin(top, relevant) @ discounts
             values.append(gains / discounts[: min(relevant.size, k)].sum())

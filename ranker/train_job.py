@@ -252,7 +252,10 @@ def train(
                                           hybrid_quick, train_config.seed)
     manifest["seconds"] = round(time.perf_counter() - started, 1)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-    (root / LATEST).write_text(out.name + "\n")
+    # written beside and renamed: a server following LATEST never reads half a name
+    pointer = root / f".{LATEST}.tmp"
+    pointer.write_text(out.name + "\n")
+    pointer.replace(root / LATEST)
     return out
 
 

@@ -35,6 +35,22 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ["AVREC_DATA_DIR"], ignore_errors=True)
 
 
+# The inner loop's tier: ``pytest -m "not slow"`` leaves out every test that needs the real
+# dataset ingested, the serving stack, the real encoders or a browser (they stay in the default
+# suite, which CI runs whole). A test is slow when it asks for one of these fixtures, or when
+# it is marked ``slow`` itself.
+SLOW_FIXTURES = frozenset({
+    "movielens_offline", "feature_store", "ml_offline", "stack", "text_onnx", "image_onnx",
+    "text_torch", "image_torch", "catalogue", "web_files", "web_service",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -26,6 +26,8 @@ from encoders.onnx_export import MIN_COSINE
 
 from .conftest import MOVIELENS, POSTERS
 
+pytestmark = pytest.mark.slow  # real MovieLens items, posters and fusion training
+
 SUBSET = 1000
 CUTOFF = datetime(2015, 1, 1, tzinfo=UTC)
 TOY_STORY = 1

@@ -197,6 +197,7 @@ def test_each_model_is_reported_as_soon_as_it_finishes(
     assert seen == [["popularity"]]
 
 
+@pytest.mark.slow
 def test_evaluate_runs_on_a_generic_catalogue_end_to_end(tmp_path: Path) -> None:
     """The shared MovieLens data written as events.csv + items.csv (a slice of users),
     ingested through the generic import, then the baselines, the hybrid (ID only, and over

@@ -172,6 +172,7 @@ def test_one_user_graph_equals_the_reference_graph(ranker_export) -> None:
         np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", EXPORTS)
 def test_onnx_matches_torch_on_real_batches(which: str, request: pytest.FixtureRequest) -> None:
     exported, _, arrays = request.getfixturevalue(which)

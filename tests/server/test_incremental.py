@@ -128,6 +128,7 @@ def check(user_states: dict[int, UserState], item_states: dict[int, ItemState],
             assert same(value, want[name], name), (item, name, value, want[name])
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sessions())
 def test_incremental_rows_equal_the_offline_recomputation(batches) -> None:
