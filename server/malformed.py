@@ -6,7 +6,8 @@ INTERNAL "Exception deserializing request!", logging a traceback (``grpc/_server
 swaps each unary-request handler's deserializer for one that never raises: bytes that do not
 parse become a :class:`Malformed` value, and the wrapped behaviour answers it with
 INVALID_ARGUMENT (counted in ``avrec_requests_total``) before the servicer runs. Streaming
-requests (server reflection) keep grpcio's own handling.
+requests (server reflection) are checked message by message as the servicer reads them: the
+first one that does not parse ends the call with INVALID_ARGUMENT the same way.
 """
 
 from __future__ import annotations
@@ -43,25 +44,41 @@ def tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse
 
 
+def _refuse(request: Malformed, method: str, context: grpc.ServicerContext) -> None:
+    log.warning("%s: malformed request of %d bytes refused (%s)",
+                method, request.size, request.error)
+    metrics.observe(method.rsplit("/", 1)[-1], "INVALID_ARGUMENT", 0.0)
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                  f"the request does not parse as {method}'s message: {request.error}")
+
+
 class MalformedRequestInterceptor(grpc.ServerInterceptor):
-    """Unparseable unary requests: INVALID_ARGUMENT and a one-line warning, no traceback."""
+    """Unparseable requests: INVALID_ARGUMENT and a one-line warning, no traceback."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        if handler is None or handler.request_deserializer is None:
             return handler
-        kind = "unary_stream" if handler.response_streaming else "unary_unary"
-        behaviour = getattr(handler, kind)
         method = handler_call_details.method
+        kind = (("stream_stream" if handler.response_streaming else "stream_unary")
+                if handler.request_streaming
+                else ("unary_stream" if handler.response_streaming else "unary_unary"))
+        behaviour = getattr(handler, kind)
 
         def guarded(request, context):
             if isinstance(request, Malformed):
-                log.warning("%s: malformed request of %d bytes refused (%s)",
-                            method, request.size, request.error)
-                metrics.observe(method.rsplit("/", 1)[-1], "INVALID_ARGUMENT", 0.0)
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"the request does not parse as {method}'s message: {request.error}")
+                _refuse(request, method, context)
             return behaviour(request, context)
 
+        def guarded_stream(requests, context):
+            def checked():
+                for request in requests:
+                    if isinstance(request, Malformed):
+                        _refuse(request, method, context)
+                    yield request
+
+            return behaviour(checked(), context)
+
+        wrapped = guarded_stream if handler.request_streaming else guarded
         return handler._replace(
-            request_deserializer=tolerant(handler.request_deserializer), **{kind: guarded})
+            request_deserializer=tolerant(handler.request_deserializer), **{kind: wrapped})

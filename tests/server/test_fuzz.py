@@ -80,3 +80,19 @@ def test_garbage_payloads_are_invalid_argument_with_one_log_line(service, caplog
             assert len(lines) == 1 and not lines[0].exc_info
             assert not [r for r in caplog.records if r.exc_info]
     assert_serving(service.port)
+
+
+def test_garbage_in_a_reflection_stream_is_invalid_argument_with_one_log_line(service, caplog):
+    caplog.set_level(logging.WARNING)
+    path = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        stream = channel.stream_stream(path, request_serializer=None,
+                                       response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stream(iter([b"\xff" * 11]), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    lines = [r for r in caplog.records if "malformed request" in r.getMessage()]
+    assert len(lines) == 1 and not lines[0].exc_info
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert_serving(service.port)
+
