@@ -1,0 +1,446 @@
+"""An open- and closed-loop load generator for a running ranking service (issue 14, item 4).
+
+    python bench/load_gen.py --target 127.0.0.1:50051 --closed 1,2,4 --rates 50,100,200
+    python bench/load_gen.py --rates 100 --schedule uniform \
+        --mix rank=0.7,recommend=0.2,logevents=0.1
+    python bench/load_gen.py --closed 1 --rates 50,100,200 --feast-baseline   # + the Feast-SDK row
+
+Each load point runs ``--processes`` client processes (``multiprocessing``, spawned), each with
+one ``grpc.aio`` channel, so the Python client is spread over processes rather than being one
+GIL-bound thread pool:
+
+* **open loop** (``--rates R1,R2,...``, requests/s in all): every process gets its share of the
+  rate as a Poisson (default) or uniform arrival schedule fixed in advance; a call is sent at
+  its scheduled time whether or not earlier calls have answered, and its latency is counted
+  **from the scheduled time**, so a late send (a busy client) and queueing in the server are
+  both in the figures (no coordinated omission). ``send lag p99`` is how late the client sent:
+  when it is large, the generator, not the server, is the bottleneck.
+* **closed loop** (``--closed N1,N2,...``): N callers spread over the processes, each sending
+  its next call when the previous one answered (latency from the send).
+
+The first ``--warmup`` seconds of every point (calls *scheduled* then) are excluded; the
+statistics cover the calls scheduled in the next ``--seconds``. Achieved rate = those calls /
+(last answer - window start): a server that falls behind drains its queue after the window
+and the rate shows it. Per point: p50/p90/p99/max ms, errors by status code, the CPU of the
+client processes and of the server (user + system, % of one core, over the same window;
+the server found by the port it listens on, or ``--server-pid``) and the load average.
+
+RPC mix (``--mix``): ``rank`` (1 x ``--candidates`` random catalogue items for a recently
+active user), ``recommend`` (top 20), ``logevents`` (1 to 3 ratings of users in
+``LOAD_USERS``, a reserved id range no real user has, so real users' rows are never touched;
+their events do go to the serving data directory's event log).
+
+``--feast-baseline`` adds, in the same run, a row for the Feast-SDK online read path:
+``bench/serve_bench.py --serve feast-sdk`` (the same service whose Rank reads every feature
+through Feast's ``get_online_features``; the deep ranker serves it) started on a free port
+over the same data directory and Redis, driven with ``rank`` at 1 closed-loop caller for
+``--feast-seconds``; the Rank rows then show the ratio of its p50 to theirs.
+
+Catalogue and users come from ``$AVREC_DATA_DIR`` (the service's data directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import multiprocessing as mp
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+METHODS = ("rank", "recommend", "logevents")
+LOAD_USERS = (40_000_000, 40_001_000)  # LogEvents users [lo, hi): no real user has these ids
+POOL = 256  # prebuilt Rank/Recommend requests per process (kept off the client's hot path)
+
+
+# ---------------------------------------------------------------- pure parts (unit tested)
+
+
+def arrivals(rate: float, seconds: float, schedule: str, seed: int,
+             phase: float = 0.0) -> np.ndarray:
+    """Send times (s from the start) of an open-loop schedule of ``rate`` calls/s.
+
+    ``poisson``: exponential gaps of mean 1/rate; ``uniform``: one every 1/rate s, shifted by
+    ``phase`` (a fraction of the gap, so several processes interleave)."""
+    if rate <= 0 or seconds <= 0:
+        return np.zeros(0)
+    if schedule == "uniform":
+        times = (np.arange(math.ceil(rate * seconds) + 1) + phase % 1.0) / rate
+    elif schedule == "poisson":
+        rng = np.random.default_rng(seed)
+        n = int(rate * seconds + 10 * math.sqrt(rate * seconds) + 10)
+        times = np.cumsum(rng.exponential(1.0 / rate, n))
+        while times[-1] < seconds:  # never short (vanishingly unlikely)
+            times = np.concatenate([times, times[-1] + np.cumsum(rng.exponential(1 / rate, n))])
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return times[times < seconds]
+
+
+def parse_mix(text: str) -> tuple[float, float, float]:
+    """``rank=0.7,recommend=0.2,logevents=0.1`` (or ``rank``) -> weights in METHODS order."""
+    weights = dict.fromkeys(METHODS, 0.0)
+    for part in text.split(","):
+        name, _, value = part.strip().partition("=")
+        if name.lower() not in weights:
+            raise ValueError(f"unknown method {name!r} in --mix (one of {', '.join(METHODS)})")
+        weights[name.lower()] = float(value) if value else 1.0
+    total = sum(weights.values())
+    if total <= 0 or min(weights.values()) < 0:
+        raise ValueError(f"--mix {text!r}: weights must be >= 0 with a positive sum")
+    return tuple(weights[m] / total for m in METHODS)  # type: ignore[return-value]
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` callers over ``parts`` processes, as even as possible (no empty process)."""
+    parts = max(1, min(parts, total))
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+@dataclass
+class Calls:
+    """Measured calls of one load point (warm-up already excluded)."""
+
+    method: list[str] = field(default_factory=list)
+    code: list[str] = field(default_factory=list)
+    scheduled: list[float] = field(default_factory=list)  # s after the window start
+    latency: list[float] = field(default_factory=list)  # s, from the scheduled time
+    lag: list[float] = field(default_factory=list)  # s, send time - scheduled time
+
+    def extend(self, other: Calls) -> None:
+        for name in ("method", "code", "scheduled", "latency", "lag"):
+            getattr(self, name).extend(getattr(other, name))
+
+
+def summarize(calls: Calls, method: str | None = None) -> dict:
+    """Count, achieved rate, percentiles (ms), errors and send lag of ``calls`` (one method or
+    all). The rate is the calls over the time from the window start to the last answer."""
+    keep = [i for i, m in enumerate(calls.method) if method is None or m == method]
+    latency = np.array([calls.latency[i] for i in keep]) * 1e3
+    done = [calls.scheduled[i] + calls.latency[i] for i in keep]
+    errors = Counter(calls.code[i] for i in keep if calls.code[i] != "OK")
+    out = {"calls": len(keep), "errors": dict(sorted(errors.items()))}
+    if not keep:
+        return {**out, "achieved": 0.0, "p50": math.nan, "p90": math.nan, "p99": math.nan,
+                "max": math.nan, "lag_p99": math.nan}
+    p50, p90, p99 = np.percentile(latency, [50, 90, 99])
+    lag = np.array([calls.lag[i] for i in keep]) * 1e3
+    return {**out, "achieved": len(keep) / max(max(done), 1e-9), "p50": float(p50),
+            "p90": float(p90), "p99": float(p99), "max": float(latency.max()),
+            "lag_p99": float(np.percentile(lag, 99))}
+
+
+def error_text(errors: dict[str, int]) -> str:
+    return ", ".join(f"{code} {n}" for code, n in errors.items()) or "0"
+
+
+HEADER = ("| load | offered req/s | achieved req/s | method | calls | p50 ms | p90 ms | p99 ms "
+          "| max ms | errors | send lag p99 ms | client CPU % | server CPU % "
+          "| server CPU ms/call | load avg "
+          "| feast-sdk p50 / p50 |")
+
+
+def table_row(point: dict, stats: dict, method: str, feast_p50: float | None) -> str:
+    """One markdown row; CPU as % of one core over the window (may exceed 100)."""
+    offered = "-" if point["mode"] == "closed" else f"{point['level']:g}"
+    load = (f"closed {point['level']:g}" if point["mode"] == "closed"
+            else f"open {point['schedule']}")
+    ratio = (f"{feast_p50 / stats['p50']:.1f}x"
+             if feast_p50 and method == "rank" and stats["calls"] else "")
+    return (f"| {load} | {offered} | {stats['achieved']:.1f} | {method} | {stats['calls']} "
+            f"| {stats['p50']:.2f} | {stats['p90']:.2f} | {stats['p99']:.2f} "
+            f"| {stats['max']:.1f} | {error_text(stats['errors'])} | {stats['lag_p99']:.2f} "
+            f"| {point['client_cpu']:.0f} | {point['server_cpu']:.0f} "
+            f"| {point['server_ms_per_call']:.1f} | {point['loadavg']:.2f} "
+            f"| {ratio} |")
+
+
+# ---------------------------------------------------------------- client processes
+
+
+def _requests(spec: dict, rng: random.Random) -> dict:
+    from server.protocol import ranking_pb2
+
+    users, items = spec["users"], spec["items"]
+    return {
+        "rank": [ranking_pb2.RankRequest(
+            user_id=rng.choice(users), candidate_item_ids=rng.sample(items, spec["candidates"]))
+            for _ in range(POOL)],
+        "recommend": [ranking_pb2.RecommendRequest(user_id=rng.choice(users), top_k=20)
+                      for _ in range(POOL)],
+    }
+
+
+def _log_request(items: list[int], rng: random.Random):
+    from server.protocol import ranking_pb2
+
+    return ranking_pb2.LogEventsRequest(events=[ranking_pb2.Event(
+        user_id=rng.randrange(*LOAD_USERS), item_id=rng.choice(items), event_type="rating",
+        rating=rng.choice([1.0, 2.5, 3.0, 4.0, 4.5, 5.0])) for _ in range(rng.randint(1, 3))])
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process, every thread (gRPC's C threads included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _drive(spec: dict, conn) -> dict:
+    import grpc
+
+    from server.protocol import ranking_pb2_grpc
+
+    rng = random.Random(spec["seed"])
+    pool = _requests(spec, rng)
+    weights = spec["mix"]
+    timeout = spec["timeout"]
+    async with grpc.aio.insecure_channel(spec["target"]) as channel:
+        stub = ranking_pb2_grpc.RankingServiceStub(channel)
+        rpc = {"rank": stub.Rank, "recommend": stub.Recommend, "logevents": stub.LogEvents}
+        await asyncio.wait_for(channel.channel_ready(), 30)
+        conn.send("ready")
+        start_wall = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+        t0 = time.perf_counter() + (start_wall - time.time())
+        warm_end = t0 + spec["warmup"]
+        end = warm_end + spec["seconds"]
+        calls = Calls()
+        counter = [0]
+
+        async def call(scheduled: float) -> None:
+            method = rng.choices(METHODS, weights)[0]
+            if method == "logevents":
+                request = _log_request(spec["items"], rng)
+            else:
+                counter[0] += 1
+                request = pool[method][counter[0] % POOL]
+            sent = time.perf_counter()
+            try:
+                await rpc[method](request, timeout=timeout)
+                code = "OK"
+            except grpc.aio.AioRpcError as error:
+                code = error.code().name
+            done = time.perf_counter()
+            if scheduled >= warm_end:
+                calls.method.append(method)
+                calls.code.append(code)
+                calls.scheduled.append(scheduled - warm_end)
+                calls.latency.append(done - scheduled)
+                calls.lag.append(sent - scheduled)
+
+        cpu = {}
+
+        async def mark() -> None:
+            await asyncio.sleep(max(0.0, warm_end - time.perf_counter()))
+            cpu["start"] = cpu_seconds()
+
+        marker = asyncio.create_task(mark())
+        if spec["mode"] == "open":
+            tasks = []
+            for offset in arrivals(spec["rate"], spec["warmup"] + spec["seconds"],
+                                   spec["schedule"], spec["seed"], spec["phase"]):
+                scheduled = t0 + float(offset)
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(call(scheduled)))
+            await asyncio.gather(*tasks)
+        else:
+            await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
+
+            async def caller() -> None:
+                while (now := time.perf_counter()) < end:
+                    await call(now)
+
+            await asyncio.gather(*(caller() for _ in range(spec["callers"])))
+        await marker
+        return {"calls": calls, "cpu": cpu_seconds() - cpu["start"]}
+
+
+def worker(spec: dict, conn) -> None:
+    """One client process: its share of the load, then its measured calls through ``conn``."""
+    try:
+        conn.send(asyncio.run(_drive(spec, conn)))
+    except Exception as error:  # reported by the parent
+        conn.send(error)
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------- the parent
+
+
+def server_cpu(pid: int | None) -> float:
+    if not pid:
+        return math.nan
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def pid_on_port(port: int) -> int | None:
+    """The process listening on ``port`` (None when not visible)."""
+    import psutil
+
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            return conn.pid
+    return None
+
+
+def run_point(args: argparse.Namespace, target: str, pid: int | None, mode: str, level: float,
+              mix: tuple[float, float, float], seconds: float) -> tuple[dict, Calls]:
+    """One load point: spawn the client processes, run, gather their calls and CPU."""
+    ctx = mp.get_context("spawn")
+    if mode == "closed":
+        shares = [{"callers": n} for n in split(int(level), args.processes)]
+    else:
+        shares = [{"rate": level / args.processes, "phase": i / args.processes}
+                  for i in range(args.processes)]
+    base = {"target": target, "mode": mode, "mix": mix, "candidates": args.candidates,
+            "items": args.items, "users": args.users, "warmup": args.warmup, "seconds": seconds,
+            "schedule": args.schedule, "timeout": args.timeout}
+    procs, pipes = [], []
+    for i, share in enumerate(shares):
+        parent, child = ctx.Pipe()
+        spec = {**base, **share, "seed": args.seed * 1000 + i}
+        proc = ctx.Process(target=worker, args=(spec, child), daemon=True)
+        proc.start()
+        child.close()
+        procs.append(proc)
+        pipes.append(parent)
+    try:
+        for pipe in pipes:
+            if not pipe.poll(120):
+                raise RuntimeError("a client process did not get ready in 120 s")
+            got = pipe.recv()
+            if isinstance(got, Exception):
+                raise got
+        start = time.time() + 0.2
+        for pipe in pipes:
+            pipe.send(start)
+        time.sleep(max(0.0, start + args.warmup - time.time()))
+        window_start, cpu_start = time.perf_counter(), server_cpu(pid)
+        calls, client_cpu = Calls(), 0.0
+        for pipe in pipes:
+            got = pipe.recv()
+            if isinstance(got, Exception):
+                raise got
+            calls.extend(got["calls"])
+            client_cpu += got["cpu"]
+        window = time.perf_counter() - window_start
+        served = server_cpu(pid) - cpu_start
+        point = {"mode": mode, "level": level, "schedule": args.schedule,
+                 "client_cpu": 100 * client_cpu / window, "server_cpu": 100 * served / window,
+                 "server_ms_per_call": 1e3 * served / max(1, len(calls.method)),
+                 "loadavg": os.getloadavg()[0]}
+    finally:
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.terminate()
+    return point, calls
+
+
+def rows(point: dict, calls: Calls, mix: tuple[float, ...], feast_p50: float | None) -> list[str]:
+    methods = [m for m, w in zip(METHODS, mix, strict=True) if w > 0]
+    out = [table_row(point, summarize(calls, m), m, feast_p50) for m in methods]
+    if len(methods) > 1:
+        out.append(table_row(point, summarize(calls), "all", None))
+    return out
+
+
+def feast_server(port: int) -> subprocess.Popen:
+    """``bench/serve_bench.py --serve feast-sdk`` on ``port``, once it says ready."""
+    script = Path(__file__).with_name("serve_bench.py")
+    server = subprocess.Popen([sys.executable, str(script), "--serve", "feast-sdk",
+                               "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    while (line := server.stdout.readline()) and line.strip() != "ready":
+        pass
+    if server.poll() is not None:
+        raise RuntimeError(f"feast-sdk server exited with {server.returncode}")
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="127.0.0.1:50051")
+    parser.add_argument("--server-pid", type=int, help="default: the process on the port")
+    parser.add_argument("--rates", default="", help="open-loop rates, req/s in all: 50,100")
+    parser.add_argument("--closed", default="", help="closed-loop caller counts: 1,2,4")
+    parser.add_argument("--schedule", choices=("poisson", "uniform"), default="poisson")
+    parser.add_argument("--seconds", type=float, default=15.0, help="measured, per point")
+    parser.add_argument("--warmup", type=float, default=3.0, help="excluded, per point")
+    parser.add_argument("--processes", type=int, default=2, help="client processes")
+    parser.add_argument("--mix", default="rank", help="e.g. rank=0.7,recommend=0.2,logevents=0.1")
+    parser.add_argument("--candidates", type=int, default=200)
+    parser.add_argument("--timeout", type=float, default=10.0, help="per-call deadline (s)")
+    parser.add_argument("--feast-baseline", action="store_true",
+                        help="also the Feast-SDK path (bench/serve_bench.py), 1 caller, Rank")
+    parser.add_argument("--feast-seconds", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    mix = parse_mix(args.mix)
+    points = [("closed", float(n)) for n in args.closed.split(",") if n.strip()]
+    points += [("open", float(r)) for r in args.rates.split(",") if r.strip()]
+    if not points:
+        parser.error("give --closed and/or --rates")
+
+    from sandbox import free_port, items_and_users
+
+    from avrec import config
+
+    items, users = items_and_users(config.data_dir())
+    args.items, args.users = items, users
+    pid = args.server_pid or pid_on_port(int(args.target.rsplit(":", 1)[1]))
+    print(f"load_gen {args.target} (server pid {pid}): mix {args.mix}, Rank 1x{args.candidates}, "
+          f"{args.processes} client processes, {args.warmup:g} s warm-up + {args.seconds:g} s "
+          f"per point; {len(items)} items, {len(users)} users; {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    results = []
+    for mode, level in points:
+        point, calls = run_point(args, args.target, pid, mode, level, mix, args.seconds)
+        results.append((point, calls))
+        print("  " + rows(point, calls, mix, None)[-1], flush=True)
+
+    feast_p50, feast_rows = None, []
+    if args.feast_baseline:
+        port = free_port()
+        print(f"feast-sdk baseline: bench/serve_bench.py --serve feast-sdk on port {port}",
+              flush=True)
+        server = feast_server(port)
+        try:
+            rank_only = parse_mix("rank")
+            point, calls = run_point(args, f"127.0.0.1:{port}", server.pid, "closed", 1.0,
+                                     rank_only, args.feast_seconds)
+        finally:
+            server.terminate()
+            server.wait(60)
+        feast_p50 = summarize(calls, "rank")["p50"]
+        feast_rows = [r.replace("| closed 1 |", "| feast-sdk, closed 1 |", 1)
+                      for r in rows(point, calls, rank_only, None)]
+
+    print()
+    print(HEADER)
+    print("|" + "---|" * (HEADER.count("|") - 1))
+    for point, calls in results:
+        print("\n".join(rows(point, calls, mix, feast_p50)))
+    print("\n".join(feast_rows))
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}; CPU in % of one core of "
+          f"{os.cpu_count()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
