@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import multiprocessing as mp
 import os
@@ -154,6 +155,8 @@ def table_row(point: dict, stats: dict, method: str, feast_p50: float | None) ->
     offered = "-" if point["mode"] == "closed" else f"{point['level']:g}"
     load = (f"closed {point['level']:g}" if point["mode"] == "closed"
             else f"open {point['schedule']}")
+    if point.get("path", "avrec") != "avrec":
+        load = f"{point['path']}, {load}"
     ratio = (f"{feast_p50 / stats['p50']:.1f}x"
              if feast_p50 and method == "rank" and stats["calls"] else "")
     return (f"| {load} | {offered} | {stats['achieved']:.1f} | {method} | {stats['calls']} "
@@ -339,7 +342,9 @@ def run_point(args: argparse.Namespace, target: str, pid: int | None, mode: str,
             client_cpu += got["cpu"]
         window = time.perf_counter() - window_start
         served = server_cpu(pid) - cpu_start
-        point = {"mode": mode, "level": level, "schedule": args.schedule,
+        point = {"path": "avrec", "target": target, "mode": mode, "level": level,
+                 "schedule": args.schedule,
+                 "mix": dict(zip(METHODS, mix, strict=True)), "candidates": args.candidates,
                  "client_cpu": 100 * client_cpu / window, "server_cpu": 100 * served / window,
                  "server_ms_per_call": 1e3 * served / max(1, len(calls.method)),
                  "loadavg": os.getloadavg()[0]}
@@ -390,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the Feast-SDK path (bench/serve_bench.py), 1 caller, Rank")
     parser.add_argument("--feast-seconds", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write every point's figures here")
     args = parser.parse_args(argv)
     mix = parse_mix(args.mix)
     points = [("closed", float(n)) for n in args.closed.split(",") if n.strip()]
@@ -404,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     items, users = items_and_users(config.data_dir())
     args.items, args.users = items, users
     pid = args.server_pid or pid_on_port(int(args.target.rsplit(":", 1)[1]))
+    print("python bench/load_gen.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"load_gen {args.target} (server pid {pid}): mix {args.mix}, Rank 1x{args.candidates}, "
           f"{args.processes} client processes, {args.warmup:g} s warm-up + {args.seconds:g} s "
           f"per point; {len(items)} items, {len(users)} users; {os.cpu_count()} cores, "
@@ -414,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append((point, calls))
         print("  " + rows(point, calls, mix, None)[-1], flush=True)
 
-    feast_p50, feast_rows = None, []
+    feast_p50, feast = None, []
     if args.feast_baseline:
         port = free_port()
         print(f"feast-sdk baseline: bench/serve_bench.py --serve feast-sdk on port {port}",
@@ -427,16 +434,21 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.terminate()
             server.wait(60)
+        point["path"] = "feast-sdk"
         feast_p50 = summarize(calls, "rank")["p50"]
-        feast_rows = [r.replace("| closed 1 |", "| feast-sdk, closed 1 |", 1)
-                      for r in rows(point, calls, rank_only, None)]
+        feast = [(point, calls)]
 
     print()
     print(HEADER)
     print("|" + "---|" * (HEADER.count("|") - 1))
     for point, calls in results:
         print("\n".join(rows(point, calls, mix, feast_p50)))
-    print("\n".join(feast_rows))
+    for point, calls in feast:
+        print("\n".join(rows(point, calls, parse_mix("rank"), None)))
+    if args.json:
+        args.json.write_text(json.dumps(
+            [{**p, "methods": {m: summarize(c, m) for m in METHODS if m in c.method}}
+             for p, c in [*results, *feast]], indent=1))
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}; CPU in % of one core of "
           f"{os.cpu_count()}")
     return 0

@@ -110,3 +110,11 @@ def test_empty_summary_and_table_row():
     assert len(cells) == load_gen.HEADER.count("|") - 1
     assert cells[:4] == ["open poisson", "100", "100.0", "rank"]
     assert cells[-1] == "5.0x"  # feast-sdk p50 50 ms / 10 ms
+
+
+def test_feast_row_is_labelled():
+    point = {"path": "feast-sdk", "mode": "closed", "level": 1.0, "schedule": "poisson",
+             "client_cpu": 1.0, "server_cpu": 90.0, "server_ms_per_call": 45.0, "loadavg": 1.0}
+    rows = [("rank", "OK", i * 0.05, 0.05, 0.0) for i in range(20)]
+    row = load_gen.table_row(point, load_gen.summarize(calls(rows), "rank"), "rank", None)
+    assert row.startswith("| feast-sdk, closed 1 | - |")
