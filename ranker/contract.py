@@ -15,6 +15,7 @@ so the server can use it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -138,9 +139,10 @@ class ModelContract:
         data["feature_services"] = {k: list(v) for k, v in sorted(self.feature_services.items())}
         return data
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
-        """Content hash of the contract (16 hex digits)."""
+        """Content hash of the contract (16 hex digits; computed once, the contract is frozen,
+        and every served answer carries it)."""
         text = json.dumps(self.payload(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -161,12 +161,15 @@ class HybridPipeline:
         cold = np.repeat(~self.known[None, :], len(context.histories), axis=0)
         scores = [self.scorers[g].score(context.histories) for g in cfg.generators]
         generator_ranks = [ranks(s, context.seen) for s in scores]
-        content = (generator_ranks[cfg.generators.index(CONTENT)]
-                   if CONTENT in cfg.generators else None)
-        if cfg.trending_new_items:
-            content = new_item_ranks(content, item_stats, cold, context.seen)
-        pool = (candidate_pool(generator_ranks, context.seen, cfg.candidates, cold, content,
-                               cfg.cold_slots) if candidates is None else candidates)
+        if candidates is None:
+            content = (generator_ranks[cfg.generators.index(CONTENT)]
+                       if CONTENT in cfg.generators else None)
+            if cfg.trending_new_items:  # new items ranked only when the pool is chosen here
+                content = new_item_ranks(content, item_stats, cold, context.seen)
+            pool = candidate_pool(generator_ranks, context.seen, cfg.candidates, cold, content,
+                                  cfg.cold_slots)
+        else:
+            pool = candidates
         recent = [History(p[-RECENT:], np.full(min(p.size, RECENT), cfg.positive_threshold))
                   for p in context.positives]
         queries = [self.scorers[g].score(recent) for g in cfg.queries]
