@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from avrec import config
+from avrec.errors import AvrecError
 
 
 def parse_time(text: str) -> datetime:
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_delegated(command, rest[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (AvrecError, FileNotFoundError, ValueError) as exc:
         print(f"avrec {command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import polars as pl
 
 from avrec import tables
+from avrec.errors import InputError
 
 RATING_RANGE = (0.5, 5.0)
 # Anything before the web or after tomorrow is a corrupt timestamp, not an event.
@@ -50,7 +51,7 @@ IMAGE_NOT_FOUND = "image_not_found (item kept without image)"
 NOTES = frozenset({IMAGE_NOT_FOUND})
 
 
-class IngestError(ValueError):
+class IngestError(InputError):
     """An input that cannot be read at all (missing file, missing columns)."""
 
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from avrec.errors import AvrecError
+
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
 
@@ -76,7 +78,7 @@ def read_view(
     return pl.DataFrame(records, infer_schema_length=None)
 
 
-class MixedVersionsError(RuntimeError):
+class MixedVersionsError(AvrecError, RuntimeError):
     """An answer would combine item vectors of two embedding versions."""
 
 

@@ -17,12 +17,10 @@ from urllib.parse import parse_qs, unquote, urlparse
 import redis
 
 from avrec import config
+from avrec.errors import StoreUnavailableError
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
-
-class RedisUnavailableError(RuntimeError):
-    """No Redis answers at the URL and none could be started."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,7 @@ def start_embedded(url: str, workdir: Path | None = None, wait_s: float = 10.0) 
     parsed = urlparse(url)
     host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
     if host not in LOOPBACK:
-        raise RedisUnavailableError(
+        raise StoreUnavailableError(
             f"no Redis answers at {url}, and avrec only starts one on loopback addresses"
         )
     workdir = workdir or config.data_dir() / "redis"
@@ -85,7 +83,7 @@ def start_embedded(url: str, workdir: Path | None = None, wait_s: float = 10.0) 
         if ping(url):
             return int(pidfile.read_text().strip()) if pidfile.exists() else -1
         time.sleep(0.05)
-    raise RedisUnavailableError(f"started {cmd[0]} but nothing answers at {url}")
+    raise StoreUnavailableError(f"started {cmd[0]} but nothing answers at {url}")
 
 
 def ensure_redis(url: str | None = None) -> RedisStatus:

@@ -30,6 +30,7 @@ import numpy as np
 import polars as pl
 
 from avrec import tables
+from avrec.errors import InputError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,7 +43,7 @@ Sampling = Literal["uniform", "popularity"]
 Engine = Literal["feast", "duckdb"]
 
 
-class TrainingSetError(ValueError):
+class TrainingSetError(InputError):
     """The arguments describe no valid training set."""
 
 

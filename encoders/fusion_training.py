@@ -38,6 +38,7 @@ import polars as pl
 import torch
 from torch.nn import functional as F
 
+from avrec.errors import InputError
 from encoders.fusion import IMAGE_DIM, D, GatedFusion, ItemFusionModel, WeightedSumFusion
 from encoders.neighbours import EmbeddingIndex, genre_agreement
 
@@ -50,7 +51,7 @@ TEXT_RAW = "text-only (MiniLM raw)"
 IMAGE_RAW = "image-only (EffNet raw)"
 
 
-class NotEnoughData(ValueError):
+class NotEnoughDataError(InputError):
     """Too few events, pairs or items to train on."""
 
 
@@ -203,7 +204,7 @@ def fit(
     (eval mode) and the mean loss of each epoch.
     """
     if len(pairs) < 2:
-        raise NotEnoughData(f"need at least 2 training pairs, got {len(pairs)}")
+        raise NotEnoughDataError(f"need at least 2 training pairs, got {len(pairs)}")
     torch.manual_seed(config.seed)
     if kind == "asum":
         fusion: WeightedSumFusion | GatedFusion = WeightedSumFusion(a)
@@ -474,11 +475,12 @@ def fit_gated_fusion(
 
 def _pairs_before(events: pl.DataFrame, cutoff: datetime, pair_config: PairConfig
                   ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(all co-consumption pairs, those completed before ``cutoff``); NotEnoughData below 2."""
+    """(all co-consumption pairs, those completed before ``cutoff``); NotEnoughDataError below 2."""
     pairs = co_consumption_pairs(events, pair_config)
     before = between(pairs, end=cutoff)
     if before.height < 2:
-        raise NotEnoughData(f"{before.height} co-consumption pairs before {cutoff.isoformat()}")
+        raise NotEnoughDataError(
+            f"{before.height} co-consumption pairs before {cutoff.isoformat()}")
     return pairs, before
 
 

@@ -29,6 +29,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from avrec.errors import InputError
 from avrec.onnx_runtime import OnnxModel
 from encoders import model_cache
 
@@ -60,7 +61,7 @@ _TRANSFORM = v2.Compose(
 )
 
 
-class UnreadableImage(ValueError):
+class UnreadableImageError(InputError):
     """An image file that cannot be read or decoded."""
 
 
@@ -77,17 +78,19 @@ def source_hash() -> str:
 
 
 def decode(data: bytes) -> torch.Tensor:
-    """Decode image bytes to uint8 RGB ``[3, H, W]``; :class:`UnreadableImage` if impossible."""
+    """Decode image bytes to uint8 RGB ``[3, H, W]``; :class:`UnreadableImageError` if
+    impossible."""
     if not data:
-        raise UnreadableImage("empty file")
+        raise UnreadableImageError("empty file")
     try:
         image = decode_image(
             torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB
         )
     except (RuntimeError, ValueError) as exc:
-        raise UnreadableImage(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UnreadableImageError(reason) from exc
     if image.ndim != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1:
-        raise UnreadableImage(f"unexpected decoded shape {tuple(image.shape)}")
+        raise UnreadableImageError(f"unexpected decoded shape {tuple(image.shape)}")
     return image
 
 
@@ -98,11 +101,11 @@ def preprocess(image: torch.Tensor) -> np.ndarray:
 
 
 def load_pixels(path: str | Path) -> np.ndarray:
-    """Read, decode and preprocess one image file; :class:`UnreadableImage` on any failure."""
+    """Read, decode and preprocess one image file; :class:`UnreadableImageError` on any failure."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise UnreadableImage(f"{type(exc).__name__}: {exc.strerror or exc}") from exc
+        raise UnreadableImageError(f"{type(exc).__name__}: {exc.strerror or exc}") from exc
     return preprocess(decode(data))
 
 
@@ -180,7 +183,7 @@ def _decoded_batches(
         for row in rows:
             try:
                 results.append(load_pixels(paths[row]))
-            except UnreadableImage as exc:
+            except UnreadableImageError as exc:
                 results.append(str(exc))
         return rows, results
 

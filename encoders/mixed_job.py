@@ -70,7 +70,7 @@ def end_of_data(events: pl.DataFrame) -> datetime:
     """The default cutoff: just after the last event, so training sees every event."""
     last = events["event_timestamp"].max()
     if last is None:
-        raise fusion_training.NotEnoughData("the events table is empty")
+        raise fusion_training.NotEnoughDataError("the events table is empty")
     return last + timedelta(microseconds=1)
 
 
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             ablations=args.ablations,
             threads=args.threads,
         )
-    except fusion_training.NotEnoughData as exc:
+    except fusion_training.NotEnoughDataError as exc:
         print(f"avrec fuse: {exc}", file=sys.stderr)
         return 2
     print(report.summary())

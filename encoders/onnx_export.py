@@ -143,7 +143,7 @@ def sample_pixels(limit: int = 8) -> np.ndarray:
     posters = sorted((config.datasets_dir() / "posters").glob("*.jpg"))[:limit]
     pixels = []
     for poster in posters:
-        with contextlib.suppress(image_encoder.UnreadableImage):
+        with contextlib.suppress(image_encoder.UnreadableImageError):
             pixels.append(image_encoder.load_pixels(poster))
     if pixels:
         return np.stack(pixels)

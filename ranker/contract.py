@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from avrec.errors import ModelError
 from avrec.pit_join import DERIVED_AGES
 from ranker.features import HISTORY, ITEM, ITEM_AGES, ITEM_COUNTS, USER, USER_AGES, USER_COUNTS
 
@@ -58,7 +59,7 @@ ORT_DTYPES = {
 Dim = int | str
 
 
-class ContractError(ValueError):
+class ContractError(ModelError):
     """A model, its contract and what serving provides disagree; ``problems`` lists how."""
 
     def __init__(self, subject: str, problems: Sequence[str]) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from avrec.errors import ModelError
 from ranker.features import lookup_rows
 from ranker.history_scorers import History, HistoryScorer, load_scorer, save_scorer
 from ranker.hybrid_features import (
@@ -71,7 +72,7 @@ def item_stats(frame: pl.DataFrame) -> dict[str, np.ndarray]:
     return out
 
 
-class PipelineError(ValueError):
+class PipelineError(ModelError):
     """A saved pipeline that cannot be served (missing files, mismatched features)."""
 
 

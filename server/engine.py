@@ -6,7 +6,7 @@ materialization counter, in one pipeline. Candidates' features come from the in-
 expires (with the retrieval index rebuilt from it). The user's inputs are encoded with the
 model's own :class:`ranker.features.FeatureEncoder`, and the ranker scores all candidates in one
 ONNX run. Errors a caller can fix raise :class:`RequestError`; Redis failures raise
-:class:`StoreUnavailable`.
+:class:`StoreUnavailableError`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 import redis
 
+from avrec.errors import InputError, StoreUnavailableError
 from avrec.feature_store import materialization_key
 from avrec.online_features import MixedVersionsError
 from avrec.pit_join import DERIVED_AGES
@@ -53,12 +54,9 @@ HISTORY_VIEW = "user_history"
 USER_AGE = "days_since_last_interaction"
 
 
-class RequestError(ValueError):
+class RequestError(InputError):
     """A request the caller must fix (gRPC INVALID_ARGUMENT)."""
 
-
-class StoreUnavailable(RuntimeError):
-    """The online store cannot be read (gRPC UNAVAILABLE)."""
 
 
 class Clock:
@@ -261,7 +259,7 @@ class RankingEngine:
             self.reloads += 1
             metrics.SNAPSHOT.labels("reload").inc()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"online store unreachable: {exc}") from exc
+            raise StoreUnavailableError(f"online store unreachable: {exc}") from exc
         except MixedVersionsError:
             self.snapshot_errors += 1
             if loaded is None:
@@ -305,7 +303,7 @@ class RankingEngine:
         try:
             return self.client.get(self.version_key)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"online store unreachable: {exc}") from exc
+            raise StoreUnavailableError(f"online store unreachable: {exc}") from exc
 
     def read_user(self, user_id: int, now: datetime) -> tuple[OnlineRow, bytes | None]:
         """The user's row and the materialization counter, in one pipelined round trip."""
@@ -325,7 +323,7 @@ class RankingEngine:
                 pipe.get(self.version_key)
                 replies = pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(f"online store unreachable: {exc}") from exc
+            raise StoreUnavailableError(f"online store unreachable: {exc}") from exc
         row = self.user_reader.decode_one(user_id, replies[0], now)
         history_row = reader.decode_one(user_id, replies[1], now) if reader else None
         return row, history_row, replies[-1]

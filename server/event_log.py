@@ -32,6 +32,7 @@ import numpy as np
 import polars as pl
 
 from avrec import behaviour_features, tables
+from avrec.errors import InputError, StoreUnavailableError
 from server.incremental import OnlineUpdater
 
 if TYPE_CHECKING:
@@ -45,11 +46,11 @@ USER_VIEW = "user_behaviour"
 HISTORY_VIEW = "user_history"
 
 
-class EventError(ValueError):
+class EventError(InputError):
     """An event batch that cannot be accepted; nothing of it was written."""
 
 
-class EventLogUnavailable(RuntimeError):
+class EventLogUnavailableError(StoreUnavailableError):
     """The offline event log cannot be written (disk full, read-only, gone); nothing of the
     batch was acknowledged or written online."""
 
@@ -182,7 +183,7 @@ class EventLog:
             for leftover in (tmp, path):  # not acknowledged: not kept either
                 with contextlib.suppress(OSError):
                     leftover.unlink(missing_ok=True)
-            raise EventLogUnavailable(f"the event log cannot be written ({exc}); "
+            raise EventLogUnavailableError(f"the event log cannot be written ({exc}); "
                                       "no event of this batch was accepted") from exc
         self._events.append(frame)
         self._ids.update(i for i in ids if i is not None)

@@ -21,10 +21,11 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2
 
+from avrec.errors import AvrecError
 from avrec.online_features import MixedVersionsError
 from server import metrics
-from server.engine import Ranked, RankingEngine, RequestError, StoreUnavailable
-from server.event_log import EventError, EventLog, EventLogUnavailable, LoggedEvent
+from server.engine import Ranked, RankingEngine, RequestError, StoreUnavailableError
+from server.event_log import EventError, EventLog, EventLogUnavailableError, LoggedEvent
 from server.protocol import SERVICE_NAME, ranking_pb2, ranking_pb2_grpc
 
 if TYPE_CHECKING:
@@ -108,11 +109,11 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             return result
         except (RequestError, EventError) as exc:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        except DeadlinePassed as exc:
+        except DeadlinePassedError as exc:
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
-        except StoreUnavailable as exc:
+        except StoreUnavailableError as exc:
             code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
-        except EventLogUnavailable as exc:  # Rank keeps serving: health stays SERVING
+        except EventLogUnavailableError as exc:  # Rank keeps serving: health stays SERVING
             code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
         except MixedVersionsError as exc:
             code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
@@ -187,14 +188,14 @@ def event_time(stamp: Timestamp, index: int) -> datetime:
     return when
 
 
-class DeadlinePassed(RuntimeError):
+class DeadlinePassedError(AvrecError, RuntimeError):
     """The caller's deadline passed (gRPC DEADLINE_EXCEEDED)."""
 
 
 def _check_deadline(context: grpc.ServicerContext, when: str) -> None:
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
-        raise DeadlinePassed(f"deadline passed {when}")
+        raise DeadlinePassedError(f"deadline passed {when}")
 
 
 def _redis_error(exc: Exception) -> bool:

@@ -47,7 +47,7 @@ def test_ensure_redis_starts_embedded_server_when_none_answers(tmp_path: Path, m
 
 def test_never_starts_a_server_for_a_remote_url() -> None:
     # start_embedded refuses before any connection is attempted (no traffic leaves loopback).
-    with pytest.raises(redis_server.RedisUnavailableError, match="loopback"):
+    with pytest.raises(redis_server.StoreUnavailableError, match="loopback"):
         redis_server.start_embedded("redis://192.0.2.1:6379/0")
 
 

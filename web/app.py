@@ -63,7 +63,7 @@ class WebSettings:
                             self.embeddings or default.embeddings)
 
 
-class BadInput(ServiceError):
+class BadInputError(ServiceError):
     def __init__(self, message: str) -> None:
         super().__init__(400, message)
 
@@ -72,9 +72,9 @@ def positive_id(text: str | None, what: str) -> int:
     try:
         value = int(str(text).strip())
     except ValueError:
-        raise BadInput(f"{what} must be a whole number, got {text!r}") from None
+        raise BadInputError(f"{what} must be a whole number, got {text!r}") from None
     if not 0 < value < 2**63:
-        raise BadInput(f"{what} must be a positive number, got {value}")
+        raise BadInputError(f"{what} must be a positive number, got {value}")
     return value
 
 
@@ -85,9 +85,9 @@ def bounded(text: str | None, what: str, low: float, high: float, default: float
     try:
         value = int(text) if integer else float(text)
     except ValueError:
-        raise BadInput(f"{what} must be a number, got {text!r}") from None
+        raise BadInputError(f"{what} must be a number, got {text!r}") from None
     if not (math.isfinite(value) and low <= value <= high):
-        raise BadInput(f"{what} must be between {low:g} and {high:g}, got {text}")
+        raise BadInputError(f"{what} must be between {low:g} and {high:g}, got {text}")
     return value
 
 
@@ -170,7 +170,7 @@ def create_app(settings: WebSettings | None = None, gateway: Gateway | None = No
         user_id = positive_id(request.path_params["user_id"], "user id")
         query = request.query_params.get("q", "").strip()
         if len(query) > 200:
-            raise BadInput("the search text is longer than 200 characters")
+            raise BadInputError("the search text is longer than 200 characters")
         found = catalogue().search(query) if query else []
         scores: dict[int, float] = {}
         if found:
@@ -190,14 +190,14 @@ def create_app(settings: WebSettings | None = None, gateway: Gateway | None = No
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            raise BadInput("send a JSON object {\"item_id\": ..., \"rating\": ...}")
+            raise BadInputError("send a JSON object {\"item_id\": ..., \"rating\": ...}")
         item_id = positive_id(body.get("item_id"), "item_id")
         rating = bounded(str(body.get("rating", 5.0)), "rating", 0.5, 5.0, 5.0)
         if rating * 2 != int(rating * 2):
-            raise BadInput("rating must be a multiple of 0.5")
+            raise BadInputError("rating must be a multiple of 0.5")
         facts = catalogue().get(item_id)
         if facts is None:
-            raise BadInput(f"item {item_id} is not in the catalogue")
+            raise BadInputError(f"item {item_id} is not in the catalogue")
         reply = await run_in_threadpool(service().rate, user_id, item_id, rating)
         return JSONResponse({"accepted": reply.accepted, "user_id": user_id,
                              "item_id": item_id, "title": facts.title, "rating": rating,
@@ -234,7 +234,7 @@ def create_app(settings: WebSettings | None = None, gateway: Gateway | None = No
         wanted = request.query_params.get("run")
         chosen = next((r for r in found if r.name == wanted), None) if wanted else None
         if wanted and chosen is None:
-            raise BadInput(f"no evaluation run named {wanted!r}")
+            raise BadInputError(f"no evaluation run named {wanted!r}")
         chosen = chosen or (found[0] if found else None)
         view = report.load(chosen) if chosen else None
         return page(request, "evaluation.html", runs=found, view=view,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from avrec.errors import AvrecError
 from server.client import RankingClient
 from server.protocol import ranking_pb2
 
@@ -22,7 +23,7 @@ DOWN_CODES = {
 }
 
 
-class ServiceError(Exception):
+class ServiceError(AvrecError):
     """A failed service call: ``status`` is the HTTP status the page answers with."""
 
     def __init__(self, status: int, message: str) -> None:

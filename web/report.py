@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avrec.errors import InputError
 from web.charts import Bar, bar_chart
 
 FIGURES = ("report.png", "tradeoff.png", "training.png")
 ABLATION_SUFFIXES = ("-mixed", "-asum", "-text", "-image", "-id")
 
 
-class ReportError(ValueError):
+class ReportError(InputError):
     """A report.json that cannot be read as an evaluation report."""
 
 

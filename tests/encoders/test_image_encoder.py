@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from encoders import image_encoder, model_cache
-from encoders.image_encoder import ImageEncoder, UnreadableImage
+from encoders.image_encoder import ImageEncoder, UnreadableImageError
 from encoders.onnx_export import MIN_COSINE, compare
 
 from .conftest import poster_paths
@@ -104,7 +104,7 @@ def test_unreadable_images_are_reported_not_fatal(
     np.testing.assert_allclose(result.embeddings[3], good.embeddings[1], rtol=1e-5, atol=1e-6)
     warned = [r.getMessage() for r in caplog.records if "unreadable image" in r.getMessage()]
     assert len(warned) == 5 and any("corrupt.jpg" in w for w in warned)
-    with pytest.raises(UnreadableImage):
+    with pytest.raises(UnreadableImageError):
         image_encoder.load_pixels(corrupt)
 
 
