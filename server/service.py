@@ -111,10 +111,10 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except DeadlinePassedError as exc:
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
-        except StoreUnavailableError as exc:
-            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
         except EventLogUnavailableError as exc:  # Rank keeps serving: health stays SERVING
             code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        except StoreUnavailableError as exc:  # (after its event-log subclass above)
+            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
         except MixedVersionsError as exc:
             code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
         except Exception as exc:
