@@ -150,9 +150,11 @@ def test_a_retried_batch_counts_once_even_after_a_restart(stack, service, client
     from server.protocol import ranking_pb2
     from tests.server.conftest import serve_config, stack_env
 
-    user, run = 40_100_000, uuid.uuid4().hex[:8]  # a user of its own
+    # a user of its own, and items no raw-read-versus-Feast oracle compares (an item row
+    # written online here is newer than those oracles' replay clock)
+    user, run = 40_100_000, uuid.uuid4().hex[:8]
     events = [ranking_pb2.Event(user_id=user, item_id=item, event_type="rating", rating=4.0,
-                                event_id=f"{run}-{item}") for item in (1, 2, 3)]
+                                event_id=f"{run}-{item}") for item in (6, 7, 8)]
     first = client.log_events(events)
     assert (first.accepted, first.duplicates) == (3, 0) and first.offline_path
     assert interactions(stack, user) == 3
@@ -161,16 +163,16 @@ def test_a_retried_batch_counts_once_even_after_a_restart(stack, service, client
     assert list(again.users_updated) == []
     assert interactions(stack, user) == 3
     # part new, part retried; an id repeated inside one batch counts once
-    fresh = ranking_pb2.Event(user_id=user, item_id=4, event_type="tag", event_id=f"{run}-4")
+    fresh = ranking_pb2.Event(user_id=user, item_id=9, event_type="tag", event_id=f"{run}-9")
     mixed = client.log_events([events[0], fresh, fresh])
     assert (mixed.accepted, mixed.duplicates) == (1, 2)
     assert interactions(stack, user) == 4
     # no event_id: never deduplicated
-    bare = ranking_pb2.Event(user_id=user, item_id=5, event_type="tag")
+    bare = ranking_pb2.Event(user_id=user, item_id=10, event_type="tag")
     assert client.log_events([bare]).accepted == 1 and client.log_events([bare]).accepted == 1
     assert interactions(stack, user) == 6
     with pytest.raises(grpc.RpcError) as caught:
-        client.log_events([ranking_pb2.Event(user_id=user, item_id=1, event_type="tag",
+        client.log_events([ranking_pb2.Event(user_id=user, item_id=6, event_type="tag",
                                              event_id="x" * 129)])
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -187,7 +189,7 @@ def test_a_retried_batch_counts_once_even_after_a_restart(stack, service, client
         stack.data_dir / "offline") if tables.EVENT_ID in f.columns])
     ids = logged[tables.EVENT_ID].drop_nulls().to_list()
     assert sorted(i for i in ids if i.startswith(run)) == sorted(
-        [f"{run}-1", f"{run}-2", f"{run}-3", f"{run}-4"])
+        [f"{run}-6", f"{run}-7", f"{run}-8", f"{run}-9"])
     mine = tables.read_events(stack.data_dir / "offline").filter(pl.col("user_id") == user)
     assert mine.height == 6  # what `avrec features` reads: each event once, the bare ones twice
 
