@@ -22,7 +22,6 @@ from avrec.errors import StoreUnavailableError
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-
 @dataclass(frozen=True)
 class RedisStatus:
     """Where Redis answers and whether this process started it."""

@@ -49,7 +49,6 @@ PAD = 0  # item index 0 is padding; catalogue item j is index j + 1
 RATING_BUCKETS = 11  # 0: no value; 1..10: half-star ratings 0.5..5 (other values are clipped)
 
 
-
 @dataclass
 class SequentialConfig:
     """Model size and optimisation; sizes follow the data where it matters (see ``fit``)."""

@@ -58,7 +58,6 @@ class RequestError(InputError):
     """A request the caller must fix (gRPC INVALID_ARGUMENT)."""
 
 
-
 class Clock:
     """Wall-clock UTC, or a replay clock that starts at ``start`` and ticks in real time."""
 
@@ -105,9 +104,9 @@ class _Loaded:
     unit: np.ndarray
     popular: np.ndarray
     index: CandidateIndex | None
+    models: ServingModels  # the models this snapshot was loaded for
     pipeline: HybridPipeline | None = None  # the hybrid over the snapshot's rows
     stats: dict[str, np.ndarray] | None = None  # its item statistics, snapshot row order
-    models: ServingModels | None = None  # set by _load
 
 
 def utc_datetime64(when: datetime) -> np.datetime64:
@@ -197,8 +196,8 @@ class RankingEngine:
             pipeline = models.hybrid.bind(snapshot.item_ids, snapshot.vectors, self.catalogue)
             stats = item_stats(snapshot.frame)
         return _Loaded(snapshot, vectors, snapshot.unit_vectors(),
-                       np.argsort(-snapshot.popularity, kind="stable"), index, pipeline, stats,
-                       models)
+                       np.argsort(-snapshot.popularity, kind="stable"), index, models,
+                       pipeline, stats)
 
     def swap_models(self, models: ServingModels) -> None:
         """Serve ``models`` from the next request on (a model hot swap).
@@ -335,7 +334,7 @@ class RankingEngine:
         record = self.user_reader.prefixed(row)
         last = record.get(DERIVED_AGES[USER_AGE])
         (record[USER_AGE],) = age_days(now, [last])
-        models = loaded.models or self.models
+        models = loaded.models
         encoder = models.tower_encoder if tower else models.encoder
         assert encoder is not None
         dense = encoder.user_dense_record(record)
@@ -378,7 +377,7 @@ class RankingEngine:
         explain: bool, lam: float, now: datetime,
     ) -> Ranked:
         snap = loaded.snapshot
-        logits = (loaded.models or self.models).score(user, snap.vectors[rows], snap.dense[rows])
+        logits = loaded.models.score(user, snap.vectors[rows], snap.dense[rows])
         relevance = sigmoid(logits.astype(np.float64))
         k = len(rows) if top_k == 0 else min(top_k, len(rows))
         if 0.0 < lam < 1.0:
@@ -431,7 +430,7 @@ class RankingEngine:
             )
         ]
         return Ranked(items, not row.fresh, row, now, snap.embedding_version,
-                      dict(snap.freshest), (loaded.models or self.models).version)
+                      dict(snap.freshest), loaded.models.version)
 
     def history_rows(self, row: OnlineRow, loaded: _Loaded) -> np.ndarray:
         """Snapshot rows of the user's recent items that have a vector."""
@@ -480,7 +479,7 @@ class RankingEngine:
         wanted = max(self.config.retrieval_candidates, top_k)
         pool: list[int] = []
         if loaded.index is not None:
-            models = loaded.models or self.models
+            models = loaded.models
             query = models.user_vector(self.user_inputs(row, loaded, now, tower=True))
             found, _ = loaded.index.search(query, wanted, seen)
             pool = found.tolist()
