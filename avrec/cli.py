@@ -1,6 +1,7 @@
 """The ``avrec`` command line: one subcommand per step of the pipeline.
 
     avrec redis                       make sure Redis answers (start the embedded one if not)
+    avrec redis --cluster 3           start a local Redis Cluster (3 masters + 3 replicas)
     avrec ingest                      raw catalogue + events -> offline Parquet tables
     avrec features                    behaviour features (user, item) -> offline tables
     avrec apply                       feast apply on feature_repo/, from any directory
@@ -50,9 +51,29 @@ def _step(name: str) -> Callable[[], None]:
 def cmd_redis(args: argparse.Namespace) -> int:
     from avrec.redis_server import ensure_redis
 
+    if args.cluster or args.stop_cluster:
+        return _redis_cluster(args)
+
     status = ensure_redis(args.redis_url)
     started = f"started embedded redis-server (pid {status.started_pid})"
     print(f"Redis answers at {status.url}" + (f"; {started}" if status.started_pid else ""))
+    return 0
+
+
+def _redis_cluster(args: argparse.Namespace) -> int:
+    from avrec import redis_cluster
+
+    if args.stop_cluster:
+        for url in redis_cluster.stop_local_clusters():
+            print(f"stopped {url}")
+        return 0
+    cluster = redis_cluster.start_cluster(
+        masters=args.cluster, replicas=args.replicas, base_port=args.port,
+        node_timeout_ms=args.node_timeout_ms)
+    print(f"Redis Cluster of {args.cluster} masters x {1 + args.replicas} nodes "
+          f"(pids {', '.join(map(str, cluster.pids.values()))}, files in {cluster.workdir})")
+    print(f"use it with: export REDIS_URL='{cluster.url}'")
+    print("stop it with: avrec redis --stop-cluster")
     return 0
 
 
@@ -320,7 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("redis", help="make sure Redis answers").set_defaults(func=cmd_redis)
+    p = sub.add_parser("redis", help="make sure Redis answers, or start a local Redis Cluster")
+    p.add_argument("--cluster", type=int, metavar="MASTERS", default=0,
+                   help="start a local cluster of MASTERS masters on loopback, print its URL")
+    p.add_argument("--replicas", type=int, default=1, help="replicas per master (default 1)")
+    p.add_argument("--port", type=int, default=None,
+                   help="first port of the cluster's nodes (default: a free range)")
+    p.add_argument("--node-timeout-ms", type=int, default=5000,
+                   help="cluster-node-timeout: how long a master may be silent before its "
+                        "replica takes over (default 5000)")
+    p.add_argument("--stop-cluster", action="store_true",
+                   help="stop the local clusters started under the data directory")
+    p.set_defaults(func=cmd_redis)
 
     p = sub.add_parser("ingest", help="raw data -> offline tables")
     p.add_argument("--movielens", help="MovieLens-latest directory (default: shared dataset)")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from avrec import config
-from avrec.redis_server import feast_connection_string
+from avrec.redis_server import feast_connection_string, feast_redis_type
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -37,9 +37,9 @@ def repo_config(redis_url: str | None = None) -> RepoConfig:
     )
     config.data_dir().mkdir(parents=True, exist_ok=True)
     raw["registry"]["path"] = f"sqlite:///{config.registry_path()}"
-    raw["online_store"]["connection_string"] = feast_connection_string(
-        redis_url or config.redis_url()
-    )
+    url = redis_url or config.redis_url()
+    raw["online_store"]["connection_string"] = feast_connection_string(url)
+    raw["online_store"]["redis_type"] = feast_redis_type(url)
     repo = RepoConfig(**raw)
     repo.repo_path = config.FEATURE_REPO
     return repo
@@ -83,9 +83,9 @@ def materialization_key(project: str) -> str:
 
 def bump_materialization(store: FeatureStore, redis_url: str | None = None) -> int:
     """Increment the materialization counter in the online store; returns its new value."""
-    import redis
+    from avrec.redis_client import connect
 
-    client = redis.Redis.from_url(redis_url or config.redis_url())
+    client = connect(redis_url or config.redis_url())
     try:
         return int(client.incr(materialization_key(store.config.project)))
     finally:

@@ -18,6 +18,14 @@ import redis
 
 from avrec import config
 from avrec.errors import StoreUnavailableError
+from avrec.redis_client import (
+    TLS_FLAGS,
+    TLS_STRINGS,
+    ClusterURL,
+    connect,
+    is_cluster,
+    parse_cluster_url,
+)
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -33,9 +41,9 @@ class RedisStatus:
 def ping(url: str, timeout: float = 0.5) -> bool:
     """True when a Redis server answers PING at ``url``."""
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        client = connect(url, socket_connect_timeout=timeout, socket_timeout=timeout)
         return bool(client.ping())
-    except (redis.RedisError, OSError, ValueError):
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError, ValueError):
         return False
 
 
@@ -90,13 +98,20 @@ def ensure_redis(url: str | None = None) -> RedisStatus:
     url = url or config.redis_url()
     if ping(url):
         return RedisStatus(url=url, started_pid=None)
+    if is_cluster(url):
+        raise StoreUnavailableError(f"no Redis Cluster answers at {url} (start a local one "
+                                    "with `avrec redis --cluster 3`)")
     return RedisStatus(url=url, started_pid=start_embedded(url))
 
 
 def feast_connection_string(url: str) -> str:
     """Turn ``redis[s]://[[user]:password@]host:port/db[?ssl_ca_certs=...]`` into Feast's
     ``host:port,db=N,...`` form: an ACL user name, a password (URL-decoded, as redis-py reads
-    them) and, for ``rediss://``, the TLS settings of the query included."""
+    them) and, for ``rediss://``, the TLS settings of the query included. A cluster URL
+    (``redis+cluster://h1:p1,h2:p2``) gives Feast's cluster form ``h1:p1,h2:p2,...`` (no db):
+    the store's ``redis_type`` must then be ``redis_cluster`` (:func:`feast_redis_type`)."""
+    if is_cluster(url):
+        return _feast_cluster_string(parse_cluster_url(url))
     parsed = urlparse(url)
     if parsed.scheme not in {"redis", "rediss"}:
         raise ValueError(f"not a redis:// URL: {url!r}")
@@ -118,8 +133,25 @@ def feast_connection_string(url: str) -> str:
     return ",".join(parts)
 
 
-TLS_STRINGS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
-TLS_FLAGS = ("ssl_check_hostname",)
+def feast_redis_type(url: str) -> str:
+    """Feast's ``online_store.redis_type`` for ``url``: ``redis_cluster`` or ``redis``."""
+    return "redis_cluster" if is_cluster(url) else "redis"
+
+
+def _feast_cluster_string(parsed: ClusterURL) -> str:
+    parts = [f"{host}:{port}" for host, port in parsed.nodes]
+    if parsed.username:
+        parts.append(f"username={_feast_value(parsed.username, 'user name')}")
+    if parsed.password:
+        parts.append(f"password={_feast_value(parsed.password, 'password')}")
+    if parsed.tls:
+        parts.append("ssl=true")
+        for name, value in parsed.options.items():
+            if name in TLS_FLAGS:
+                parts.append(f"{name}={str(value.lower() in ('1', 'true', 'yes')).lower()}")
+            else:
+                parts.append(f"{name}={_feast_value(value, name)}")
+    return ",".join(parts)
 
 
 def _feast_value(value: str, what: str) -> str:

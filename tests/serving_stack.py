@@ -90,6 +90,28 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     yield Stack(data_dir, url, model_dir, store)
 
 
+@pytest.fixture(scope="session")
+def cluster_stack(stack: Stack, redis_cluster, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Stack:
+    """The stack's data and model on the session's Redis Cluster: a copy of its offline
+    tables (without events logged by tests) under a data directory of its own, applied and
+    materialized into the cluster as of CLOCK."""
+    import shutil
+
+    from avrec import feature_store
+
+    data_dir = tmp_path_factory.mktemp("serving-cluster")
+    shutil.copytree(stack.data_dir / "offline", data_dir / "offline",
+                    ignore=shutil.ignore_patterns(tables.EVENT_LOG))
+    url = redis_cluster.url
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AVREC_DATA_DIR", str(data_dir))
+        patch.setenv("REDIS_URL", url)
+        feature_store.apply(url)
+        store = feature_store.materialize(end=CLOCK, redis_url=url)
+    return Stack(data_dir, url, stack.model_dir, store)
+
+
 def env_of(stack: Stack) -> dict[str, str]:
     """The process environment pointing at the stack (for subprocesses)."""
     return {**os.environ, "AVREC_DATA_DIR": str(stack.data_dir), "REDIS_URL": stack.redis_url}
