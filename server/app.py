@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from avrec import config as avrec_config
 from avrec import tables
+from avrec.redis_client import connect
 from ranker.contract import ITEM_SERVICE, USER_SERVICE, service_fields
 from ranker.export import latest_model_dir
 from server import metrics
@@ -75,7 +75,7 @@ def build_engine(
                  else latest_model_dir(model_root(config)))
     models = load_serving_models(model_dir, fields, None, threads=config.ort_threads,
                                  hybrid=config.hybrid)
-    client = redis.Redis.from_url(
+    client = connect(
         url, socket_timeout=config.redis_timeout_seconds,
         socket_connect_timeout=config.redis_timeout_seconds,
     )

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import polars as pl
-import redis
 
 from avrec.errors import InputError, StoreUnavailableError
 from avrec.feature_store import materialization_key
 from avrec.online_features import MixedVersionsError
 from avrec.pit_join import DERIVED_AGES
+from avrec.redis_client import STORE_ERRORS, Client
 from ranker.contract import ContractError
 from ranker.features import ItemVectors
 from ranker.hybrid_pipeline import HybridPipeline, ServedUser, item_stats
@@ -142,7 +142,7 @@ class RankingEngine:
     def __init__(
         self,
         store: FeatureStore,
-        client: redis.Redis,
+        client: Client,
         models: ServingModels,
         catalogue: pl.DataFrame,
         config: ServeConfig,
@@ -257,7 +257,7 @@ class RankingEngine:
             self._loaded = self._load(materialization, now)
             self.reloads += 1
             metrics.SNAPSHOT.labels("reload").inc()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailableError(f"online store unreachable: {exc}") from exc
         except MixedVersionsError:
             self.snapshot_errors += 1
@@ -301,7 +301,7 @@ class RankingEngine:
         """The materialization counter alone (at start; requests read it with the user)."""
         try:
             return self.client.get(self.version_key)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailableError(f"online store unreachable: {exc}") from exc
 
     def read_user(self, user_id: int, now: datetime) -> tuple[OnlineRow, bytes | None]:
@@ -321,7 +321,7 @@ class RankingEngine:
                     reader.queue(pipe, [user_id])
                 pipe.get(self.version_key)
                 replies = pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except STORE_ERRORS as exc:
             raise StoreUnavailableError(f"online store unreachable: {exc}") from exc
         row = self.user_reader.decode_one(user_id, replies[0], now)
         history_row = reader.decode_one(user_id, replies[1], now) if reader else None

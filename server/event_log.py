@@ -36,8 +36,9 @@ from avrec.errors import InputError, StoreUnavailableError
 from server.incremental import OnlineUpdater
 
 if TYPE_CHECKING:
-    import redis
     from feast import FeatureStore
+
+    from avrec.redis_client import Client
 
 EVENT_TYPES = ("rating", "tag")
 RATING_RANGE = (0.5, 5.0)
@@ -88,7 +89,7 @@ class EventLog:
     """The offline history the server updates users from, plus the events logged since start."""
 
     def __init__(self, offline: Path, catalogue_ids: np.ndarray,
-                 client: redis.Redis | None = None) -> None:
+                 client: Client | None = None) -> None:
         """``client``: update rows incrementally through it (None: recompute them)."""
         self.offline = offline
         self.items = tables.read_table("items", offline)

@@ -39,7 +39,7 @@ import math
 import struct
 from array import array
 from bisect import bisect_right, insort
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -51,6 +51,7 @@ from feast.protos.feast.types.Value_pb2 import FloatList, Int64List, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from avrec.behaviour_features import HISTORY_CAP, POSITIVE_RATING, RECENT_ITEMS, WINDOWS
+from server import compare_and_set
 from server.feature_reader import ViewReader
 
 if TYPE_CHECKING:
@@ -495,13 +496,17 @@ class OnlineUpdater:
 
     def update(self, frame: pl.DataFrame, now_dt: datetime) -> None:
         """Read the touched states, apply ``frame`` (already in the event history), write
-        states and rows; all under WATCH so a concurrent writer makes the batch redo."""
+        states and rows; all under WATCH so a concurrent writer makes the batch redo (on a
+        Redis Cluster: per entity, :meth:`_update_per_key`)."""
         import redis
 
         now = micros(now_dt)
         events = event_rows(frame)
         users = sorted({e[0] for e in events})
         items = sorted({e[1] for e in events}) if self.item is not None else []
+        if isinstance(self.client, redis.RedisCluster):
+            self._update_per_key(users, items, events, now)
+            return
         keys = ([self.key(self.user, u) for u in users]
                 + [self.key(self.item, i) for i in items])  # type: ignore[arg-type]
         with self.client.pipeline(transaction=True) as pipe:
@@ -511,13 +516,44 @@ class OnlineUpdater:
                     replies = self._read(users, items)
                     user_states, item_states = self._states(users, items, replies, now, events)
                     pipe.multi()
-                    self._queue(pipe, users, items, user_states, item_states, now)
+                    for key, mapping, _ in self._mappings(users, items, user_states,
+                                                          item_states, now):
+                        pipe.hset(key, mapping=mapping)
                     pipe.execute()
                     return
                 except redis.WatchError:
                     self.redone += 1
         raise RuntimeError(f"online rows of {len(keys)} entities changed under {MAX_REDOS} "
                            "tries in a row; the events are logged offline")
+
+    def _update_per_key(self, users: list[int], items: list[int],
+                        events: list[tuple[int, int, bool, float | None, int]],
+                        now: int) -> None:
+        """The cluster form of :meth:`update`: one read pipeline, then one compare-and-set
+        per entity hash (:mod:`server.compare_and_set`: written only if its state and row
+        stamp still hold what was read); the entities another writer changed meanwhile are
+        read and applied again, alone. Each entity's rows and state change atomically; the
+        batch as a whole does not (readers may see one user's rows before another's)."""
+        for _ in range(MAX_REDOS):
+            replies = self._read(users, items)
+            user_states, item_states = self._states(users, items, replies, now, events)
+            seen = dict(zip([self.key(self.user, u) for u in users]
+                            + [self.key(self.item, i) for i in items],  # type: ignore[arg-type]
+                            replies, strict=True))
+            written = []
+            with self.client.pipeline(transaction=False) as pipe:
+                for key, mapping, checked in self._mappings(users, items, user_states,
+                                                            item_states, now):
+                    compare_and_set.queue(pipe, key, checked, seen[key], mapping)
+                    written.append(key)
+                done = {key for key, ok in zip(written, pipe.execute(), strict=True) if ok}
+            if len(done) == len(written):
+                return
+            self.redone += 1
+            users = [u for u in users if self.key(self.user, u) not in done]
+            items = [i for i in items if self.key(self.item, i) not in done]  # type: ignore[arg-type]
+        raise RuntimeError(f"online rows of {len(users) + len(items)} entities changed under "
+                           f"{MAX_REDOS} tries in a row; the events are logged offline")
 
     def _read(self, users: list[int], items: list[int]) -> list[list[bytes | None]]:
         """Each entity's state and the stamp of its row, in one round trip."""
@@ -554,17 +590,18 @@ class OnlineUpdater:
             self.rebuilt += len(stale_users) + len(stale_items)
             user_states |= rebuilt.users
             item_states |= rebuilt.items
-        for user, item, is_rating, value, ts in events:
-            if user not in stale_users:
+        for user, item, is_rating, value, ts in events:  # (a redo may cover some entities)
+            if user not in stale_users and user in user_states:
                 user_states[user].add(ts, item, is_rating, value, self.genres.get(item, ()))
-            if self.item is not None and item not in stale_items:
+            if self.item is not None and item not in stale_items and item in item_states:
                 item_states[item].add(ts, user, is_rating, value)
         return user_states, item_states
 
-    def _queue(self, pipe, users: list[int], items: list[int],
-               user_states: dict[int, UserState], item_states: dict[int, ItemState],
-               now: int) -> None:
-        """One HSET per entity: its row(s) and its state, in Feast's hash."""
+    def _mappings(self, users: list[int], items: list[int],
+                  user_states: dict[int, UserState], item_states: dict[int, ItemState],
+                  now: int) -> Iterator[tuple[bytes, dict[bytes | str, bytes], list[str]]]:
+        """Each entity's hash key, its fields to set (its row(s) and its state) and the
+        fields its state was read from (state and row stamp)."""
         for u in users:
             state = user_states[u]
             if not state.tally.n:  # nothing at or before the clock (it went back)
@@ -576,7 +613,7 @@ class OnlineUpdater:
             if history is not None and self.user_history is not None:
                 mapping |= self.user_history.mapping(*history)  # the same entity hash
             mapping[self.user_fields[0]] = state.pack()
-            pipe.hset(self.key(self.user, u), mapping=mapping)
+            yield self.key(self.user, u), mapping, self.user_fields
         for i in items:
             item_state = item_states[i]
             if self.item is None or not item_state.tally.n:
@@ -585,7 +622,7 @@ class OnlineUpdater:
             item_state.tally.written = stamp
             mapping = self.item.mapping(stamp, values)
             mapping[self.item_fields[0]] = item_state.pack()
-            pipe.hset(self.key(self.item, i), mapping=mapping)
+            yield self.key(self.item, i), mapping, self.item_fields  # type: ignore[misc]
 
 
 def _stamp_us(raw: bytes | None) -> int | None:

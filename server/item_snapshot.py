@@ -30,8 +30,7 @@ from ranker.features import lookup_rows
 from server.feature_reader import OnlineRow, ViewReader
 
 if TYPE_CHECKING:
-    import redis
-
+    from avrec.redis_client import Client
     from ranker.features import FeatureEncoder
 
 BEHAVIOUR_VIEW = "item_behaviour"
@@ -96,7 +95,7 @@ class ItemSnapshot:
 
 
 def _read_rows(
-    client: redis.Redis, reader: ViewReader, ids: np.ndarray, now: datetime
+    client: Client, reader: ViewReader, ids: np.ndarray, now: datetime
 ) -> list[OnlineRow]:
     rows: list[OnlineRow] = []
     for start in range(0, len(ids), PIPELINE_CHUNK):
@@ -127,7 +126,7 @@ def item_frame(reader: ViewReader, rows: list[OnlineRow], now: datetime) -> pl.D
 
 
 def load_snapshot(
-    client: redis.Redis,
+    client: Client,
     behaviour: ViewReader,
     embedding: ViewReader,
     catalogue: pl.DataFrame,

@@ -199,9 +199,10 @@ def _check_deadline(context: grpc.ServicerContext, when: str) -> None:
 
 
 def _redis_error(exc: Exception) -> bool:
-    import redis
+    """A store failure that reached here unwrapped (a down node, a failover in progress)."""
+    from avrec.redis_client import STORE_ERRORS
 
-    return isinstance(exc, redis.ConnectionError | redis.TimeoutError)
+    return isinstance(exc, STORE_ERRORS)
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):

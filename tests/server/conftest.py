@@ -35,6 +35,36 @@ def hybrid_service(stack: Stack) -> Iterator[object]:
     running.stop(0)
 
 
+@pytest.fixture(scope="session")
+def cluster_service(cluster_stack: Stack) -> Iterator[object]:
+    """``service`` (the deep ranker) on the Redis Cluster's copy of the stack."""
+    from server.app import start
+
+    with stack_env(cluster_stack):
+        running = start(serve_config(cluster_stack, hybrid=False))
+    yield running
+    running.stop(0)
+
+
+ONLINE_STORES = ("redis", "redis_cluster")
+
+
+@pytest.fixture(params=ONLINE_STORES)
+def online_stack(request: pytest.FixtureRequest) -> Stack:
+    """The serving stack on a single Redis, then on the Redis Cluster (parity tests run on
+    both)."""
+    return request.getfixturevalue("stack" if request.param == "redis" else "cluster_stack")
+
+
+@pytest.fixture(params=ONLINE_STORES)
+def online_service(request: pytest.FixtureRequest) -> tuple[Stack, object]:
+    """``(stack, service)`` on a single Redis, then on the Redis Cluster."""
+    if request.param == "redis":
+        return request.getfixturevalue("stack"), request.getfixturevalue("service")
+    return (request.getfixturevalue("cluster_stack"),
+            request.getfixturevalue("cluster_service"))
+
+
 @pytest.fixture()
 def client(service) -> Iterator[object]:
     from server.client import RankingClient

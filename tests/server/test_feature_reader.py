@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import redis
 
+from avrec.redis_client import connect
 from server.feature_reader import ViewReader
 from tests.server.conftest import CLOCK
 
@@ -26,13 +27,16 @@ def same(a, b) -> bool:
 
 
 @pytest.mark.parametrize("view", sorted(VIEWS))
-def test_raw_reads_equal_feast_get_online_features(stack, view: str) -> None:
+def test_raw_reads_equal_feast_get_online_features(online_stack, view: str) -> None:
+    """On a single Redis and on the Redis Cluster (Feast's cluster client, the server's
+    cluster pipeline)."""
+    stack = online_stack
     store = stack.store
     key = VIEWS[view]
     ids = list(range(1, 611)) if key == "user_id" else [1, 2, 3, 50, 318, 2571, 193609, 999999]
     ids += [987654321]  # absent
     reader = ViewReader.from_store(store, view)
-    client = redis.Redis.from_url(stack.redis_url)
+    client = connect(stack.redis_url)
     with client.pipeline(transaction=False) as pipe:
         reader.queue(pipe, ids)
         # far-future reader clock only for expiry; values are compared at a clock inside TTL

@@ -207,10 +207,14 @@ def test_raw_values_are_feasts_bytes(kind: str, value) -> None:
     assert incremental._value(kind, ours).SerializeToString() == theirs.SerializeToString()
 
 
-def test_logged_events_leave_the_offline_rows_online(stack, service, client) -> None:
+def test_logged_events_leave_the_offline_rows_online(online_service) -> None:
     """Through the running service: Feast's reads of the touched users' and items' rows
-    equal the offline code on every event the server holds, as of its clock."""
+    equal the offline code on every event the server holds, as of its clock. On a single
+    Redis (one WATCH/MULTI batch) and on the Redis Cluster (a compare-and-set per entity)."""
     from avrec.v1 import ranking_pb2
+    from server.client import RankingClient
+
+    stack, service = online_service
 
     clock = service.engine.clock.now()
     specs = [  # user, item, type, rating, time (None: the server's now)
@@ -226,16 +230,19 @@ def test_logged_events_leave_the_offline_rows_online(stack, service, client) -> 
         if when is not None:
             event.event_timestamp.FromDatetime(when)
         events.append(event)
-    assert client.log_events(events).accepted == len(events)
+    with RankingClient(f"127.0.0.1:{service.port}") as client:
+        assert client.log_events(events).accepted == len(events)
     assert_online_rows_are_offline_rows(stack, sorted({s[0] for s in specs}),
                                         sorted({s[1] for s in specs}), service.engine.clock.now())
 
 
-def test_a_concurrent_write_makes_the_batch_redo(stack, service) -> None:
+def test_a_concurrent_write_makes_the_batch_redo(online_service) -> None:
     """A write to a touched entity between the reads and the write (another server process)
-    fails the MULTI/EXEC under WATCH; the batch is redone on the new state."""
+    fails the MULTI/EXEC under WATCH (on the cluster: that entity's compare-and-set); the
+    batch (that entity) is redone on the new state."""
     from server.event_log import EventLog, LoggedEvent
 
+    stack, service = online_service
     offline = stack.data_dir / "offline"
     log = EventLog(offline, tables.read_table("items", offline)["item_id"].to_numpy(),
                    service.engine.client)
@@ -246,8 +253,10 @@ def test_a_concurrent_write_makes_the_batch_redo(stack, service) -> None:
 
     def read_then_intrude(users, items):
         replies = read(users, items)
-        if not intruded:  # another writer, after this batch read its states
-            updater.client.hset(updater.key(updater.user, users[0]), "intruder", b"1")
+        if not intruded:  # another writer replaced the state after this batch read it
+            # (with bytes that do not parse: the redo rebuilds it from the event history)
+            updater.client.hset(updater.key(updater.user, users[0]),
+                                incremental.state_field("user_behaviour"), b"another writer")
             intruded.append(True)
         return replies
 

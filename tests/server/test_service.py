@@ -82,10 +82,15 @@ def oracle_scores(stack, service, user_id: int, items: list[int], now) -> np.nda
     return 1 / (1 + np.exp(-logits.astype(np.float64)))
 
 
-def test_rank_equals_the_feast_sdk_oracle(stack, service, client) -> None:
+def test_rank_equals_the_feast_sdk_oracle(online_service) -> None:
+    """On a single Redis and on the Redis Cluster."""
+    from server.client import RankingClient
+
+    stack, service = online_service
     current_snapshot(service)  # item rows logged by earlier tests
     items = catalogue(stack)[::31][:300].tolist()
-    answer = client.rank(USER, items)
+    with RankingClient(f"127.0.0.1:{service.port}") as client:
+        answer = client.rank(USER, items)
     assert [i.item_id for i in answer.items] != items
     assert sorted(i.item_id for i in answer.items) == sorted(items)
     now = answer.served_at.ToDatetime(tzinfo=UTC)
