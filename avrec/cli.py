@@ -95,9 +95,15 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from avrec import behaviour_features
+    offline = Path(args.offline) if args.offline else None
+    if args.engine == "spark":
+        from avrec.spark import behaviour_features as spark_features
 
-    counts = behaviour_features.build(Path(args.offline) if args.offline else None, args.as_of)
+        counts = spark_features.build(offline, args.as_of, master=args.spark_master)
+    else:
+        from avrec import behaviour_features
+
+        counts = behaviour_features.build(offline, args.as_of)
     for name, rows in counts.items():
         print(f"{name}: {rows} rows")
     return 0
@@ -111,6 +117,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
+    if args.engine == "spark":
+        from avrec.spark import materialize as spark_materialize
+
+        spark_materialize.materialize(end=args.end, start=args.start, views=args.views or None,
+                                      redis_url=args.redis_url, master=args.spark_master)
+        return 0
     from avrec import feature_store
 
     feature_store.materialize(
@@ -132,7 +144,8 @@ def cmd_training_set(args: argparse.Namespace) -> int:
         seed=args.seed,
         feature_service=args.feature_service,
     )
-    frame = training_set.build_training_set(spec, engine=args.engine)
+    frame = training_set.build_training_set(spec, engine=args.engine,
+                                            spark_master=args.spark_master)
     path = training_set.write_training_set(frame, Path(args.out))
     counts = frame.group_by("sample_type").len().sort("sample_type").rows()
     print(f"wrote {frame.height} rows x {frame.width} columns to {path}")
@@ -333,6 +346,13 @@ def global_options_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _engine_options(p: argparse.ArgumentParser, engines: list[str], default: str,
+                    text: str = "") -> None:
+    p.add_argument("--engine", choices=engines, default=default, help=text or None)
+    p.add_argument("--spark-master", default=None,
+                   help="with --engine spark (default: $AVREC_SPARK_MASTER or local[2])")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``avrec`` (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(
@@ -365,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("features", help="behaviour features -> offline tables")
     p.add_argument("--offline", help="offline directory")
     p.add_argument("--as-of", type=parse_time, default=None, help="last change point (default now)")
+    _engine_options(p, ["polars", "spark"], "polars")
     p.set_defaults(func=cmd_features)
 
     sub.add_parser("apply", help="feast apply").set_defaults(func=cmd_apply)
@@ -373,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=parse_time, help="default: incremental from last run")
     p.add_argument("--end", type=parse_time, help="default: now")
     p.add_argument("--views", nargs="*", help="feature views (default: all)")
+    _engine_options(p, ["local", "spark"], "local",
+                    "spark: Feast's Spark compute engine (batch_engine spark.engine)")
     p.set_defaults(func=cmd_materialize)
 
     p = sub.add_parser("training-set", help="point-in-time training set -> Parquet")
@@ -388,12 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--feature-service", default="ranker_features")
-    p.add_argument(
-        "--engine",
-        choices=["feast", "duckdb"],
-        default="duckdb",
-        help="duckdb: native ASOF joins, identical values to feast, ~20x faster",
-    )
+    _engine_options(p, ["feast", "duckdb", "spark"], "duckdb",
+                    "duckdb: native ASOF joins, identical values to feast, ~20x faster")
     p.add_argument("--out", required=True, help="output .parquet")
     p.set_defaults(func=cmd_training_set)
 

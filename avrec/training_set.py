@@ -40,7 +40,7 @@ FEATURE_LAG = timedelta(microseconds=1)
 FEATURE_SERVICE = "ranker_features"
 LABEL_COLUMNS = ["user_id", "item_id", "label_timestamp", "label", "sample_type"]
 Sampling = Literal["uniform", "popularity"]
-Engine = Literal["feast", "duckdb"]
+Engine = Literal["feast", "duckdb", "spark"]
 
 
 class TrainingSetError(InputError):
@@ -268,12 +268,14 @@ def build_training_set(
     offline: Path | None = None,
     output: Literal["polars", "pandas"] = "polars",
     engine: Engine = "feast",
+    spark_master: str | None = None,
 ) -> pl.DataFrame | pd.DataFrame:
     """Labels of ``spec`` joined point-in-time with the feature service's features.
 
     ``engine="feast"`` goes through Feast's ``get_historical_features`` (the reference);
     ``engine="duckdb"`` runs the same semantics as one DuckDB ASOF join per feature view
-    (:mod:`avrec.pit_join`), much faster and leaner at millions of rows.
+    (:mod:`avrec.pit_join`), much faster and leaner at millions of rows; ``engine="spark"``
+    the same join on Spark (:mod:`avrec.spark.pit_join`, master ``spark_master``).
     """
     from avrec.feature_store import get_store
 
@@ -285,10 +287,14 @@ def build_training_set(
         from avrec.pit_join import join_features_duckdb
 
         frame = join_features_duckdb(labels, store, spec.feature_service)
+    elif engine == "spark":
+        from avrec.spark.pit_join import join_features_spark
+
+        frame = join_features_spark(labels, store, spec.feature_service, spark_master)
     elif engine == "feast":
         frame = join_features_feast(labels, store, spec.feature_service)
     else:
-        raise TrainingSetError(f"engine must be feast or duckdb, not {engine!r}")
+        raise TrainingSetError(f"engine must be feast, duckdb or spark, not {engine!r}")
     return to_pandas(frame) if output == "pandas" else frame
 
 
