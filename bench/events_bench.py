@@ -1,6 +1,7 @@
 """``LogEvents`` over real gRPC: incremental online rows against the former recompute path.
 
     python bench/events_bench.py [--single 300] [--batches 5] [--batch-size 2000]
+                                 [--modes recompute incremental] [--cluster]
 
 Self-contained: in ``--workdir`` (default ``/tmp/avrec-events-bench``) it ingests MovieLens
 ml-latest-small, computes the behaviour features, writes seeded genre-projection item vectors
@@ -14,6 +15,10 @@ a replay clock after everything logged before it:
 * ``incremental``: the default: per-entity states in Redis, users' and items' rows updated
   in one pipelined batch (``server/incremental.py``). Its first batch touches every user and
   finds no state: they are rebuilt from the history (``first touch``); later calls are warm.
+
+With ``--cluster``, the incremental path runs once more on a local Redis Cluster (3 masters +
+3 replicas, materialized the same way): one compare-and-set per entity instead of one
+``WATCH``/``MULTI`` batch (``server/compare_and_set.py``).
 
 Nothing outside ``--workdir`` is written (the machine's Redis and ``data/`` are not used).
 Per row: client-side p50/p99 per call, calls/s, events/s and the server's CPU seconds. The
@@ -50,7 +55,7 @@ def free_port() -> int:
 def build(workdir: Path, redis_url: str) -> Path:
     """Offline tables (cached), Redis applied and materialized, a model (cached)."""
     from avrec import behaviour_features, config, feature_store, ingest, tables
-    from tests.server.conftest import genre_embeddings
+    from tests.serving_stack import genre_embeddings
 
     offline = config.offline_dir()
     if not (offline / "ready").exists():
@@ -80,7 +85,7 @@ def build(workdir: Path, redis_url: str) -> Path:
 
 
 def serve(mode: str, port: int, clock: str, model_dir: str) -> int:
-    """Run one server process until SIGTERM."""
+    """Run one server process until SIGTERM (on ``$REDIS_URL``: a single Redis or a cluster)."""
     from server.app import start
     from server.config import load_config
 
@@ -124,14 +129,18 @@ def measure(client, calls: list[list]) -> np.ndarray:
 
 
 def run_mode(mode: str, clock: datetime, model_dir: Path, args, users: np.ndarray,
-             catalogue: np.ndarray) -> list[dict]:
+             catalogue: np.ndarray, redis_url: str | None = None) -> list[dict]:
+    """One path's rows; ``redis_url``: another online store than ``$REDIS_URL`` (a cluster,
+    already materialized)."""
     from server.client import RankingClient
 
     port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_url} if redis_url else None
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", mode, "--port", str(port),
          "--clock", clock.isoformat(), "--model-dir", str(model_dir)],
-        stdout=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, text=True, env=env)
+    label = f"{mode} (cluster)" if redis_url else mode
     rows = []
     try:
         assert server.stdout is not None
@@ -154,18 +163,39 @@ def run_mode(mode: str, clock: datetime, model_dir: Path, args, users: np.ndarra
                 latencies = measure(client, work)
                 touched = np.mean([len({e.user_id for e in w}) for w in work])
                 rows.append({
-                    "path": mode, "what": what, "calls": calls, "events": size,
+                    "path": label, "what": what, "calls": calls, "events": size,
                     "users": touched, "p50": np.percentile(latencies, 50) * 1e3,
                     "p99": np.percentile(latencies, 99) * 1e3,
                     "calls_s": calls / latencies.sum(),
                     "events_s": calls * size / latencies.sum(),
                     "cpu": (sum(cpu.cpu_times()[:2]) - before) / calls,
                 })
-                print(f"  {mode:11} {what:18} p50 {rows[-1]['p50']:8.1f} ms", flush=True)
+                print(f"  {label:21} {what:18} p50 {rows[-1]['p50']:8.1f} ms", flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
     return rows
+
+
+def run_on_cluster(args, model_dir: Path, users: np.ndarray, catalogue: np.ndarray
+                   ) -> list[dict]:
+    """The incremental path's rows on a local Redis Cluster (started and stopped here)."""
+    from avrec import feature_store
+    from avrec.redis_cluster import start_cluster, stop_cluster
+
+    shutil.rmtree(args.workdir / "cluster", ignore_errors=True)
+    cluster = start_cluster(workdir=args.workdir / "cluster")
+    try:
+        started = time.perf_counter()
+        feature_store.apply(cluster.url)
+        feature_store.materialize(end=CLOCK, start=datetime(1970, 1, 1, tzinfo=UTC),
+                                  redis_url=cluster.url)
+        print(f"  cluster {cluster.url}: applied and materialized in "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
+        return run_mode("incremental", CLOCK + timedelta(days=len(MODES)), model_dir, args,
+                        users, catalogue, redis_url=cluster.url)
+    finally:
+        stop_cluster(cluster, remove=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="warm batches (the recompute path makes half)")
     parser.add_argument("--batch-size", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="paths to run (default both)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="then the incremental path on a local Redis Cluster (3 masters + "
+                             "3 replicas, avrec.redis_cluster), materialized the same way")
     args = parser.parse_args(argv)
     if args.serve:
         return serve(args.serve, args.port, args.clock, args.model_dir)
@@ -201,9 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         users = np.unique(tables.read_table("events")["user_id"].to_numpy())
         catalogue = tables.read_table("items")["item_id"].to_numpy()
         rows = []
-        for i, mode in enumerate(MODES):  # each clock after everything logged before it
+        for i, mode in enumerate(args.modes):  # each clock after everything logged before it
             rows += run_mode(mode, CLOCK + timedelta(days=i), model_dir, args, users,
                              catalogue)
+        if args.cluster:
+            rows += run_on_cluster(args, model_dir, users, catalogue)
     finally:
         os.kill(redis_pid, signal.SIGTERM)
     print(f"\n{len(users)} users, {len(catalogue)} items; load average "

@@ -41,4 +41,9 @@ def queue(pipe: Any, key: bytes, checked: Sequence[bytes | str], seen: Sequence[
     args: list[Any] = [len(checked), *checked, *(digest(v) for v in seen)]
     for name, value in mapping.items():
         args += (name, value)
-    pipe.execute_command("EVAL", SCRIPT, 1, key, *args)  # (cluster pipelines have no eval())
+    options = {}
+    if hasattr(pipe, "get_node_from_key"):  # a cluster pipeline: route by the slot map here;
+        # left to itself it asks a node for the keys of every EVAL (COMMAND GETKEYS)
+        options["target_nodes"] = pipe.get_node_from_key(key)
+    pipe.execute_command("EVAL", SCRIPT, 1, key, *args, **options)  # (no eval() on a cluster
+    # pipeline)

@@ -45,7 +45,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 SLOW_FIXTURES = frozenset({
     "movielens_offline", "feature_store", "ml_offline", "stack", "text_onnx", "image_onnx",
     "text_torch", "image_torch", "catalogue", "web_files", "web_service",
-    "redis_cluster", "cluster_stack", "cluster_service", "online_stack", "online_service",
+    "redis_cluster", "cluster_stack", "cluster_service", "cluster_hybrid_service",
+    "online_stack", "online_service", "online_hybrid",
 })
 
 

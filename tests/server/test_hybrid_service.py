@@ -81,12 +81,15 @@ def hybrid_client(hybrid_service):
         yield c
 
 
-def test_recommend_serves_what_the_pipeline_computes_from_feast_reads(
-    stack, hybrid_service, hybrid_client
-) -> None:
+def test_recommend_serves_what_the_pipeline_computes_from_feast_reads(online_hybrid) -> None:
+    """On a single Redis and on the Redis Cluster."""
+    from server.client import RankingClient
+
+    stack, hybrid_service = online_hybrid
     current_snapshot(hybrid_service)  # item rows logged by earlier tests
     assert hybrid_service.engine.models.hybrid is not None
-    answer = hybrid_client.recommend(USER, top_k=20)
+    with RankingClient(f"127.0.0.1:{hybrid_service.port}") as client:
+        answer = client.recommend(USER, top_k=20)
     assert "+hybrid-" in answer.model_version
     now = answer.served_at.ToDatetime(tzinfo=UTC)
     ids, probability = _served(answer)
