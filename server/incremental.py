@@ -24,7 +24,10 @@ row), or when the clock went back past the state's events (a replay clock restar
 rebuilt rows then leave out events after the clock, as the offline code does at that clock).
 Each batch reads all states and row stamps in one round trip (one HMGET per entity) and
 writes each entity's rows and state in one HSET, all in one ``MULTI/EXEC`` under ``WATCH``
-of the touched hashes (another writer in between: the batch is redone). Rows are written
+of the touched hashes (another writer in between: the batch is redone). A Redis Cluster
+cannot watch keys of several slots: there each entity's HSET is a compare-and-set on the
+state and stamp it read (:mod:`server.compare_and_set`), redone for that entity alone; each
+entity changes atomically, the batch not as a whole. Rows are written
 unconditionally (Feast's own writer skips a row whose stamp is not newer, which loses a
 second event at the same instant).
 
