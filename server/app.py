@@ -184,10 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-key")
     parser.add_argument("--auth-token-file")
     parser.add_argument("--write-token-file", help="the token LogEvents needs")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="start N identical servers on consecutive ports from --port "
+                        "(0: free ports) and print their client target (server/replicas.py)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    overrides = {k: v for k, v in vars(args).items() if k != "config"}
-    return serve(load_config(args.config, overrides))
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "replicas")}
+    config = load_config(args.config, overrides)
+    if args.replicas > 1:
+        from server import replicas
+
+        return replicas.run(config, args.replicas, replicas.without_replicas(
+            sys.argv[1:] if argv is None else argv))
+    return serve(config)
 
 
 if __name__ == "__main__":

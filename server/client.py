@@ -6,11 +6,17 @@ Example::
         answer = client.recommend(user_id=414, top_k=10, explain=True)
         for item in answer.items:
             print(item.title, item.score)
+
+Several replicas (``avrec serve --replicas N`` prints the target): one channel over all of
+them, ``round_robin`` and retries of UNAVAILABLE for ``Rank`` and ``Recommend``::
+
+    RankingClient("ipv4:127.0.0.1:50051,127.0.0.1:50052")
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -22,9 +28,44 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.protocol import SERVICE_NAME, ranking_pb2, ranking_pb2_grpc
 
+# Reads are retried on UNAVAILABLE (a replica gone or going away: the next attempt is picked
+# by round_robin among the ones still connected). LogEvents is not: its duplicates are
+# dropped by event_id only within one server process (the ids it read at start and accepted
+# since), so a retry landing on another replica could count a batch twice.
+RETRIED_METHODS = ("Rank", "Recommend")
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+
+def service_config(retry_policy: dict | None = None) -> str:
+    """The channel's service config (JSON): ``round_robin`` over every address of the target
+    and ``retry_policy`` (default :data:`RETRY_POLICY`) for :data:`RETRIED_METHODS`."""
+    return json.dumps({
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{
+            "name": [{"service": SERVICE_NAME, "method": m} for m in RETRIED_METHODS],
+            "retryPolicy": retry_policy or RETRY_POLICY,
+        }],
+    })
+
+
+def channel_options(retry_policy: dict | None = None) -> list[tuple[str, object]]:
+    """gRPC channel options: the service config above with retries enabled explicitly."""
+    return [("grpc.service_config", service_config(retry_policy)), ("grpc.enable_retries", 1)]
+
 
 class RankingClient:
-    """A channel to ``avrec.v1.RankingService`` with optional TLS and bearer token."""
+    """A channel to ``avrec.v1.RankingService`` with optional TLS and bearer token.
+
+    ``target`` is one address or several (``ipv4:HOST:PORT,HOST:PORT``, a DNS name with
+    several addresses): calls are spread by ``round_robin``; ``Rank`` and ``Recommend`` are
+    retried on UNAVAILABLE (``retry_policy``, default :data:`RETRY_POLICY`), ``LogEvents``
+    never."""
 
     def __init__(
         self,
@@ -32,11 +73,14 @@ class RankingClient:
         token: str | None = None,
         root_cert: bytes | None = None,
         timeout: float = 5.0,
+        retry_policy: dict | None = None,
     ) -> None:
+        options = channel_options(retry_policy)
         if root_cert is not None:
-            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_cert))
+            self.channel = grpc.secure_channel(
+                target, grpc.ssl_channel_credentials(root_cert), options=options)
         else:
-            self.channel = grpc.insecure_channel(target)
+            self.channel = grpc.insecure_channel(target, options=options)
         self.stub = ranking_pb2_grpc.RankingServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -123,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     """``avrec recommend USER`` or ``avrec recommend USER --candidates ID ...`` (Rank)."""
     parser = argparse.ArgumentParser(prog="avrec recommend", description=main.__doc__)
     parser.add_argument("user_id", type=int)
-    parser.add_argument("--target", default="127.0.0.1:50051")
+    parser.add_argument("--target", default="127.0.0.1:50051",
+                        help="HOST:PORT, or several replicas: ipv4:HOST:PORT,HOST:PORT")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--candidates", type=int, nargs="+", help="Rank these instead")
     parser.add_argument("--explain", action="store_true")
