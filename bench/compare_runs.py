@@ -51,7 +51,10 @@ def main() -> None:
             b = np.asarray(ref["per_user_ndcg"]["ndcg@10"])
             pvalues.append(float(stats.ttest_rel(a, b).pvalue) if name != against else 1.0)
         cold = first[name]["slices"]["cold_items"]["recall@20"]["mean"]
-        slots = first[name].get("exploration", {}).get("chosen_slots", "-")
+        explored = first[name].get("exploration", {})
+        slots = explored.get("chosen_slots", "-")
+        if explored.get("chosen_share", 1.0) < 1.0:
+            slots = f"{slots}@{explored['chosen_share']:.0%}"
         shown = ", ".join(f"{v:.4f}" for v in values)
         ps = ", ".join(f"{p:.2g}" for p in pvalues)
         print(f"{name:<18} {shown:<40} {np.mean(values):>7.4f} {np.mean(ratios):>6.3f} "

@@ -47,11 +47,11 @@ def record_pools() -> tuple[list[Pool], list[dict]]:
         calls.clear()
         return stage_scores(model, data)
 
-    def keeping_curve(model, data, ks, seed, slots=evaluation.EXPLORE_SLOTS):  # type: ignore[no-untyped-def]
+    def keeping_curve(model, data, ks, seed, **kwargs):  # type: ignore[no-untyped-def]
         users = np.union1d(data.users, data.pairs["user_id"].to_numpy())
         stages.append({"data": data, "rows": np.searchsorted(users, data.users),
                        "pools": list(calls), "names": model.pipeline.features.names})
-        return curve(model, data, ks, seed, slots)
+        return curve(model, data, ks, seed, **kwargs)
 
     hybrid_pipeline.HybridPipeline.recommend = keeping  # type: ignore[method-assign]
     evaluation.stage_scores = scoring

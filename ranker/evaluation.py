@@ -157,14 +157,17 @@ class Tuned:
 
 
 EXPLORE_SLOTS = (0, 1, 2, 3, 5, 8, 10)
+EXPLORE_SHARES = (1.0, 0.5, 0.3)  # of the users, longest histories first, who get the slots
 EXPLORE_TOLERANCE = 0.05  # NDCG@20 a model may lose on validation to show new items
 
 
 def exploration_curve(
     model: Recommender, data: StageData, ks: Sequence[int], seed: int,
-    slots: Sequence[int] = EXPLORE_SLOTS,
+    slots: Sequence[int] = EXPLORE_SLOTS, shares: Sequence[float] = EXPLORE_SHARES,
 ) -> list[dict[str, float]]:
-    """NDCG@k and cold-item Recall@max(k) for each number of exploration slots.
+    """NDCG@k and cold-item Recall@max(k) for each exploration policy: ``slots`` new items
+    for the ``share`` of users with the longest histories (at least ``min_history`` events
+    among the users ``model`` was fitted on).
 
     ``model`` must have just scored ``data`` (its users and the labelled pairs' users, as
     :func:`stage_scores` does); ``rescore`` re-orders those scores without recomputing. The
@@ -174,28 +177,33 @@ def exploration_curve(
     rows = np.searchsorted(users, data.users)
     priority = metrics.tiebreak_priority(len(data.item_ids), seed)
     curve = []
-    for n in slots:
-        rescored = model.rescore(n, max(ks))  # type: ignore[attr-defined]
-        result = metrics.ranking_metrics(
-            rescored[rows], data.relevant, data.exclude, ks, priority
-        )
-        _, cold, _ = _cold_recall(result, data, max(ks))
-        point = {"slots": n, **{f"ndcg@{k}": float(result.per_user[f"ndcg@{k}"].mean())
-                                for k in ks}}
-        point[f"cold_recall@{max(ks)}"] = float(cold.mean()) if cold.size else 0.0
-        curve.append(point)
+    for share in shares:
+        min_history = model.history_threshold(share)  # type: ignore[attr-defined]
+        for n in slots:
+            if n == 0 and share != shares[0]:
+                continue  # no slots: the same point whoever would have had them
+            rescored = model.rescore(n, max(ks), min_history)  # type: ignore[attr-defined]
+            result = metrics.ranking_metrics(
+                rescored[rows], data.relevant, data.exclude, ks, priority
+            )
+            _, cold, _ = _cold_recall(result, data, max(ks))
+            point = {"slots": n, "share": share, "min_history": min_history,
+                     **{f"ndcg@{k}": float(result.per_user[f"ndcg@{k}"].mean()) for k in ks}}
+            point[f"cold_recall@{max(ks)}"] = float(cold.mean()) if cold.size else 0.0
+            curve.append(point)
     return curve
 
 
-def choose_slots(curve: list[dict[str, float]], ks: Sequence[int],
-                 tolerance: float = EXPLORE_TOLERANCE) -> int:
-    """The most exploration slots whose validation NDCG@max(k) stays within ``tolerance`` of
-    the curve's no-slot value: the share of ranking quality the product spends on showing new
-    items. (Validation stages hold few cold positives, too few to pick by cold recall.)"""
-    guard = f"ndcg@{max(ks)}"
+def choose_exploration(curve: list[dict[str, float]], ks: Sequence[int],
+                       tolerance: float = EXPLORE_TOLERANCE) -> dict[str, float]:
+    """The exploration policy to ship: of the curve's points whose validation NDCG@max(k)
+    stays within ``tolerance`` of no slots (the share of ranking quality the product spends
+    on showing new items), the one with the best validation cold-item recall; ties go to the
+    better NDCG@max(k), then to fewer slots."""
+    guard, cold = f"ndcg@{max(ks)}", f"cold_recall@{max(ks)}"
     base = next(p[guard] for p in curve if p["slots"] == 0)
     allowed = [p for p in curve if p[guard] >= (1.0 - tolerance) * base]
-    return int(max(p["slots"] for p in allowed))
+    return max(allowed, key=lambda p: (p[cold], p[guard], -p["slots"]))
 
 
 def tune(
@@ -244,9 +252,11 @@ def run_model(
     fitted_at = time.perf_counter()
     exploration: dict[str, Any] = {}
     if getattr(model, "can_explore", False) and tuned.exploration is not None:
-        slots = choose_slots(tuned.exploration, ks, explore_tolerance)
-        model.set_exploration(slots, max(ks))  # type: ignore[attr-defined]
-        exploration = {"chosen_slots": slots, "validation": tuned.exploration,
+        chosen = choose_exploration(tuned.exploration, ks, explore_tolerance)
+        min_history = model.history_threshold(chosen["share"])  # type: ignore[attr-defined]
+        model.set_exploration(chosen["slots"], max(ks), min_history)  # type: ignore[attr-defined]
+        exploration = {"chosen_slots": chosen["slots"], "chosen_share": chosen["share"],
+                       "min_history": min_history, "validation": tuned.exploration,
                        "tolerance": explore_tolerance}
     scores, (labels, pair_scores) = stage_scores(model, test)
     if exploration:

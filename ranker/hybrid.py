@@ -215,6 +215,22 @@ class ContentGenerator(Recommender):
         return self.inner.history_scorer()
 
 
+def history_threshold(interactions: pl.DataFrame, share: float) -> int:
+    """The fewest events a user of ``interactions`` needs to be among the ``share`` of users
+    with the longest histories (0 when ``share`` >= 1: everyone).
+
+    >>> frame = pl.DataFrame({"user_id": [1, 2, 2, 3, 3, 3, 4, 4, 4, 4]})
+    >>> history_threshold(frame, 0.5), history_threshold(frame, 1.0)
+    (3, 0)
+    """
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    if share >= 1 or interactions.is_empty():
+        return 0
+    counts = np.sort(interactions.group_by("user_id").len()["len"].to_numpy())[::-1]
+    return int(counts[max(int(np.ceil(share * counts.size)) - 1, 0)])
+
+
 def item_stats(timeline: ItemTimeline, cuts: np.ndarray) -> list[dict[str, np.ndarray]]:
     """The ``item_behaviour`` fields as of each cut (one dict per user)."""
     return [timeline.behaviour_at(cut) for cut in cuts]
@@ -349,27 +365,37 @@ class HybridRecommender(Recommender):
         scored = self.pipeline.score(context, item_stats(timeline, context.cuts))
         self.last_pool = scored
         cfg = self.pipeline.config
-        return scored.catalogue_scores(cfg.explore, cfg.depth)
+        return scored.catalogue_scores(cfg.explore, cfg.depth, cfg.explore_min_history)
 
-    def set_exploration(self, slots: int, depth: int) -> None:
-        """Serve ``slots`` new items in the last places of the top ``depth`` from now on."""
+    def set_exploration(self, slots: int, depth: int, min_history: int = 0) -> None:
+        """Serve ``slots`` new items in the last places of the top ``depth`` to users with at
+        least ``min_history`` events from now on."""
         if not 0 <= slots <= depth:
             raise ValueError(f"need 0 <= slots <= depth, got {slots} and {depth}")
         if self.pipeline is None:
             raise RuntimeError("set_exploration() needs a fitted model")
-        self.pipeline.config.explore, self.pipeline.config.depth = slots, depth
+        cfg = self.pipeline.config
+        cfg.explore, cfg.depth, cfg.explore_min_history = slots, depth, min_history
+
+    def history_threshold(self, share: float) -> int:
+        """The fewest history events a user needs to be among the ``share`` of the fitted
+        users with the longest histories (0 when ``share`` is 1: everyone)."""
+        return history_threshold(self.interactions, share)
 
     @property
     def can_explore(self) -> bool:
         """Whether new items can reach the pool at all (through a content generator)."""
         return CONTENT in self.factories
 
-    def rescore(self, explore: int, depth: int | None = None) -> np.ndarray:
+    def rescore(self, explore: int, depth: int | None = None, min_history: int = 0
+                ) -> np.ndarray:
         """The last ``score`` call's users again with ``explore`` slots in the top ``depth``
-        (default: the model's), without recomputing anything."""
+        (default: the model's) for users with at least ``min_history`` events, without
+        recomputing anything."""
         if self.last_pool is None or self.pipeline is None:
             raise RuntimeError("rescore() needs a score() call first")
-        return self.last_pool.catalogue_scores(explore, depth or self.pipeline.config.depth)
+        return self.last_pool.catalogue_scores(explore, depth or self.pipeline.config.depth,
+                                               min_history)
 
     def export(self, directory: Path) -> Path:
         """Write the served pipeline to ``directory`` (see :mod:`ranker.hybrid_pipeline`):

@@ -322,16 +322,20 @@ class ScoredPool:
     features: np.ndarray  # [users, pool, features]
     fused: np.ndarray  # [users, items] reciprocal-rank fusion (0 for seen items)
     cold: np.ndarray  # [users, pool] no interaction before the user's cut
+    history_lengths: np.ndarray  # [users] events in each user's history
     scores: np.ndarray | None = None  # [users, pool] the scorer's output
 
-    def catalogue_scores(self, explore: int = 0, depth: int = 20) -> np.ndarray:
+    def catalogue_scores(self, explore: int = 0, depth: int = 20, min_history: int = 0
+                         ) -> np.ndarray:
         """Full-catalogue scores: pool items by the scorer, every other item below them in RRF
-        order; with ``explore`` > 0, the user's best ``explore`` cold pool items (by the scorer)
-        take the last ``explore`` places of the top ``depth`` (exploration slots)."""
+        order; with ``explore`` > 0, the best ``explore`` cold pool items (by the scorer) of
+        each user with at least ``min_history`` events take the last ``explore`` places of the
+        top ``depth`` (exploration slots)."""
         assert self.scores is not None
         pool_scores = self.scores.copy()
         if explore > 0:
-            pool_scores = with_exploration_slots(pool_scores, self.cold, explore, depth)
+            slots = np.where(self.history_lengths >= min_history, explore, 0)
+            pool_scores = with_exploration_slots(pool_scores, self.cold, slots, depth)
         floor = pool_scores.min(axis=1, keepdims=True) - 2.0
         top = self.fused.max(axis=1, keepdims=True)
         out = floor + self.fused / np.where(top > 0, top, 1.0)
@@ -339,20 +343,24 @@ class ScoredPool:
         return out
 
 
-def with_exploration_slots(scores: np.ndarray, cold: np.ndarray, slots: int, depth: int
-                           ) -> np.ndarray:
+def with_exploration_slots(scores: np.ndarray, cold: np.ndarray, slots: int | np.ndarray,
+                           depth: int) -> np.ndarray:
     """Scores re-ordered so that each row's best ``slots`` cold entries (not already in its top
-    ``depth - slots``) sit at places ``depth - slots + 1 .. depth``, in their own order.
+    ``depth - slots``) sit at places ``depth - slots + 1 .. depth``, in their own order;
+    ``slots`` is one count for every row or one per row.
 
     >>> with_exploration_slots(np.array([[4.0, 3, 2, 1]]), np.array([[0, 0, 0, 1]], bool), 1, 2)
     array([[4. , 3. , 2. , 3.5]])
     """
     out = scores.copy()
-    keep = max(depth - slots, 0)
+    per_row = np.broadcast_to(np.asarray(slots, dtype=np.int64), (scores.shape[0],))
     for row in range(scores.shape[0]):
+        if per_row[row] <= 0:
+            continue
+        keep = max(depth - int(per_row[row]), 0)
         order = np.argsort(-scores[row], kind="stable")
         rest = order[keep:]
-        chosen = rest[cold[row, rest]][:slots]
+        chosen = rest[cold[row, rest]][:per_row[row]]
         if chosen.size == 0:
             continue
         above = scores[row, order[keep - 1]] if keep else scores[row].max() + 1.0

@@ -8,8 +8,11 @@ window (each user's newest 10% of ratings, :func:`ranker.splits.per_user_split`)
    the small ``QUICK_GRIDS``) by validation NDCG@10;
 2. the hybrid's own settings (:data:`ranker.evaluation.HYBRID_GRID`; the quick run keeps the
    defaults);
-3. the number of exploration slots for new items: the most slots whose validation NDCG@20
-   stays within ``explore_tolerance`` of none (:func:`ranker.evaluation.choose_slots`);
+3. the exploration policy for new items (how many slots, for what share of the users with
+   the longest histories): the best validation cold-item recall among the policies whose
+   validation NDCG@20 stays within ``explore_tolerance`` of none
+   (:func:`ranker.evaluation.choose_exploration`); the share becomes a history length over
+   the users of the final fit (:func:`ranker.hybrid.history_threshold`);
 
 then the hybrid is fitted on the whole window (rating events) with the served item vectors
 and written as ``<run>/hybrid/`` (:meth:`ranker.hybrid.HybridRecommender.export`), which
@@ -76,12 +79,13 @@ def train_hybrid(
     spec = _hybrid_factory(generators, vectors, quick)
     tuned = evaluation.tune(spec, validation, items, KS, seed)
     assert tuned.exploration is not None
-    slots = evaluation.choose_slots(tuned.exploration, KS, explore_tolerance)
+    policy = evaluation.choose_exploration(tuned.exploration, KS, explore_tolerance)
     ratings = events.filter((pl.col("event_type") == "rating") & pl.col("value").is_not_null())
     ratings = ratings.select("user_id", "item_id", "value", "event_timestamp")
     model = spec.build(tuned.params, seed).fit(ratings, items)
     assert isinstance(model, HybridRecommender)
-    model.set_exploration(slots, max(KS))
+    min_history = model.history_threshold(policy["share"])
+    model.set_exploration(int(policy["slots"]), max(KS), min_history)
     model.export(out)
     parity = onnx_parity(model, out, validation.users)
     return {
@@ -89,8 +93,9 @@ def train_hybrid(
         "generators": chosen,
         "validation_ndcg@10": tuned.score,
         "params": tuned.params,
-        "exploration": {"chosen_slots": slots, "depth": max(KS), "tolerance": explore_tolerance,
-                        "validation": tuned.exploration},
+        "exploration": {"chosen_slots": int(policy["slots"]), "chosen_share": policy["share"],
+                        "min_history": min_history, "depth": max(KS),
+                        "tolerance": explore_tolerance, "validation": tuned.exploration},
         "validation_users": int(validation.users.size),
         "fit_ratings": int(ratings.height),
         "epochs_kept": model.history.best_epoch + 1,

@@ -92,6 +92,15 @@ class PipelineConfig:
     explore: int = 0  # exploration slots: new items in the last places of the top ``depth``
     depth: int = 20
     feature_names: list[str] = field(default_factory=list)
+    explore_min_history: int = 0  # the slots go to users with at least this many events (0: all)
+
+    def slots_for(self, history_length: int) -> int:
+        """Exploration slots in the answer to a user with ``history_length`` events.
+
+        >>> PipelineConfig([], [], explore=3, explore_min_history=50).slots_for(49)
+        0
+        """
+        return self.explore if history_length >= self.explore_min_history else 0
 
     @property
     def signature(self) -> str:
@@ -177,7 +186,8 @@ class HybridPipeline:
         built = self.features.build(context, pool, scores, generator_ranks, item_stats, queries)
         fused = sum(1.0 / (RRF_K + r) for r in generator_ranks)
         return ScoredPool(pool, built, np.where(context.seen, 0.0, fused),
-                          np.take_along_axis(cold, pool, 1))
+                          np.take_along_axis(cold, pool, 1),
+                          context.history)
 
     def score(self, context: UserContext, item_stats: Sequence[ItemStats],
               candidates: np.ndarray | None = None) -> ScoredPool:
@@ -208,7 +218,8 @@ class HybridPipeline:
         scored = self.score(self.context([user], now), [item_stats],
                             None if candidates is None else candidates[None, :])
         assert scored.scores is not None
-        explore = self.config.explore if candidates is None else 0
+        history = scored.history_lengths[0]
+        explore = self.config.slots_for(history) if candidates is None else 0
         return served_order(scored.pool[0], scored.scores[0], scored.cold[0], explore,
                             self.config.depth, top_k)
 

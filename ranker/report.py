@@ -127,17 +127,38 @@ def exploration_markdown(split: dict[str, Any], ks: list[int]) -> list[str]:
         exploration = run.get("exploration")
         if not exploration:
             continue
-        lines += ["", f"Exploration slots of {model} (cold items at the end of the top "
-                  f"{max(ks)}; chosen on validation: {exploration['chosen_slots']}, the most "
-                  f"slots losing at most {exploration['tolerance']:.0%} of validation "
+        lines += ["", f"Exploration of {model} (new items at the end of the top {max(ks)} "
+                  f"for the share of users with the longest histories; chosen on validation: "
+                  f"{describe_exploration(exploration)}, the best validation {cold} among "
+                  f"the policies losing at most {exploration['tolerance']:.0%} of validation "
                   f"ndcg@{max(ks)}):", "",
-                  "| slots | " + " | ".join(f"validation {m}" for m in metrics) + " | "
-                  + " | ".join(f"test {m}" for m in metrics) + " |",
-                  "|---" * (1 + 2 * len(metrics)) + "|"]
+                  "| slots | share of users | " + " | ".join(f"validation {m}" for m in metrics)
+                  + " | " + " | ".join(f"test {m}" for m in metrics) + " |",
+                  "|---" * (2 + 2 * len(metrics)) + "|"]
         for val, test in zip(exploration["validation"], exploration["test"], strict=True):
-            lines.append(f"| {val['slots']} | " + " | ".join(_num(val[m]) for m in metrics)
+            lines.append(f"| {val['slots']} | {_share(val)} | "
+                         + " | ".join(_num(val[m]) for m in metrics)
                          + " | " + " | ".join(_num(test[m]) for m in metrics) + " |")
     return lines
+
+
+def _share(point: dict[str, Any]) -> str:
+    return f"{point.get('share', 1.0):.0%}"
+
+
+def describe_exploration(exploration: dict[str, Any]) -> str:
+    """The chosen policy in words, e.g. ``3 slots for users with >= 120 events (30%)``.
+
+    >>> describe_exploration({"chosen_slots": 3, "chosen_share": 0.3, "min_history": 120})
+    '3 exploration slots for users with >= 120 events (30% of users)'
+    >>> describe_exploration({"chosen_slots": 2})
+    '2 exploration slots for every user'
+    """
+    slots = exploration["chosen_slots"]
+    if exploration.get("chosen_share", 1.0) >= 1.0 or not exploration.get("min_history"):
+        return f"{slots} exploration slots for every user"
+    return (f"{slots} exploration slots for users with >= {exploration['min_history']} events "
+            f"({exploration['chosen_share']:.0%} of users)")
 
 
 def _pyplot() -> Any:
@@ -192,17 +213,21 @@ def tradeoff_chart(report: dict[str, Any], path: Path) -> Path | None:
     for ax, (split, model, exploration) in zip(axes[0], panels, strict=True):
         for stage, style in (("test", "o-"), ("validation", "s--")):
             curve = exploration.get(stage, [])
-            for metric in (f"ndcg@{min(ks)}", guard):
-                ax.plot([p[cold] for p in curve], [p[metric] for p in curve], style,
-                        label=f"{stage} {metric}", markersize=4)
+            none = [p for p in curve if p["slots"] == 0]
+            for share in dict.fromkeys(p.get("share", 1.0) for p in curve):
+                line = none + [p for p in curve if p["slots"] and p.get("share", 1.0) == share]
+                for metric in (f"ndcg@{min(ks)}", guard):
+                    ax.plot([p[cold] for p in line], [p[metric] for p in line], style,
+                            label=f"{stage} {metric}, {share:.0%} of users", markersize=4)
             for p in curve:
                 if stage == "test":
-                    ax.annotate(str(p["slots"]), (p[cold], p[guard]), fontsize=7)
+                    ax.annotate(f"{p['slots']}@{_share(p)}", (p[cold], p[guard]), fontsize=6)
         chosen = [p for p in exploration.get("test", []) if p["slots"] ==
-                  exploration["chosen_slots"]]
+                  exploration["chosen_slots"] and p.get("share", 1.0) ==
+                  exploration.get("chosen_share", 1.0)]
         for p in chosen:
             ax.plot([p[cold]], [p[guard]], "o", markersize=12, fillstyle="none", color="k",
-                    label=f"shipped: {p['slots']} slots")
+                    label=f"shipped: {p['slots']} slots for {_share(p)} of users")
         ax.set_xlabel(f"cold-item recall@{max(ks)}")
         ax.set_ylabel("NDCG")
         ax.set_title(f"{model}, {split} split: exploration slots")

@@ -78,6 +78,7 @@ class ServedRecommender(Recommender):
         self.events = pl.DataFrame()
         self.rows: ItemRowsAsOf | None = None
         self.last: list[Recommendation] = []
+        self.last_lengths = np.empty(0, dtype=np.int64)  # history events per answered user
         self._directory: tempfile.TemporaryDirectory | None = None
 
     def _fit(self, interactions: pl.DataFrame, items: pl.DataFrame) -> None:
@@ -117,10 +118,13 @@ class ServedRecommender(Recommender):
         if as_of is None:
             last = naive_utc(self.events["event_timestamp"]).max()
             as_of = np.full(user_ids.size, last + np.timedelta64(1, "us"))
-        self.last = []
+        self.last, lengths = [], []
         for user, cut in zip(user_ids, np.asarray(as_of, "datetime64[us]"), strict=True):
             stats = item_stats(self.rows.at(cut))
-            self.last.append(self.pipeline.recommend(self._user(int(user), cut), stats, cut, 0))
+            served = self._user(int(user), cut)
+            self.last.append(self.pipeline.recommend(served, stats, cut, 0))
+            lengths.append(served.history_items.size)
+        self.last_lengths = np.asarray(lengths, dtype=np.int64)
         return self._catalogue_scores(self.last)
 
     def _catalogue_scores(self, answers: list[Recommendation]) -> np.ndarray:
@@ -133,18 +137,28 @@ class ServedRecommender(Recommender):
     def can_explore(self) -> bool:
         return self.hybrid.can_explore
 
-    def set_exploration(self, slots: int, depth: int) -> None:
-        """Serve ``slots`` new items in the last places of the top ``depth`` from now on."""
+    def set_exploration(self, slots: int, depth: int, min_history: int = 0) -> None:
+        """Serve ``slots`` new items in the last places of the top ``depth`` to users with at
+        least ``min_history`` events from now on."""
         if self.pipeline is None:
             raise RuntimeError("set_exploration() needs a fitted model")
         if not 0 <= slots <= depth:
             raise ValueError(f"need 0 <= slots <= depth, got {slots} and {depth}")
-        self.pipeline.config.explore, self.pipeline.config.depth = slots, depth
+        cfg = self.pipeline.config
+        cfg.explore, cfg.depth, cfg.explore_min_history = slots, depth, min_history
 
-    def rescore(self, explore: int, depth: int | None = None) -> np.ndarray:
-        """The last ``score`` call's answers re-ordered with ``explore`` slots (the same
+    def history_threshold(self, share: float) -> int:
+        """See :meth:`ranker.hybrid.HybridRecommender.history_threshold`."""
+        return self.hybrid.history_threshold(share)
+
+    def rescore(self, explore: int, depth: int | None = None, min_history: int = 0
+                ) -> np.ndarray:
+        """The last ``score`` call's answers re-ordered with ``explore`` slots for users with
+        at least ``min_history`` events (the same
         :func:`~ranker.hybrid_pipeline.served_order` the pipeline serves with)."""
         assert self.pipeline is not None
         depth = depth or self.pipeline.config.depth
-        answers = [served_order(a.columns, a.scores, a.cold, explore, depth) for a in self.last]
+        answers = [served_order(a.columns, a.scores, a.cold,
+                                explore if length >= min_history else 0, depth)
+                   for a, length in zip(self.last, self.last_lengths, strict=True)]
         return self._catalogue_scores(answers)

@@ -46,6 +46,7 @@ from ranker.export import (
     export_user_tower,
 )
 from ranker.features import ItemVectors
+from ranker.report import describe_exploration
 from ranker.training import (
     CHOSEN_NEGATIVES,
     CHOSEN_SAMPLING,
@@ -315,8 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         info = manifest["hybrid"]
         chosen = ", ".join(f"{g} {v['params']}" for g, v in info["generators"].items())
         print(f"  hybrid: {info['path']} (validation NDCG@10 {info['validation_ndcg@10']:.4f}, "
-              f"{info['exploration']['chosen_slots']} exploration slots in the top "
-              f"{info['exploration']['depth']}, {info['seconds']} s)")
+              f"{describe_exploration(info['exploration'])}, {info['seconds']} s)")
         print(f"    generators chosen on validation: {chosen}")
     return 0
 

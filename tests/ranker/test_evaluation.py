@@ -155,12 +155,21 @@ def test_a_split_without_validation_cannot_be_tuned(
         evaluation.evaluate(evaluation.model_specs(["popularity"]), split, ml_items)
 
 
-def test_exploration_slots_are_the_most_within_the_tolerance() -> None:
-    curve = [{"slots": n, "ndcg@10": 0.2, "ndcg@20": 0.30 - 0.006 * n,
+def test_exploration_is_the_best_cold_recall_within_the_tolerance() -> None:
+    curve = [{"slots": n, "share": 1.0, "ndcg@10": 0.2, "ndcg@20": 0.30 - 0.006 * n,
               "cold_recall@20": 0.01 * n} for n in (0, 1, 2, 3, 5)]
     # 5% of 0.30 = 0.015: 2 slots cost 0.012, 3 slots 0.018
-    assert evaluation.choose_slots(curve, [10, 20], tolerance=0.05) == 2
-    assert evaluation.choose_slots(curve, [10, 20], tolerance=0.0) == 0
+    assert evaluation.choose_exploration(curve, [10, 20], tolerance=0.05)["slots"] == 2
+    assert evaluation.choose_exploration(curve, [10, 20], tolerance=0.0)["slots"] == 0
+    # slots for a share of the users: cheaper, so more of them fit, and they find more
+    curve += [{"slots": n, "share": 0.3, "ndcg@10": 0.2, "ndcg@20": 0.30 - 0.002 * n,
+               "cold_recall@20": 0.007 * n} for n in (1, 2, 3, 5)]
+    chosen = evaluation.choose_exploration(curve, [10, 20], tolerance=0.05)
+    assert (chosen["slots"], chosen["share"]) == (5, 0.3)  # 0.035 beats 2 slots' 0.02
+    # equal cold recall: the cheaper policy
+    curve.append({"slots": 4, "share": 0.5, "ndcg@10": 0.2, "ndcg@20": 0.295,
+                  "cold_recall@20": 0.035})
+    assert evaluation.choose_exploration(curve, [10, 20], tolerance=0.05)["share"] == 0.5
 
 
 def test_hybrids_bring_their_generators_in_front() -> None:
@@ -240,5 +249,9 @@ def test_evaluate_runs_on_a_generic_catalogue_end_to_end(tmp_path: Path) -> None
     assert "exploration" not in hybrid  # no content: new items cannot reach it
     exploration = report["models"]["hybrid-text"]["exploration"]
     assert exploration["chosen_slots"] in evaluation.EXPLORE_SLOTS
-    assert [p["slots"] for p in exploration["test"]] == list(evaluation.EXPLORE_SLOTS)
+    assert exploration["chosen_share"] in evaluation.EXPLORE_SHARES
+    policies = [(p["slots"], p["share"]) for p in exploration["test"]]
+    assert policies == [(p["slots"], p["share"]) for p in exploration["validation"]]
+    assert len(policies) == len(set(policies)) == 1 + (len(evaluation.EXPLORE_SLOTS) - 1) * len(
+        evaluation.EXPLORE_SHARES)
     assert (out / "tradeoff.png").exists() and (out / "training.png").exists()

@@ -30,7 +30,7 @@ from ranker.hybrid_features import (
     user_context,
     with_exploration_slots,
 )
-from ranker.hybrid_pipeline import HybridPipeline, PipelineError
+from ranker.hybrid_pipeline import HybridPipeline, PipelineError, ServedUser
 from ranker.item_history import ItemTimeline
 from ranker.recommender import Recommender
 from tests.ranker.conftest import ContractData
@@ -116,6 +116,16 @@ def test_exploration_slots_put_the_best_cold_items_at_the_end_of_the_top() -> No
     np.testing.assert_array_equal(with_exploration_slots(scores, cold, 0, 4), scores)
 
 
+def test_exploration_slots_can_differ_per_user() -> None:
+    scores = np.tile(np.array([9.0, 8, 7, 6, 5, 4, 3]), (3, 1))
+    cold = np.tile(np.array([0, 0, 0, 0, 1, 0, 1], dtype=bool), (3, 1))
+    out = with_exploration_slots(scores, cold, np.array([2, 0, 1]), depth=4)
+    for row, slots in enumerate([2, 0, 1]):
+        np.testing.assert_array_equal(out[row], with_exploration_slots(
+            scores[row:row + 1], cold[row:row + 1], slots, 4)[0])
+    np.testing.assert_array_equal(out[1], scores[1])  # no slots: untouched
+
+
 def test_new_item_slots_take_trending_new_items_as_well_as_similar_ones() -> None:
     n = 40
     cold = np.zeros((1, n), bool)
@@ -199,6 +209,15 @@ class TestHybrid(RecommenderContract):
             np.testing.assert_array_equal(fitted.score(users), fitted.rescore(3, 20))
         finally:
             fitted.set_exploration(0, 20)
+        # slots for the longest histories only: the others keep the plain answer
+        lengths = contract_data.train.group_by("user_id").len()
+        counts = dict(zip(lengths["user_id"].to_list(), lengths["len"].to_list(), strict=True))
+        threshold = fitted.history_threshold(0.5)
+        assert 0 < threshold <= max(counts.values())
+        targeted = np.argsort(-fitted.rescore(3, 20, threshold), axis=1)[:, :20]
+        for row, user in enumerate(users):
+            expected = explored if counts.get(int(user), 0) >= threshold else plain
+            np.testing.assert_array_equal(targeted[row], expected[row])
         with pytest.raises(ValueError, match="slots"):
             fitted.set_exploration(21, 20)
 
@@ -235,6 +254,38 @@ def test_the_exported_pipeline_serves_the_trained_models_scores(
     np.testing.assert_allclose(scored.features, torch_pool.features, rtol=1e-6)
     np.testing.assert_allclose(scored.scores, torch_pool.scores, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(scored.catalogue_scores(), trained, rtol=1e-4, atol=1e-5)
+
+
+def test_targeted_exploration_is_saved_and_served_per_user(
+    contract_data: ContractData, tmp_path
+) -> None:
+    model = _hybrid(0, contract_data).fit(contract_data.train, contract_data.items)
+    threshold = model.history_threshold(0.5)
+    model.set_exploration(3, 20, threshold)
+    users = contract_data.users[:8]
+    trained = model.score(users)
+    plain = model.rescore(0, 20)
+    model.export(tmp_path / "hybrid")
+    served = HybridPipeline.load(tmp_path / "hybrid", model.item_ids,
+                                 _aligned(_VECTORS[0], model.item_ids), contract_data.items)
+    assert (served.config.explore, served.config.explore_min_history) == (3, threshold)
+    context = user_context(model.interactions, model.item_ids, users, None, 4.0)
+    stats = item_stats(ItemTimeline.build(model.interactions, model.item_ids), context.cuts)
+    lengths = context.history
+    assert lengths.min() < threshold <= lengths.max()  # both kinds of user are asked
+    np.testing.assert_allclose(served.score(context, stats).catalogue_scores(3, 20, threshold),
+                               trained, rtol=1e-4, atol=1e-5)
+    for row, history in enumerate(context.histories):
+        user = ServedUser(model.item_ids[history.columns], history.values,
+                          context.last_time[row])
+        answer = served.recommend(user, stats[row], context.cuts[row], 20)
+        np.testing.assert_array_equal(answer.columns,
+                                      np.argsort(-trained[row], kind="stable")[:20])
+        if lengths[row] >= threshold:
+            assert answer.cold[-3:].all()
+        else:
+            np.testing.assert_array_equal(answer.columns,
+                                          np.argsort(-plain[row], kind="stable")[:20])
 
 
 def test_a_grown_catalogue_reaches_new_items_through_content(
