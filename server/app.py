@@ -84,7 +84,8 @@ def build_engine(
     # genres and year feed the hybrid's catalogue features
     catalogue = items.select([c for c in ("item_id", "title", "genres", "year")
                               if c in items.columns])
-    engine = engine_class(store, client, models, catalogue, config, Clock(config.clock_start()))
+    clock = Clock(config.clock_start(), config.clock_anchor)
+    engine = engine_class(store, client, models, catalogue, config, clock)
     now = engine.clock.now()
     engine.ensure_snapshot(engine.materialization(), now)  # refuses mismatched embeddings
     return engine, EventLog(offline, catalogue["item_id"].to_numpy(),

@@ -37,6 +37,9 @@ class ServeConfig:
     model_watch_seconds: float = 10.0  # how often LATEST is read (0: only on SIGHUP)
     redis_url: str | None = None  # default: $REDIS_URL
     clock: str | None = None  # ISO time the replay clock starts at; None = wall clock
+    # wall time (Unix s) at which the replay clock reads `clock` (default: the process's start);
+    # `avrec serve --replicas` gives every replica the same one
+    clock_anchor: float | None = None
     max_candidates: int = 2000
     max_top_k: int = 1000
     retrieval_candidates: int = 200

@@ -59,10 +59,15 @@ class RequestError(InputError):
 
 
 class Clock:
-    """Wall-clock UTC, or a replay clock that starts at ``start`` and ticks in real time."""
+    """Wall-clock UTC, or a replay clock that starts at ``start`` and ticks in real time.
 
-    def __init__(self, start: datetime | None = None) -> None:
+    ``anchor``: the wall time (Unix seconds) at which the replay clock read ``start``
+    (default: now), so that replicas started one after another keep one replay time."""
+
+    def __init__(self, start: datetime | None = None, anchor: float | None = None) -> None:
         self.start, self._t0 = start, time.monotonic()
+        if anchor is not None:
+            self._t0 -= time.time() - anchor
 
     def now(self) -> datetime:
         if self.start is None:

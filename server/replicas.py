@@ -6,12 +6,17 @@ its own port: consecutive from ``port`` (``--port 0``: free ports), and with
 online store and the data directory, so any of them may answer any call; clients spread
 their calls with gRPC's client-side ``round_robin`` over the target this prints
 (``ipv4:127.0.0.1:50051,127.0.0.1:50052``; ``server.client.RankingClient`` sets the service
-config). SIGTERM / SIGINT stop them all (each gets ``grace_seconds``); a replica that dies
+config). With a replay clock (``--clock``) every
+replica is given one ``clock_anchor`` (the wall time at which the clock reads ``--clock``),
+so they agree on the time: a row one replica stamps is never "in the future" for another
+(a replica starting a second later would otherwise run a second behind and withhold it).
+SIGTERM / SIGINT stop them all (each gets ``grace_seconds``); a replica that dies
 is reported, not restarted (the others keep serving).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -117,8 +122,11 @@ def start(config: ServeConfig, n: int, argv: list[str],
 
     ports = ports_for(n, config.port, config.host)
     metrics = ports_for(n, config.metrics_port, config.host) if config.metrics_port else []
-    processes = [subprocess.Popen(replica_command(argv, port, metrics[i] if metrics else None))
-                 for i, port in enumerate(ports)]
+    env = dict(os.environ)
+    if config.clock and config.clock_anchor is None:  # one replay time for all replicas
+        env["AVREC_SERVE_CLOCK_ANCHOR"] = repr(time.time())
+    processes = [subprocess.Popen(replica_command(argv, port, metrics[i] if metrics else None),
+                                  env=env) for i, port in enumerate(ports)]
     replicas = Replicas(processes, ports, metrics, config.host, config.grace_seconds)
     try:
         for process, address in zip(processes, replicas.addresses(), strict=True):
