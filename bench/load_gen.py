@@ -203,13 +203,15 @@ def cpu_seconds() -> float:
 async def _drive(spec: dict, conn) -> dict:
     import grpc
 
+    from server.client import channel_options
     from server.protocol import ranking_pb2_grpc
 
     rng = random.Random(spec["seed"])
     pool = _requests(spec, rng)
     weights = spec["mix"]
     timeout = spec["timeout"]
-    async with grpc.aio.insecure_channel(spec["target"]) as channel:
+    # round_robin over a multi-replica target, Rank/Recommend retried on UNAVAILABLE
+    async with grpc.aio.insecure_channel(spec["target"], options=channel_options()) as channel:
         stub = ranking_pb2_grpc.RankingServiceStub(channel)
         rpc = {"rank": stub.Rank, "recommend": stub.Recommend, "logevents": stub.LogEvents}
         await asyncio.wait_for(channel.channel_ready(), 30)
@@ -284,13 +286,23 @@ def worker(spec: dict, conn) -> None:
 # ---------------------------------------------------------------- the parent
 
 
-def server_cpu(pid: int | None) -> float:
+def server_cpu(pid: int | list[int] | None) -> float:
+    """User + system CPU seconds of the server (summed over replicas when a list)."""
     if not pid:
         return math.nan
     import psutil
 
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
+    total = 0.0
+    for one in pid if isinstance(pid, list) else [pid]:
+        times = psutil.Process(one).cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def target_ports(target: str) -> list[int]:
+    """The ports of a target: ``HOST:PORT`` or gRPC's ``ipv4:H:P,H:P`` (replicas)."""
+    addresses = target.split(":", 1)[1] if target.startswith(("ipv4:", "ipv6:")) else target
+    return [int(a.rsplit(":", 1)[1]) for a in addresses.split(",")]
 
 
 def pid_on_port(port: int) -> int | None:
@@ -303,8 +315,9 @@ def pid_on_port(port: int) -> int | None:
     return None
 
 
-def run_point(args: argparse.Namespace, target: str, pid: int | None, mode: str, level: float,
-              mix: tuple[float, float, float], seconds: float) -> tuple[dict, Calls]:
+def run_point(args: argparse.Namespace, target: str, pid: int | list[int] | None, mode: str,
+              level: float, mix: tuple[float, float, float], seconds: float
+              ) -> tuple[dict, Calls]:
     """One load point: spawn the client processes, run, gather their calls and CPU."""
     ctx = mp.get_context("spawn")
     if mode == "closed":
@@ -383,7 +396,8 @@ def feast_server(port: int) -> subprocess.Popen:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default="127.0.0.1:50051")
+    parser.add_argument("--target", default="127.0.0.1:50051",
+                        help="HOST:PORT, or replicas: ipv4:HOST:PORT,HOST:PORT (round_robin)")
     parser.add_argument("--server-pid", type=int, help="default: the process on the port")
     parser.add_argument("--rates", default="", help="open-loop rates, req/s in all: 50,100")
     parser.add_argument("--closed", default="", help="closed-loop caller counts: 1,2,4")
@@ -412,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
 
     items, users = items_and_users(config.data_dir())
     args.items, args.users = items, users
-    pid = args.server_pid or pid_on_port(int(args.target.rsplit(":", 1)[1]))
+    pids = [args.server_pid] if args.server_pid else [pid_on_port(p)
+                                                      for p in target_ports(args.target)]
+    pid = pids[0] if len(pids) == 1 else (None if None in pids else pids)
     print("python bench/load_gen.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"load_gen {args.target} (server pid {pid}): mix {args.mix}, Rank 1x{args.candidates}, "
           f"{args.processes} client processes, {args.warmup:g} s warm-up + {args.seconds:g} s "

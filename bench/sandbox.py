@@ -39,6 +39,7 @@ class Server:
     target: str
     pid: int
     data_dir: Path | None  # None: a server the caller started (its data dir unknown)
+    redis_url: str | None = None  # the sandbox's own Redis
 
 
 def free_port() -> int:
@@ -98,7 +99,7 @@ def sandbox(source: Path | None = None, clock: str = CLOCK,
                 tail = (root / "serve.log").read_text().splitlines()[-15:]
                 print("avrec serve did not start:\n  " + "\n  ".join(tail), file=sys.stderr)
                 raise
-        yield Server(f"127.0.0.1:{port}", process.pid, root)
+        yield Server(f"127.0.0.1:{port}", process.pid, root, url)
     finally:
         if process is not None:
             process.send_signal(signal.SIGTERM)
