@@ -103,3 +103,19 @@ def test_replica_ports_targets_and_argv() -> None:
     argv = without_replicas(["--replicas", "3", "--clock", "x", "--replicas=2", "--port", "9"])
     assert argv == ["--clock", "x", "--port", "9"]
     assert replica_command(argv, 7, 8)[-4:] == ["--port", "7", "--metrics-port", "8"]
+
+
+def test_replay_clocks_with_one_anchor_agree() -> None:
+    """Replicas started apart share the replay time (``clock_anchor``); without it the later
+    one runs behind by the gap."""
+    import time
+    from datetime import UTC, datetime
+
+    from server.engine import Clock
+
+    start, anchor = datetime(2018, 9, 25, tzinfo=UTC), time.time()
+    first, plain = Clock(start, anchor), Clock(start)
+    time.sleep(0.2)
+    second, late = Clock(start, anchor), Clock(start)
+    assert abs((first.now() - second.now()).total_seconds()) < 0.01
+    assert (plain.now() - late.now()).total_seconds() > 0.15

@@ -73,6 +73,8 @@ def replicas(stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
         while "--replicas: target" not in (text := log_path.read_text()):
             assert process.poll() is None and time.monotonic() < deadline, text[-3000:]
             time.sleep(0.5)
+        started = time.monotonic() + 600 - deadline
+        print(f"\navrec serve --replicas 2: serving after {started:.1f} s")
         target = re.search(r"--replicas: target (\S+)", text).group(1)
         found = re.findall(r"replica \d pid (\d+) port (\d+), metrics (\d+)", text)
         items = tables.read_table("items", stack.data_dir / "offline")["item_id"][:50].to_list()
