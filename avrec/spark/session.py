@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,8 +67,11 @@ def spark_session(master: str | None = None, conf: dict[str, str] | None = None)
     from pyspark.sql import SparkSession
 
     master = spark_master(master)
-    settings = {**DEFAULT_CONF, **(LOCAL_CONF if master.startswith("local") else {}),
-                **REQUIRED_CONF}
+    local = master.startswith("local")
+    settings = {**DEFAULT_CONF, **(LOCAL_CONF if local else {}), **REQUIRED_CONF}
+    if local:  # the local workers run this interpreter (its pyarrow), not the first
+        # `python3` on PATH: the venv need not be activated
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.master(master).appName("avrec")
     for key, value in {**settings, **(conf or {})}.items():
         builder = builder.config(key, value)
