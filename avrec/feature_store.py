@@ -110,14 +110,16 @@ def materialize(
     start: datetime | None = None,
     views: list[str] | None = None,
     redis_url: str | None = None,
+    store: FeatureStore | None = None,
 ) -> FeatureStore:
     """Load the latest offline row per entity with event time in ``[start, end]`` into Redis.
 
     Without ``start`` this is incremental: from the last materialization of each view (the
     first run starts at the epoch, so historical datasets load whole, not just one TTL).
     Afterwards the materialization counter is bumped (:func:`bump_materialization`).
+    ``store``: the Feast store to materialize through (default: the repo's, local engine).
     """
-    store = get_store(redis_url)
+    store = store or get_store(redis_url)
     end = end or datetime.now(UTC)
     for view in store.list_feature_views():
         if views and view.name not in views:
@@ -125,11 +127,7 @@ def materialize(
         if not Path(view.batch_source.path).exists():
             print(f"skipping {view.name}: {view.batch_source.path} not written yet")
             continue
-        if start is not None:
-            store.materialize(start_date=start, end_date=end, feature_views=[view.name])
-            continue
-        intervals = view.materialization_intervals
-        since = max((iv[1] for iv in intervals), default=EPOCH)
+        since = start or max((iv[1] for iv in view.materialization_intervals), default=EPOCH)
         store.materialize(start_date=since, end_date=end, feature_views=[view.name])
     bump_materialization(store, redis_url)
     return store

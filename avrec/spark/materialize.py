@@ -15,8 +15,7 @@ too. Intervals and the materialization counter follow :func:`avrec.feature_store
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from pathlib import Path
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from avrec import feature_store
@@ -61,15 +60,4 @@ def materialize(
 
     store = FeatureStore(repo_path=str(config.FEATURE_REPO),
                          config=spark_repo_config(redis_url, master, partitions))
-    end = end or datetime.now(UTC)
-    for view in store.list_feature_views():
-        if views and view.name not in views:
-            continue
-        if not Path(view.batch_source.path).exists():
-            print(f"skipping {view.name}: {view.batch_source.path} not written yet")
-            continue
-        since = start or max((iv[1] for iv in view.materialization_intervals),
-                             default=feature_store.EPOCH)
-        store.materialize(start_date=since, end_date=end, feature_views=[view.name])
-    feature_store.bump_materialization(store, redis_url)
-    return store
+    return feature_store.materialize(end, start, views, redis_url, store=store)
