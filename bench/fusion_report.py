@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from avrec import tables
-from encoders import fusion_training
+from encoders import fusion_evaluation, fusion_fit, fusion_training
 from encoders.mixed_job import parse_time
 
 
@@ -29,24 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     args = parser.parse_args(argv)
     events, items = tables.read_table("events"), tables.read_table("items")
-    features = fusion_training.ItemFeatures.from_encodings(tables.read_table("item_encodings"))
+    features = fusion_fit.ItemFeatures.from_encodings(tables.read_table("item_encodings"))
     seeds = [int(s) for s in args.seeds.split(",")]
     values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     chosen = []
     for seed in seeds:
-        config = replace(fusion_training.TrainConfig(), seed=seed)
+        config = replace(fusion_fit.TrainConfig(), seed=seed)
         run = fusion_training.train_fusion(
             events, features, items, args.cutoff, config=config, ablations=True
         )
         chosen.append(run.a)
         for m in run.test:
             name = "a-sum (chosen a)" if m.method.startswith("a-sum (a=0.") else m.method
-            for k in fusion_training.KS:
+            for k in fusion_evaluation.KS:
                 values[name][f"R@{k} all"].append(m.recall_all[k])
                 values[name][f"R@{k} img"].append(m.recall_image[k])
             values[name]["genre lift"].append(m.genre_lift if m.genre_items else np.nan)
         print(f"seed {seed}: a={run.a:g}, pairs {run.pair_counts}, {run.seconds:.1f} s")
-    columns = [f"R@{k} {s}" for s in ("all", "img") for k in fusion_training.KS] + ["genre lift"]
+    columns = [f"R@{k} {s}" for s in ("all", "img") for k in fusion_evaluation.KS] + ["genre lift"]
     print(f"\ncutoff {args.cutoff.date()}, seeds {seeds}, chosen a {chosen}: mean (min..max)")
     print(f"{'method':<24}" + "".join(f"{c:>22}" for c in columns))
     for name, metrics in values.items():

@@ -11,7 +11,10 @@ Modules:
 - ``embed_job``: the incremental catalogue embedding job (``avrec embed``).
 - ``neighbours``: nearest neighbours and genre agreement of embeddings (``avrec neighbours``).
 - ``fusion``: projections to one space, weighted-sum and gated fusion, ONNX export.
-- ``fusion_training``: contrastive training of the fusion on co-consumed items, evaluation.
+- ``co_consumption``: co-consumption pairs (consecutive positive ratings), the training signal.
+- ``fusion_fit``: one fusion fitted contrastively (InfoNCE) on pairs; catalogue embedding.
+- ``fusion_evaluation``: Recall@k on held-out pairs, genre agreement, the metrics table.
+- ``fusion_training``: both fusions for one cutoff: ``a`` chosen on validation, refit, scored.
 - ``mixed_job``: the mixed item embedding job (``avrec fuse``) feeding the Feast view.
 """
 

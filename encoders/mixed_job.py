@@ -32,7 +32,8 @@ import torch
 
 from avrec import config, tables
 from avrec.onnx_runtime import OnnxModel
-from encoders import fusion, fusion_training
+from encoders import co_consumption, fusion, fusion_evaluation, fusion_fit, fusion_training
+from encoders.fusion_training import DEFAULT_PAIRS, DEFAULT_TRAIN
 from encoders.onnx_export import Parity, compare
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,6 @@ ENCODINGS_TABLE = "item_encodings"
 GATED_FILE = "fusion.onnx"
 ASUM_FILE = "fusion_asum.onnx"
 METRICS_FILE = "metrics.json"
-DEFAULT_TRAIN = fusion_training.TrainConfig()
-DEFAULT_PAIRS = fusion_training.PairConfig()
 ITEM_EMBEDDINGS_SCHEMA: dict[str, pl.DataType] = {
     "item_id": pl.Int64(),
     "embedding": pl.List(pl.Float32()),  # gated (learned) fusion, d-dim, L2-normalised
@@ -70,12 +69,12 @@ def end_of_data(events: pl.DataFrame) -> datetime:
     """The default cutoff: just after the last event, so training sees every event."""
     last = events["event_timestamp"].max()
     if last is None:
-        raise fusion_training.NotEnoughDataError("the events table is empty")
+        raise co_consumption.NotEnoughDataError("the events table is empty")
     return last + timedelta(microseconds=1)
 
 
 def embedding_version(
-    run: fusion_training.FusionRun, features: fusion_training.ItemFeatures
+    run: fusion_training.FusionRun, features: fusion_fit.ItemFeatures
 ) -> str:
     """12 hex chars of SHA-256 over both fusions' weights, encoder versions and cutoff."""
     digest = hashlib.sha256()
@@ -89,7 +88,7 @@ def embedding_version(
     return digest.hexdigest()[:12]
 
 
-def parity_sample(features: fusion_training.ItemFeatures, per_kind: int = 32) -> dict:
+def parity_sample(features: fusion_fit.ItemFeatures, per_kind: int = 32) -> dict:
     """Real items for the export check: up to ``per_kind`` with and without image."""
     with_image = np.flatnonzero(features.has_image)[:per_kind]
     without = np.flatnonzero(~features.has_image)[:per_kind]
@@ -102,7 +101,7 @@ def parity_sample(features: fusion_training.ItemFeatures, per_kind: int = 32) ->
 def _metadata(
     model: fusion.ItemFusionModel,
     run: fusion_training.FusionRun,
-    features: fusion_training.ItemFeatures,
+    features: fusion_fit.ItemFeatures,
     version: str,
 ) -> dict[str, str]:
     return {
@@ -158,7 +157,7 @@ class FuseReport:
                 f"(max abs {c.max_abs_diff:.1e})"
             )
         lines += [f"  note: {n}" for n in self.run.notes]
-        lines += ["", fusion_training.metrics_table(self.run.report_rows, f"metrics on {which}")]
+        lines += ["", fusion_evaluation.metrics_table(self.run.report_rows, f"metrics on {which}")]
         return "\n".join(lines)
 
 
@@ -177,8 +176,8 @@ def run_fuse(
     out_path: Path | None = None,
     models_dir: Path | None = None,
     *,
-    train_config: fusion_training.TrainConfig = DEFAULT_TRAIN,
-    pair_config: fusion_training.PairConfig = DEFAULT_PAIRS,
+    train_config: fusion_fit.TrainConfig = DEFAULT_TRAIN,
+    pair_config: co_consumption.PairConfig = DEFAULT_PAIRS,
     a_grid: tuple[float, ...] = fusion_training.A_GRID,
     ablations: bool = False,
     threads: int | None = None,
@@ -187,7 +186,7 @@ def run_fuse(
     started = time.perf_counter()
     cutoff = cutoff or end_of_data(events)
     out_path = Path(out_path) if out_path is not None else tables.table_path(TABLE)
-    features = fusion_training.ItemFeatures.from_encodings(encodings)
+    features = fusion_fit.ItemFeatures.from_encodings(encodings)
     run = fusion_training.train_fusion(
         events,
         features,
@@ -211,7 +210,7 @@ def run_fuse(
         export_parity[name] = fusion.export_onnx(model, path, sample, meta)
         onnx_model = OnnxModel(path, threads=threads or os.cpu_count() or 1)
         vectors[name] = onnx_model.run_batched(all_feeds, 4096)[fusion.OUTPUT_NAME]
-        catalogue_parity[name] = compare(vectors[name], fusion_training.embed(model, features))
+        catalogue_parity[name] = compare(vectors[name], fusion_fit.embed(model, features))
         if not catalogue_parity[name].ok:
             raise RuntimeError(f"{name}: ONNX and torch disagree on the catalogue")
     now = datetime.now(UTC)
@@ -313,15 +312,15 @@ def main(argv: list[str] | None = None) -> int:
             args.cutoff,
             args.out,
             args.models_dir,
-            train_config=fusion_training.TrainConfig(epochs=args.epochs, seed=args.seed),
-            pair_config=fusion_training.PairConfig(
+            train_config=fusion_fit.TrainConfig(epochs=args.epochs, seed=args.seed),
+            pair_config=co_consumption.PairConfig(
                 args.min_rating, timedelta(hours=args.max_gap_hours)
             ),
             a_grid=args.a_grid,
             ablations=args.ablations,
             threads=args.threads,
         )
-    except fusion_training.NotEnoughDataError as exc:
+    except co_consumption.NotEnoughDataError as exc:
         print(f"avrec fuse: {exc}", file=sys.stderr)
         return 2
     print(report.summary())

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from avrec import ingest
 from avrec.onnx_runtime import CPU_EP, OnnxModel
-from encoders import fusion, fusion_training, mixed_job
+from encoders import co_consumption, fusion, fusion_fit, fusion_training, mixed_job
 from encoders.embed_job import run_embed
 from encoders.fusion import ItemFusionModel
 from encoders.neighbours import EmbeddingIndex
@@ -32,7 +32,7 @@ SUBSET = 1000
 CUTOFF = datetime(2015, 1, 1, tzinfo=UTC)
 TOY_STORY = 1
 KIDS = {"Animation", "Children"}
-SMALL = fusion_training.TrainConfig(epochs=1, batch_size=256)
+SMALL = fusion_fit.TrainConfig(epochs=1, batch_size=256)
 
 
 def random_feeds(n: int, seed: int = 0, with_image: float = 0.5) -> dict[str, np.ndarray]:
@@ -62,8 +62,8 @@ def encodings_path(offline: Path, model_cache_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def features(encodings_path: Path) -> fusion_training.ItemFeatures:
-    return fusion_training.ItemFeatures.from_encodings(pl.read_parquet(encodings_path))
+def features(encodings_path: Path) -> fusion_fit.ItemFeatures:
+    return fusion_fit.ItemFeatures.from_encodings(pl.read_parquet(encodings_path))
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +131,11 @@ def test_missing_image_never_reaches_the_output(kind: str, tmp_path: Path) -> No
 
 @pytest.mark.parametrize("kind", fusion.KINDS)
 def test_onnx_matches_torch_with_dynamic_batch(
-    kind: str, features: fusion_training.ItemFeatures, tmp_path: Path
+    kind: str, features: fusion_fit.ItemFeatures, tmp_path: Path
 ) -> None:
     rng = np.random.default_rng(4)
     pairs = rng.integers(0, len(features), size=(600, 2))
-    model, _ = fusion_training.fit(kind, features, pairs, SMALL, a=0.7)
+    model, _ = fusion_fit.fit(kind, features, pairs, SMALL, a=0.7)
     sample = mixed_job.parity_sample(features)
     parity = fusion.export_onnx(model, tmp_path / "m.onnx", sample, {"fusion_kind": kind})
     assert parity.min_cosine >= MIN_COSINE and parity.max_abs_diff < 1e-4
@@ -150,11 +150,11 @@ def test_onnx_matches_torch_with_dynamic_batch(
         np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
 
 
-def test_training_is_seeded(features: fusion_training.ItemFeatures) -> None:
+def test_training_is_seeded(features: fusion_fit.ItemFeatures) -> None:
     pairs = np.random.default_rng(5).integers(0, len(features), size=(800, 2))
-    first, losses = fusion_training.fit("gated", features, pairs, SMALL)
-    again, losses_again = fusion_training.fit("gated", features, pairs, SMALL)
-    other, _ = fusion_training.fit("gated", features, pairs, replace(SMALL, seed=1))
+    first, losses = fusion_fit.fit("gated", features, pairs, SMALL)
+    again, losses_again = fusion_fit.fit("gated", features, pairs, SMALL)
+    other, _ = fusion_fit.fit("gated", features, pairs, replace(SMALL, seed=1))
     assert losses == losses_again
     for name, value in first.state_dict().items():
         assert torch.equal(value, again.state_dict()[name]), name
@@ -178,16 +178,16 @@ def test_pairs_are_consecutive_positive_ratings_within_the_gap() -> None:
         schema=["user_id", "item_id", "event_type", "value", "event_timestamp"],
         orient="row",
     )
-    pairs = fusion_training.co_consumption_pairs(events)
+    pairs = co_consumption.co_consumption_pairs(events)
     assert pairs.select("item_a", "item_b").rows() == [(10, 11), (11, 13)]
-    before = fusion_training.between(pairs, end=t0 + timedelta(minutes=7))
+    before = co_consumption.between(pairs, end=t0 + timedelta(minutes=7))
     assert before.select("item_a", "item_b").rows() == [(10, 11)]
-    after = fusion_training.between(pairs, start=t0 + timedelta(minutes=1))
+    after = co_consumption.between(pairs, start=t0 + timedelta(minutes=1))
     assert after.select("item_a", "item_b").rows() == [(11, 13)]
 
 
 def test_events_after_the_cutoff_do_not_change_the_fusion(
-    offline: Path, features: fusion_training.ItemFeatures
+    offline: Path, features: fusion_fit.ItemFeatures
 ) -> None:
     events = pl.read_parquet(offline / "events.parquet")
     items = pl.read_parquet(offline / "items.parquet")
@@ -201,7 +201,7 @@ def test_events_after_the_cutoff_do_not_change_the_fusion(
 
 
 def test_the_gated_fusion_alone_is_the_one_train_fusion_returns(
-    offline: Path, features: fusion_training.ItemFeatures
+    offline: Path, features: fusion_fit.ItemFeatures
 ) -> None:
     events = pl.read_parquet(offline / "events.parquet")
     items = pl.read_parquet(offline / "items.parquet")
@@ -236,7 +236,7 @@ def test_job_writes_the_table(fused: dict, encodings_path: Path) -> None:
     assert float(gated.metadata["parity_min_cosine"]) >= MIN_COSINE
     asum = OnnxModel(model_dir / mixed_job.ASUM_FILE, providers=[CPU_EP])
     assert float(asum.metadata["fusion_a"]) in fusion_training.A_GRID
-    features = fusion_training.ItemFeatures.from_encodings(encodings)
+    features = fusion_fit.ItemFeatures.from_encodings(encodings)
     feeds = fusion.feeds(features.text, features.image, features.has_image)
     np.testing.assert_allclose(
         np.stack(table["embedding"].to_list()), gated.run(feeds)["mixed"], atol=1e-6
