@@ -101,13 +101,20 @@ def with_event_log(events: pl.DataFrame, logged: list[pl.DataFrame]) -> pl.DataF
                      how="vertical_relaxed")
 
 
-def event_ids(logged: list[pl.DataFrame]) -> set[str]:
-    """The client ``event_id`` of every logged event that had one."""
-    ids: set[str] = set()
-    for frame in logged:
+def event_ids(logged: list[pl.DataFrame], last: int | None = None) -> list[str]:
+    """The client ``event_id`` of the logged events that had one, oldest first (``last``:
+    only the newest that many, read from the newest files back)."""
+    newest_first: list[list[str]] = []
+    count = 0
+    for frame in reversed(logged):
+        if last is not None and count >= last:
+            break
         if EVENT_ID in frame.columns:
-            ids.update(frame[EVENT_ID].drop_nulls().cast(pl.Utf8).to_list())
-    return ids
+            ids = frame[EVENT_ID].drop_nulls().cast(pl.Utf8).to_list()
+            newest_first.append(ids)
+            count += len(ids)
+    ids = [i for chunk in reversed(newest_first) for i in chunk]
+    return ids[-last:] if last is not None and last < len(ids) else ids
 
 
 def read_events(root: Path | None = None) -> pl.DataFrame:

@@ -2,6 +2,7 @@
 
     python bench/events_bench.py [--single 300] [--batches 5] [--batch-size 2000]
                                  [--modes recompute incremental] [--cluster]
+                                 [--threads 8] [--before DIR [--rounds 2]]
 
 Self-contained: in ``--workdir`` (default ``/tmp/avrec-events-bench``) it ingests MovieLens
 ml-latest-small, computes the behaviour features, writes seeded genre-projection item vectors
@@ -20,9 +21,15 @@ With ``--cluster``, the incremental path runs once more on a local Redis Cluster
 3 replicas, materialized the same way): one compare-and-set per entity instead of one
 ``WATCH``/``MULTI`` batch (``server/compare_and_set.py``).
 
+With ``--threads K``, the one-event calls are also sent from K client threads at once
+(closed loop), where concurrent calls share the event log's write (group commit): the
+``files`` column counts the event-log files written, one per shared write. With ``--before
+DIR`` (a copy of an earlier commit's code, e.g. ``git archive COMMIT | tar -x -C DIR``), each
+path's server also runs from DIR, alternately with this checkout, ``--rounds`` times.
+
 Nothing outside ``--workdir`` is written (the machine's Redis and ``data/`` are not used).
 Per row: client-side p50/p99 per call, calls/s, events/s and the server's CPU seconds. The
-client is one Python thread on the same cores as the server.
+client is one Python thread (or ``--threads``) on the same cores as the server.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -128,19 +136,48 @@ def measure(client, calls: list[list]) -> np.ndarray:
     return np.asarray(latencies)
 
 
+def measure_threads(client, calls: list[list], threads: int) -> tuple[np.ndarray, float]:
+    """``calls`` sent from ``threads`` closed-loop client threads: latencies, wall seconds."""
+    shares = [calls[i::threads] for i in range(threads)]
+    results: list[np.ndarray] = [np.empty(0)] * threads
+
+    def work(i: int) -> None:
+        results[i] = measure(client, shares[i])
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return np.concatenate(results), time.perf_counter() - started
+
+
+def log_files() -> int:
+    from avrec import config, tables
+
+    return len(list((config.offline_dir() / tables.EVENT_LOG).glob("*.parquet")))
+
+
 def run_mode(mode: str, clock: datetime, model_dir: Path, args, users: np.ndarray,
-             catalogue: np.ndarray, redis_url: str | None = None) -> list[dict]:
+             catalogue: np.ndarray, redis_url: str | None = None,
+             tree: Path | None = None) -> list[dict]:
     """One path's rows; ``redis_url``: another online store than ``$REDIS_URL`` (a cluster,
-    already materialized)."""
+    already materialized); ``tree``: run the server from that copy of the code."""
     from server.client import RankingClient
 
     port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url} if redis_url else None
+    env = dict(os.environ)
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    if tree:
+        env["PYTHONPATH"] = str(tree)
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", mode, "--port", str(port),
          "--clock", clock.isoformat(), "--model-dir", str(model_dir)],
         stdout=subprocess.PIPE, text=True, env=env)
     label = f"{mode} (cluster)" if redis_url else mode
+    label += " (before)" if tree else ""
     rows = []
     try:
         assert server.stdout is not None
@@ -155,20 +192,28 @@ def run_mode(mode: str, clock: datetime, model_dir: Path, args, users: np.ndarra
                 ("batch", max(1, args.batches // (2 if slow else 1)), args.batch_size, False)]
         if not slow:  # every user once: no state yet, each rebuilt from the history
             plan.insert(0, ("batch, first touch", 1, args.batch_size, True))
+        if args.threads > 1:
+            plan.insert(-1, (f"one event, {args.threads} threads",
+                             args.single // (5 if slow else 1), 1, False))
         with RankingClient(f"127.0.0.1:{port}", timeout=600) as client:
             measure(client, [events_for(rng, users, catalogue, 1) for _ in range(5)])  # warm
             for what, calls, size, cover in plan:
                 work = [events_for(rng, users, catalogue, size, cover) for _ in range(calls)]
-                before = sum(cpu.cpu_times()[:2])
-                latencies = measure(client, work)
+                before, files = sum(cpu.cpu_times()[:2]), log_files()
+                if "threads" in what:
+                    latencies, wall = measure_threads(client, work, args.threads)
+                else:
+                    latencies = measure(client, work)
+                    wall = latencies.sum()
                 touched = np.mean([len({e.user_id for e in w}) for w in work])
                 rows.append({
                     "path": label, "what": what, "calls": calls, "events": size,
                     "users": touched, "p50": np.percentile(latencies, 50) * 1e3,
                     "p99": np.percentile(latencies, 99) * 1e3,
-                    "calls_s": calls / latencies.sum(),
-                    "events_s": calls * size / latencies.sum(),
+                    "calls_s": calls / wall,
+                    "events_s": calls * size / wall,
                     "cpu": (sum(cpu.cpu_times()[:2]) - before) / calls,
+                    "files": log_files() - files,
                 })
                 print(f"  {label:21} {what:18} p50 {rows[-1]['p50']:8.1f} ms", flush=True)
     finally:
@@ -177,8 +222,8 @@ def run_mode(mode: str, clock: datetime, model_dir: Path, args, users: np.ndarra
     return rows
 
 
-def run_on_cluster(args, model_dir: Path, users: np.ndarray, catalogue: np.ndarray
-                   ) -> list[dict]:
+def run_on_cluster(args, model_dir: Path, users: np.ndarray, catalogue: np.ndarray,
+                   clock: datetime) -> list[dict]:
     """The incremental path's rows on a local Redis Cluster (started and stopped here)."""
     from avrec import feature_store
     from avrec.redis_cluster import start_cluster, stop_cluster
@@ -192,7 +237,7 @@ def run_on_cluster(args, model_dir: Path, users: np.ndarray, catalogue: np.ndarr
                                   redis_url=cluster.url)
         print(f"  cluster {cluster.url}: applied and materialized in "
               f"{time.perf_counter() - started:.0f} s", flush=True)
-        return run_mode("incremental", CLOCK + timedelta(days=len(MODES)), model_dir, args,
+        return run_mode("incremental", clock, model_dir, args,
                         users, catalogue, redis_url=cluster.url)
     finally:
         stop_cluster(cluster, remove=True)
@@ -214,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="paths to run (default both)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="also send the one-event calls from this many client threads")
+    parser.add_argument("--before", type=Path,
+                        help="a copy of earlier code: each path's server also runs from it")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --before: alternate the two this many times")
     parser.add_argument("--cluster", action="store_true",
                         help="then the incremental path on a local Redis Cluster (3 masters + "
                              "3 replicas, avrec.redis_cluster), materialized the same way")
@@ -236,22 +287,25 @@ def main(argv: list[str] | None = None) -> int:
         users = np.unique(tables.read_table("events")["user_id"].to_numpy())
         catalogue = tables.read_table("items")["item_id"].to_numpy()
         rows = []
-        for i, mode in enumerate(args.modes):  # each clock after everything logged before it
+        trees = [args.before, None] * args.rounds if args.before else [None]
+        runs = [(mode, tree) for mode in args.modes for tree in trees]
+        for i, (mode, tree) in enumerate(runs):  # each clock after everything logged before
             rows += run_mode(mode, CLOCK + timedelta(days=i), model_dir, args, users,
-                             catalogue)
+                             catalogue, tree=tree)
         if args.cluster:
-            rows += run_on_cluster(args, model_dir, users, catalogue)
+            rows += run_on_cluster(args, model_dir, users, catalogue,
+                                   CLOCK + timedelta(days=len(runs)))
     finally:
         os.kill(redis_pid, signal.SIGTERM)
     print(f"\n{len(users)} users, {len(catalogue)} items; load average "
           f"{os.getloadavg()[0]:.2f}\n")
     print("| path | call | calls | events/call | users/call | p50 ms | p99 ms | calls/s "
-          "| events/s | server CPU s/call |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| events/s | server CPU s/call | files |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['path']} | {r['what']} | {r['calls']} | {r['events']} | "
               f"{r['users']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['calls_s']:.1f} | "
-              f"{r['events_s']:,.0f} | {r['cpu']:.3f} |")
+              f"{r['events_s']:,.0f} | {r['cpu']:.3f} | {r['files']} |")
     return 0
 
 

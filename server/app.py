@@ -89,7 +89,8 @@ def build_engine(
     now = engine.clock.now()
     engine.ensure_snapshot(engine.materialization(), now)  # refuses mismatched embeddings
     return engine, EventLog(offline, catalogue["item_id"].to_numpy(),
-                            client if config.incremental_events else None)
+                            client if config.incremental_events else None,
+                            id_window=config.event_id_window)
 
 
 def start(config: ServeConfig, engine_class: type[RankingEngine] = RankingEngine) -> Service:

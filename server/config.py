@@ -52,6 +52,9 @@ class ServeConfig:
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
     hybrid: bool = True  # serve the hybrid ranker when the model directory has one
     incremental_events: bool = True  # LogEvents: incremental rows (false: recompute, slow)
+    # LogEvents: how many accepted client event_ids are remembered (the newest; refilled from
+    # the event log at start): a retry within them is dropped. About 100 bytes an id.
+    event_id_window: int = 100_000
     tls_cert: str | None = None
     tls_key: str | None = None
     auth_token: str | None = None  # bearer token every call must carry (health excepted)
@@ -80,7 +83,7 @@ class ServeConfig:
         if bool(self.tls_cert) != bool(self.tls_key):
             found.append("tls_cert and tls_key go together")
         for name in ("max_candidates", "max_top_k", "retrieval_candidates", "workers",
-                     "max_message_bytes"):
+                     "max_message_bytes", "event_id_window"):
             if getattr(self, name) <= 0:
                 found.append(f"{name} must be positive")
         if self.clock:

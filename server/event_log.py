@@ -13,6 +13,14 @@ for later training). Then the online rows, so the next ``Rank`` sees them:
   ones) with the code that builds the offline tables
   (:func:`avrec.behaviour_features.user_features`, :func:`~avrec.behaviour_features.user_history`)
   and written through Feast's ``write_to_online_store``; item rows wait for materialization.
+
+Concurrent calls share the durable write (group commit, :mod:`server.group_commit`): the
+batches queued while one write runs go into the next file together, one fsync of the file
+and one of the directory for all of them, and each call answers only once the file holding
+its events is durable. The online updates run after, one at a time, outside that write.
+Client ``event_id`` values are remembered in a bounded window (:class:`RecentIds`, the last
+``event_id_window`` accepted ids, refilled from the log's newest files at start): a retry
+within the window is dropped as a duplicate.
 """
 
 from __future__ import annotations
@@ -22,9 +30,10 @@ import math
 import os
 import threading
 import uuid
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +42,8 @@ import polars as pl
 
 from avrec import behaviour_features, tables
 from avrec.errors import InputError, StoreUnavailableError
+from server.config import ServeConfig
+from server.group_commit import GroupCommit
 from server.incremental import OnlineUpdater
 
 if TYPE_CHECKING:
@@ -76,30 +87,80 @@ class LogResult:
     duplicates: int = 0
 
 
-def fsync_directory(directory: Path) -> None:
+@dataclass(frozen=True)
+class _Batch:
+    frame: pl.DataFrame
+    ids: list[str | None]
+    now: datetime
+
+
+@dataclass(frozen=True)
+class _Written:
+    frame: pl.DataFrame  # the batch less its duplicates
+    ids: list[str | None]
+    path: Path | None  # the file holding them (shared by the group); None: nothing written
+
+
+def fsync_directory(directory: Path, fsync: Callable[[int], None] | None = None) -> None:
     """Make a rename inside ``directory`` durable (the entry lives in the directory)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        (fsync or os.fsync)(fd)
     finally:
         os.close(fd)
+
+
+class RecentIds:
+    """The last ``capacity`` distinct event ids added, the oldest evicted first: memory
+    bounded by ``capacity``, not by the number of events."""
+
+    def __init__(self, capacity: int, ids: Iterable[str] = ()) -> None:
+        if capacity <= 0:
+            raise ValueError(f"event id window must be positive, got {capacity}")
+        self.capacity = capacity
+        self._members: set[str] = set()
+        self._order: deque[str] = deque()
+        self.extend(ids)
+
+    def __contains__(self, event_id: object) -> bool:
+        return event_id in self._members
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def extend(self, ids: Iterable[str]) -> None:
+        """Remember ``ids`` (oldest first), evicting the oldest beyond the capacity."""
+        for event_id in ids:
+            if event_id in self._members:
+                continue
+            self._members.add(event_id)
+            self._order.append(event_id)
+            if len(self._order) > self.capacity:
+                self._members.discard(self._order.popleft())
 
 
 class EventLog:
     """The offline history the server updates users from, plus the events logged since start."""
 
     def __init__(self, offline: Path, catalogue_ids: np.ndarray,
-                 client: Client | None = None) -> None:
-        """``client``: update rows incrementally through it (None: recompute them)."""
+                 client: Client | None = None,
+                 id_window: int = ServeConfig.event_id_window,
+                 fsync: Callable[[int], None] | None = None) -> None:
+        """``client``: update rows incrementally through it (None: recompute them);
+        ``id_window``: how many accepted event ids are remembered for retries; ``fsync``:
+        what makes a file durable (default :func:`os.fsync`)."""
         self.offline = offline
         self.items = tables.read_table("items", offline)
         self.genres = behaviour_features.genre_vocabulary(self.items)
         logged = tables.read_event_log(offline)  # torn or unfinished files: skipped
         self._events = [tables.with_event_log(tables.read_table("events", offline), logged)]
-        # every event_id accepted so far, here or by an earlier process (idempotent retries)
-        self._ids = tables.event_ids(logged)
+        # the newest event ids accepted, here or by an earlier process (idempotent retries)
+        self.recent_ids = RecentIds(id_window, tables.event_ids(logged, last=id_window))
         self.catalogue = set(int(i) for i in catalogue_ids)
-        self._lock = threading.Lock()
+        self._fsync = fsync
+        self._last_stamp = _newest_stamp(offline / tables.EVENT_LOG)
+        self.commits: GroupCommit[_Batch, _Written] = GroupCommit(self._flush)
+        self._lock = threading.Lock()  # the in-memory history and the online rows
         self.client = client
         self.updater: OnlineUpdater | None = None
 
@@ -138,13 +199,15 @@ class EventLog:
             rows.append((event.user_id, event.item_id, event.event_type, value, stamp))
         return pl.DataFrame(rows, schema=tables.EVENTS_SCHEMA, orient="row")
 
-    def fresh(self, frame: pl.DataFrame, ids: Sequence[str | None]
-              ) -> tuple[pl.DataFrame, list[str | None]]:
+    def fresh(self, frame: pl.DataFrame, ids: Sequence[str | None],
+              seen: set[str] | None = None) -> tuple[pl.DataFrame, list[str | None]]:
         """The events of ``frame`` not accepted before (by ``event_id``; the first of ids
-        repeated within the batch), with their ids. Call under the lock."""
-        keep, kept, seen = [], [], set()
+        repeated within the batch or in ``seen``, which the batch's ids are added to), with
+        their ids. Only the group commit's flush calls it, so no accept runs meanwhile."""
+        keep, kept = [], []
+        seen = set() if seen is None else seen
         for event_id in ids:
-            new = event_id is None or (event_id not in self._ids and event_id not in seen)
+            new = event_id is None or (event_id not in self.recent_ids and event_id not in seen)
             keep.append(new)
             if new:
                 kept.append(event_id)
@@ -155,39 +218,70 @@ class EventLog:
         return frame.filter(pl.Series(keep, dtype=pl.Boolean)), kept
 
     def append(self, frame: pl.DataFrame, now: datetime,
-               ids: Sequence[str | None] | None = None) -> Path:
-        """Write the batch under ``offline/event_log/`` durably and keep it in memory.
+               ids: Sequence[str | None] | None = None) -> Path | None:
+        """Write the batch under ``offline/event_log/`` durably and keep it in memory; the
+        file's path (None: every event's id was accepted before)."""
+        written = self._commit(frame, now, ids)
+        if written.path is not None:
+            with self._lock:
+                self._events.append(written.frame)
+        return written.path
+
+    def _commit(self, frame: pl.DataFrame, now: datetime,
+                ids: Sequence[str | None] | None) -> _Written:
+        ids = list(ids) if ids is not None else [None] * frame.height
+        return self.commits.submit(_Batch(frame, ids, now))
+
+    def _flush(self, batches: list[_Batch]) -> list[_Written]:
+        """One group: drop the duplicates, write the rest as one file, remember its ids."""
+        seen: set[str] = set()
+        kept = [self.fresh(batch.frame, batch.ids, seen) for batch in batches]
+        writing = [(frame, ids) for frame, ids in kept if frame.height]
+        path = None
+        if writing:
+            frame = pl.concat(
+                [frame.with_columns(pl.Series(tables.EVENT_ID, ids, dtype=pl.Utf8))
+                 for frame, ids in writing], how="vertical_relaxed")
+            stamp = max(batch.now for batch in batches)
+            if self._last_stamp is not None and stamp <= self._last_stamp:
+                stamp = self._last_stamp + timedelta(microseconds=1)
+            path = self._write(frame, stamp)
+            self._last_stamp = stamp
+            self.recent_ids.extend(i for _, ids in writing for i in ids if i is not None)
+        return [_Written(frame, ids, path if frame.height else None) for frame, ids in kept]
+
+    def _write(self, frame: pl.DataFrame, now: datetime) -> Path:
+        """Write ``frame`` (events + ``event_id``) as one new file of the log, durably; the
+        name starts with ``now``, which :meth:`_flush` keeps increasing so that the names
+        sort in write order (the tail the id window is refilled from).
 
         The file is written as ``*.tmp``, fsynced, renamed to ``*.parquet`` and the directory
-        fsynced, all before the call returns (and so before ``LogEvents`` acknowledges): an
-        acknowledged batch survives a SIGKILL or a power cut. A crash before the rename leaves
-        a ``*.tmp`` that readers skip (:func:`avrec.tables.read_event_log`). The file has one
-        more column than the events schema, ``event_id`` (null when the client gave none);
-        once written, those ids are accepted for good.
+        fsynced, all before the callers are answered (and so before ``LogEvents``
+        acknowledges): an acknowledged batch survives a SIGKILL or a power cut. A crash
+        before the rename leaves a ``*.tmp`` that readers skip
+        (:func:`avrec.tables.read_event_log`). ``event_id`` is null where the client gave
+        none; once written, the ids are remembered (:class:`RecentIds`).
         """
         directory = self.offline / tables.EVENT_LOG
         path = directory / f"{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = path.with_suffix(".tmp")
+        fsync = self._fsync or os.fsync
         try:
             if not directory.is_dir():
                 directory.mkdir(parents=True, exist_ok=True)
-                fsync_directory(directory.parent)
-            ids = list(ids) if ids is not None else [None] * frame.height
+                fsync_directory(directory.parent, fsync)
             with tmp.open("wb") as out:
-                frame.with_columns(pl.Series(tables.EVENT_ID, ids, dtype=pl.Utf8)
-                                   ).write_parquet(out)
+                frame.write_parquet(out)
                 out.flush()
-                os.fsync(out.fileno())
+                fsync(out.fileno())
             tmp.replace(path)
-            fsync_directory(directory)
+            fsync_directory(directory, fsync)
         except (OSError, pl.exceptions.ComputeError) as exc:  # polars wraps ENOSPC
             for leftover in (tmp, path):  # not acknowledged: not kept either
                 with contextlib.suppress(OSError):
                     leftover.unlink(missing_ok=True)
             raise EventLogUnavailableError(f"the event log cannot be written ({exc}); "
-                                      "no event of this batch was accepted") from exc
-        self._events.append(frame)
-        self._ids.update(i for i in ids if i is not None)
+                                           "no event of this batch was accepted") from exc
         return path
 
     def user_rows(self, user_ids: list[int], now: datetime) -> pl.DataFrame:
@@ -207,34 +301,41 @@ class EventLog:
         return behaviour_features.user_history(events, now, now)
 
     def log(self, store: FeatureStore, events: Sequence[LoggedEvent], now: datetime) -> LogResult:
-        """Validate, drop events already accepted (by ``event_id``), append the rest offline,
-        then write the touched users' rows online."""
+        """Validate, drop events already accepted (by ``event_id``), append the rest offline
+        (sharing the write with concurrent calls), then write the touched users' rows
+        online."""
         frame = self.validate(events, now)
-        ids = [event.event_id or None for event in events]
+        written = self._commit(frame, now, [event.event_id or None for event in events])
+        frame, duplicates = written.frame, len(events) - written.frame.height
+        if frame.height == 0:
+            return LogResult(0, [], None, duplicates)
+        users = _users(frame)
         if self.client is not None:
             with self._lock:
-                frame, ids = self.fresh(frame, ids)
-                if frame.height == 0:
-                    return LogResult(0, [], None, len(events))
-                path = self.append(frame, now, ids)
+                self._events.append(frame)
                 if self.updater is None:
                     self.updater = OnlineUpdater(store, self.client, self.items, self.genres,
                                                  lambda: self.events)
                 self.updater.update(frame, now)
-            return LogResult(frame.height, _users(frame), path, len(events) - frame.height)
+            return LogResult(frame.height, users, written.path, duplicates)
         with self._lock:
-            frame, ids = self.fresh(frame, ids)
-            if frame.height == 0:
-                return LogResult(0, [], None, len(events))
-            users = _users(frame)
-            path = self.append(frame, now, ids)
+            self._events.append(frame)
             rows = self.user_rows(users, now)
             histories = self.history_rows(users, now)
         store.write_to_online_store(USER_VIEW, rows.to_pandas(use_pyarrow_extension_array=False))
         if histories.height and HISTORY_VIEW in {v.name for v in store.list_feature_views()}:
             store.write_to_online_store(
                 HISTORY_VIEW, histories.to_pandas(use_pyarrow_extension_array=False))
-        return LogResult(frame.height, users, path, len(events) - frame.height)
+        return LogResult(frame.height, users, written.path, duplicates)
+
+
+def _newest_stamp(directory: Path) -> datetime | None:
+    """The time in the newest log file name this server writes (``%Y%m%dT%H%M%S%f-...``)."""
+    stamps = []
+    for path in directory.glob("*.parquet") if directory.is_dir() else ():
+        with contextlib.suppress(ValueError):
+            stamps.append(datetime.strptime(path.name[:21], "%Y%m%dT%H%M%S%f"))
+    return max(stamps).replace(tzinfo=UTC) if stamps else None
 
 
 def _users(frame: pl.DataFrame) -> list[int]:
