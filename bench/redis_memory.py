@@ -70,7 +70,8 @@ def usage(client, keys: list[bytes]) -> np.ndarray:
 
 def state_sizes(offline: Path) -> tuple[np.ndarray, np.ndarray]:
     """Packed ``LogEvents`` state bytes of every user and item, replayed from their events."""
-    from server.incremental import genre_index, micros, replay
+    from server.incremental_replay import genre_index, replay
+    from server.incremental_state import micros
 
     items = tables.read_table("items", offline)
     genres = behaviour_features.genre_vocabulary(items)

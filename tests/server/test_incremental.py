@@ -18,15 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from avrec import behaviour_features, tables
-from server import incremental
-from server.incremental import (
-    ItemState,
-    UserState,
-    from_micros,
-    genre_index,
-    micros,
-    replay,
-)
+from server import feature_writer, incremental, incremental_state
+from server.incremental_replay import genre_index, replay
+from server.incremental_state import ItemState, UserState, from_micros, micros
 
 START = datetime(2018, 1, 1, tzinfo=UTC)
 GRID = timedelta(hours=6)
@@ -134,8 +128,8 @@ def check(user_states: dict[int, UserState], item_states: dict[int, ItemState],
 def test_incremental_rows_equal_the_offline_recomputation(batches) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(behaviour_features, "RECENT_ITEMS", RECENT_CAP)
-        patch.setattr(incremental, "RECENT_ITEMS", RECENT_CAP)
-        patch.setattr(incremental, "HISTORY_CAP", HISTORY_CAP)
+        patch.setattr(incremental_state, "RECENT_ITEMS", RECENT_CAP)
+        patch.setattr(incremental_state, "HISTORY_CAP", HISTORY_CAP)
         replay_and_check(batches)
 
 
@@ -204,7 +198,7 @@ def test_raw_values_are_feasts_bytes(kind: str, value) -> None:
 
     ours = micros(value) if isinstance(value, datetime) else value
     (theirs,) = python_values_to_proto_values([value], ValueType[kind])
-    assert incremental._value(kind, ours).SerializeToString() == theirs.SerializeToString()
+    assert feature_writer._value(kind, ours).SerializeToString() == theirs.SerializeToString()
 
 
 def test_logged_events_leave_the_offline_rows_online(online_service) -> None:

@@ -1,0 +1,97 @@
+"""States rebuilt from the event history: when an entity's state is missing or stale.
+
+:func:`replay` builds :class:`~server.incremental_state.UserState` and
+:class:`~server.incremental_state.ItemState` from the events at or before a clock: counts and
+windows in one polars group-by, a user's genres, recent items and history by replaying their
+events in the offline order (time, item id). The rows they give equal the offline code's
+(:mod:`avrec.behaviour_features`) at that clock.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+
+import polars as pl
+
+from avrec.behaviour_features import POSITIVE_RATING
+from server.incremental_state import LONGEST_US, ItemState, Tally, UserState, micros
+
+
+def genre_index(items: pl.DataFrame, genres: list[str]) -> dict[int, tuple[int, ...]]:
+    """Item id -> indices of its genres in the vocabulary (as the offline one-hot)."""
+    position = {g: i for i, g in enumerate(genres)}
+    return {int(item): tuple(sorted({position[g] for g in item_genres or []}))
+            for item, item_genres in zip(items["item_id"].to_list(),
+                                         items["genres"].to_list(), strict=True)}
+
+
+@dataclass
+class Replayed:
+    """Rebuilt states by user and item id."""
+
+    users: dict[int, UserState]
+    items: dict[int, ItemState]
+
+
+def event_rows(frame: pl.DataFrame) -> list[tuple[int, int, bool, float | None, int]]:
+    """(user, item, is rating, value, time in µs) per row of an events frame."""
+    at = [frame.columns.index(c)  # rows() is direct; a select costs 0.5 ms
+          for c in ("user_id", "item_id", "event_type", "value", "event_timestamp")]
+    return [(row[at[0]], row[at[1]], row[at[2]] == "rating", row[at[3]], micros(row[at[4]]))
+            for row in frame.rows()]
+
+
+def _tallies(events: pl.DataFrame, key: str, now: int) -> dict[int, Tally]:
+    """Each entity's :class:`Tally` from its events (column ``us``, all at or before ``now``),
+    in one group-by."""
+    us, horizon = pl.col("us"), now - LONGEST_US
+    is_rating = pl.col("event_type") == "rating"
+    grouped = events.group_by(key).agg(
+        pl.len().alias("n"),
+        is_rating.sum().alias("ratings"),
+        pl.when(is_rating).then(pl.col("value")).fill_null(0.0).sum().alias("rating_sum"),
+        (is_rating & (pl.col("value") >= POSITIVE_RATING)).sum().alias("positives"),
+        us.min().alias("first"), us.max().alias("last"),
+        us.filter(us > horizon).sort().alias("window"),
+        us.filter(us <= horizon).max().alias("expired"),
+    )
+    out = {}
+    for entity, n, ratings, total, positives, first, last, window, expired in (
+            grouped.iter_rows()):
+        tally = out[entity] = Tally()
+        tally.n, tally.ratings, tally.rating_sum, tally.positives = n, ratings, total, positives
+        tally.first, tally.last, tally.expired = first, last, expired
+        tally.window, tally.as_of = array("q", window), now
+    return out
+
+
+def replay(events: pl.DataFrame, now: int, genres: dict[int, tuple[int, ...]],
+           n_genres: int, users: set[int] | None = None,
+           items: set[int] | None = None) -> Replayed:
+    """States of ``users`` and ``items`` (None: all) from their events at or before ``now``:
+    counts and windows by group-by; a user's genres, recent items and history by replaying
+    their events in the offline order."""
+    events = (events.with_columns(pl.col("event_timestamp").dt.epoch("us").alias("us"))
+              .filter(pl.col("us") <= now))
+    of_users = events if users is None else events.filter(pl.col("user_id").is_in(list(users)))
+    of_items = events if items is None else events.filter(pl.col("item_id").is_in(list(items)))
+    out = Replayed({}, {})
+    for user, tally in _tallies(of_users, "user_id", now).items():
+        state = out.users[user] = UserState(n_genres)
+        state.tally = tally
+    ordered = of_users.sort("us", "item_id", "event_type").select(
+        "user_id", "item_id", pl.col("event_type") == "rating", "value", "us")
+    for user, item, is_rating, value, ts in ordered.iter_rows():
+        out.users[user].add_details(ts, item, is_rating, value, genres.get(item, ()))
+    if items is None or items:
+        for item, tally in _tallies(of_items, "item_id", now).items():
+            state = out.items[item] = ItemState()
+            state.tally = tally
+    for wanted, found, make in ((users, out.users, lambda: UserState(n_genres)),
+                                (items, out.items, ItemState)):
+        for key in wanted or ():
+            if key not in found:
+                found[key] = make()
+                found[key].tally.as_of = now
+    return out
