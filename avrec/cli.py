@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import importlib.util
 import os
 import sys
@@ -28,18 +29,10 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 
-from avrec import config
-from avrec.errors import AvrecError
-
-
-def parse_time(text: str) -> datetime:
-    """An ISO 8601 date or datetime; naive values are UTC."""
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 date/time: {text!r}") from exc
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+from avrec import commands, config
+from avrec.commands import Subparsers, parse_time, subparsers, top_parser
 
 
 def _step(name: str) -> Callable[[], None]:
@@ -166,27 +159,34 @@ def cmd_online(args: argparse.Namespace) -> int:
     return 0
 
 
-# Subcommands whose options belong to their own module's parser (``main(argv)``).
-DELEGATED = {
-    "embed": "encoders.embed_job",
-    "neighbours": "encoders.neighbours",
-    "fuse": "encoders.mixed_job",
-    "train": "ranker.train_job",
-    "evaluate": "ranker.evaluation",
-    "serve": "server.app",
-    "recommend": "server.client",
-    "web": "web.serve",
+# The jobs of the other packages: subcommand -> (module with ``register(subparsers)``, its
+# line in ``avrec --help``). A module is imported only when its subcommand is run.
+JOBS: dict[str, tuple[str, str]] = {
+    "embed": ("encoders.embed_job", "item text and poster encodings -> offline table"),
+    "neighbours": ("encoders.neighbours", "nearest neighbours of a few items, genre agreement"),
+    "fuse": ("encoders.mixed_job", "the mixed item embedding (gated fusion) -> offline table"),
+    "train": ("ranker.train_job", "train the rankers, export to ONNX -> data/models"),
+    "evaluate": ("ranker.evaluation", "offline evaluation on temporal splits -> a report"),
+    "serve": ("server.app", "the gRPC ranking service"),
+    "recommend": ("server.client", "ask the ranking service (Recommend, or Rank)"),
+    "web": ("web.serve", "the web page, a client of the ranking service"),
 }
 
 
-def run_delegated(name: str, argv: list[str]) -> int:
-    """Run ``avrec NAME ARGS...`` through the owning module's ``main(argv)``."""
+def job_module(name: str) -> ModuleType:
+    """The module of job ``name``, with the extras to install when its imports fail."""
     try:
-        target = importlib.import_module(DELEGATED[name])
+        return importlib.import_module(JOBS[name][0])
     except ModuleNotFoundError as exc:
         extra = "web" if name == "web" else "train"
         raise SystemExit(f"avrec {name}: {exc} (install the extras: .[{extra}])") from exc
-    return int(target.main(argv) or 0)
+
+
+def run_job(name: str, argv: list[str]) -> None:
+    """``avrec NAME ARGV...`` from another job (the demo); stops it when the job fails."""
+    code = job_module(name).main(argv)
+    if code:
+        raise SystemExit(code)
 
 
 def _has(module: str) -> bool:
@@ -219,12 +219,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     embeddings = not args.skip_embed and _has("encoders.mixed_job")
     if embeddings:
         done = _step("item encodings: MiniLM text + EfficientNet-Lite0 posters, ONNX")
-        run_delegated("embed", ["--no-progress"])
+        run_job("embed", ["--no-progress"])
         done()
         done = _step("mixed item embeddings: weighted sum and learned (gated) fusion")
         # Fusion learns from co-consumption: trained on events before the training set's
         # window and stamped at that cutoff, so no label sees vectors built from its future.
-        run_delegated("fuse", ["--cutoff", "2017-01-01"])
+        run_job("fuse", ["--cutoff", "2017-01-01"])
         done()
     done = _step("feast apply + materialize into Redis (as of the replay clock)")
     feature_store.apply(status.url)
@@ -249,7 +249,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if embeddings:
         done = _step("nearest neighbours of a few films (text, image, mixed)")
         mixed = f"mixed={tables.table_path('item_embeddings')}:embedding"
-        run_delegated("neighbours", ["--source", mixed])
+        run_job("neighbours", ["--source", mixed])
         done()
     print("==> online features from Redis (reader clock 2018-09-25, TTL enforced)")
     cmd_online(
@@ -261,11 +261,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     done = _step("train the hybrid ranker (served), the deep ranker and the retrieval towers, "
                  "export to ONNX")
-    run_delegated("train", ["--epochs", "4", "--no-progress", "--hybrid-grids", "quick"])
+    run_job("train", ["--epochs", "4", "--no-progress", "--hybrid-grids", "quick"])
     done()
     done = _step("evaluate: full ranking, per-user temporal split, quick grids: baselines "
                  "and the served hybrid pipeline")
-    run_delegated("evaluate", ["--models", "popularity,itemknn,als,ease,served",
+    run_job("evaluate", ["--models", "popularity,itemknn,als,ease,served",
                                "--split", "per-user", "--quick",
                                "--out", str(config.data_dir() / "reports" / "demo")])
     done()
@@ -339,13 +339,6 @@ def _demo_web(service_port: int, port: int) -> None:
           f"evaluation; stop it with `kill {process.pid}`")
 
 
-def global_options_parser() -> argparse.ArgumentParser:
-    """The options given before any subcommand (they hold for every subcommand)."""
-    parser = argparse.ArgumentParser(prog="avrec", add_help=False)
-    parser.add_argument("--redis-url", default=None, help="default: $REDIS_URL or local 6379")
-    return parser
-
-
 def _engine_options(p: argparse.ArgumentParser, engines: list[str], default: str,
                     text: str = "") -> None:
     p.add_argument("--engine", choices=engines, default=default, help=text or None)
@@ -353,14 +346,8 @@ def _engine_options(p: argparse.ArgumentParser, engines: list[str], default: str
                    help="with --engine spark (default: $AVREC_SPARK_MASTER or local[2])")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``avrec`` (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(
-        prog="avrec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[global_options_parser()],
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register_redis(sub: Subparsers) -> argparse.ArgumentParser:
+    """``avrec redis``."""
     p = sub.add_parser("redis", help="make sure Redis answers, or start a local Redis Cluster")
     p.add_argument("--cluster", type=int, metavar="MASTERS", default=0,
                    help="start a local cluster of MASTERS masters on loopback, print its URL")
@@ -373,7 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-cluster", action="store_true",
                    help="stop the local clusters started under the data directory")
     p.set_defaults(func=cmd_redis)
+    return p
 
+
+def register_ingest(sub: Subparsers) -> argparse.ArgumentParser:
+    """``avrec ingest``."""
     p = sub.add_parser("ingest", help="raw data -> offline tables")
     p.add_argument("--movielens", help="MovieLens-latest directory (default: shared dataset)")
     p.add_argument("--posters", help="directory of <movieId>.jpg posters")
@@ -381,15 +372,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", help="generic items.csv (with --events)")
     p.add_argument("--out", help="offline directory (default: $AVREC_DATA_DIR/offline)")
     p.set_defaults(func=cmd_ingest)
+    return p
 
+
+def register_features(sub: Subparsers) -> argparse.ArgumentParser:
+    """``avrec features``."""
     p = sub.add_parser("features", help="behaviour features -> offline tables")
     p.add_argument("--offline", help="offline directory")
     p.add_argument("--as-of", type=parse_time, default=None, help="last change point (default now)")
     _engine_options(p, ["polars", "spark"], "polars")
     p.set_defaults(func=cmd_features)
+    return p
 
-    sub.add_parser("apply", help="feast apply").set_defaults(func=cmd_apply)
 
+def register_apply(sub: Subparsers) -> argparse.ArgumentParser:
+    """``avrec apply``."""
+    p = sub.add_parser("apply", help="feast apply")
+    p.set_defaults(func=cmd_apply)
+    return p
+
+
+def register_materialize(sub: Subparsers) -> argparse.ArgumentParser:
+    """``avrec materialize``."""
     p = sub.add_parser("materialize", help="offline -> Redis")
     p.add_argument("--start", type=parse_time, help="default: incremental from last run")
     p.add_argument("--end", type=parse_time, help="default: now")
@@ -397,7 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_options(p, ["local", "spark"], "local",
                     "spark: Feast's Spark compute engine (batch_engine spark.engine)")
     p.set_defaults(func=cmd_materialize)
+    return p
 
+
+def register_training_set(sub: Subparsers) -> argparse.ArgumentParser:
+    """``avrec training-set``."""
     p = sub.add_parser("training-set", help="point-in-time training set -> Parquet")
     p.add_argument("--start", type=parse_time, required=True)
     p.add_argument("--end", type=parse_time, required=True)
@@ -415,62 +423,58 @@ def build_parser() -> argparse.ArgumentParser:
                     "duckdb: native ASOF joins, identical values to feast, ~20x faster")
     p.add_argument("--out", required=True, help="output .parquet")
     p.set_defaults(func=cmd_training_set)
+    return p
 
+
+def register_online(sub: Subparsers) -> argparse.ArgumentParser:
+    """``avrec online``."""
     p = sub.add_parser("online", help="a few entities' online features, TTL enforced")
     p.add_argument("ids", nargs="+", type=int)
     p.add_argument("--view", default="user_behaviour")
     p.add_argument("--now", type=parse_time, default=None, help="reader clock (default now)")
     p.set_defaults(func=cmd_online)
+    return p
 
-    for name in DELEGATED:
-        sub.add_parser(name, help=f"see `avrec {name} --help`", add_help=False)
 
+def register_demo(sub: Subparsers) -> argparse.ArgumentParser:
+    """``avrec demo``."""
     p = sub.add_parser("demo", help="the main job on the embedded default dataset")
     p.add_argument("--engine", choices=["feast", "duckdb"], default="duckdb")
     p.add_argument("--skip-embed", action="store_true")
     p.add_argument("--port", type=int, default=50051, help="port of the demo's ranking service")
     p.add_argument("--web-port", type=int, default=8080, help="port of the demo's web page")
     p.set_defaults(func=cmd_demo)
+    return p
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``avrec``: every subcommand is listed, but a job's own subparser (its
+    module's ``register``) is built only when it is ``command``: the others are placeholders
+    that accept any arguments, so listing them imports nothing heavy."""
+    parser = top_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = subparsers(parser)
+    for register in (register_redis, register_ingest, register_features, register_apply,
+                     register_materialize, register_training_set, register_online):
+        register(sub)
+    for name, (_, text) in JOBS.items():
+        if name == command:
+            job_module(name).register(sub)
+        else:
+            sub.add_parser(name, help=text, add_help=False)
+    register_demo(sub)
     return parser
-
-
-GLOBAL_VALUE_OPTIONS = ("--redis-url",)  # global options that take a value
-
-
-def split_global_options(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(global options, the subcommand and its arguments).
-
-    >>> split_global_options(["--redis-url", "redis://h:1/0", "train", "--epochs", "2"])
-    (['--redis-url', 'redis://h:1/0'], ['train', '--epochs', '2'])
-    """
-    for i, token in enumerate(argv):
-        takes_value = i > 0 and argv[i - 1] in GLOBAL_VALUE_OPTIONS
-        if not token.startswith("-") and not takes_value:
-            return argv[:i], argv[i:]
-    return argv, []
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``avrec`` console script.
 
-    Global options come before the subcommand and hold for every subcommand: the delegated
-    ones (``train``, ``evaluate``, ``serve``, ...) read ``--redis-url`` as ``$REDIS_URL``.
-    Errors a user can fix print one line and exit with 2.
+    Parsed in two steps: the first finds the subcommand, the second parses the whole line
+    with that subcommand's own subparser, so global options (before the subcommand) hold for
+    every subcommand. Errors a user can fix print one line and exit with 2.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    head, rest = split_global_options(argv)
-    command = rest[0] if rest else ""
-    try:
-        if command in DELEGATED:
-            options = global_options_parser().parse_args(head)
-            if options.redis_url:
-                os.environ["REDIS_URL"] = options.redis_url
-            return run_delegated(command, rest[1:])
-        args = build_parser().parse_args(argv)
-        return args.func(args)
-    except (AvrecError, FileNotFoundError, ValueError) as exc:
-        print(f"avrec {command}: error: {exc}", file=sys.stderr)
-        return 2
+    chosen, _ = build_parser().parse_known_args(argv)
+    return commands.run(build_parser(chosen.command).parse_args(argv))
 
 
 if __name__ == "__main__":

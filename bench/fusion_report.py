@@ -18,8 +18,8 @@ from dataclasses import replace
 import numpy as np
 
 from avrec import tables
+from avrec.commands import parse_time
 from encoders import fusion_evaluation, fusion_fit, fusion_training
-from encoders.mixed_job import parse_time
 
 
 def main(argv: list[str] | None = None) -> int:

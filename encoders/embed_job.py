@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from avrec import tables
+from avrec import commands, tables
+from avrec.commands import Subparsers
 from avrec.onnx_runtime import THREADS_ENV
 from encoders import item_text
 
@@ -333,9 +334,9 @@ def _write(frame: pl.DataFrame, out_path: Path) -> None:
     os.replace(tmp, out_path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def register(subparsers: Subparsers) -> argparse.ArgumentParser:
     """``avrec embed``: embed the catalogue's text and posters into the offline table."""
-    parser = argparse.ArgumentParser(prog="avrec embed", description=main.__doc__)
+    parser = subparsers.add_parser("embed", description=register.__doc__)
     parser.add_argument("--items", type=Path, help="items parquet (default: offline items table)")
     parser.add_argument("--out", type=Path, help="output parquet (default: offline item_encodings)")
     parser.add_argument("--backend", choices=BACKENDS, default="minilm", help="text encoder")
@@ -345,13 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
     parser.add_argument("--model-cache", type=Path, help="exported-model cache directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``avrec embed`` with its parsed options."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        items = pl.read_parquet(args.items) if args.items else tables.read_table("items")
-    except FileNotFoundError as exc:
-        print(f"avrec embed: {exc}", file=sys.stderr)
-        return 2
+    items = pl.read_parquet(args.items) if args.items else tables.read_table("items")
     if args.limit is not None:
         items = items.sort("item_id").head(args.limit)
     report = run_embed(
@@ -367,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(report.summary())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``avrec embed`` from ``argv`` (tests, ``python -m encoders.embed_job``)."""
+    return commands.main(register, argv)
 
 
 if __name__ == "__main__":

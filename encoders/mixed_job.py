@@ -30,7 +30,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from avrec import config, tables
+from avrec import commands, config, tables
+from avrec.commands import Subparsers, parse_time
 from avrec.onnx_runtime import OnnxModel
 from encoders import co_consumption, fusion, fusion_evaluation, fusion_fit, fusion_training
 from encoders.fusion_training import DEFAULT_PAIRS, DEFAULT_TRAIN
@@ -57,12 +58,6 @@ ITEM_EMBEDDINGS_SCHEMA: dict[str, pl.DataType] = {
 def models_root() -> Path:
     """``<data_dir>/models/fusion``: one subdirectory per embedding version."""
     return config.data_dir() / "models" / "fusion"
-
-
-def parse_time(text: str) -> datetime:
-    """An ISO date or datetime; naive values are UTC."""
-    value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def end_of_data(events: pl.DataFrame) -> datetime:
@@ -265,9 +260,9 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",") if v.strip())
 
 
-def main(argv: list[str] | None = None) -> int:
+def register(subparsers: Subparsers) -> argparse.ArgumentParser:
     """``avrec fuse``: learn mixed item embeddings and write ``offline/item_embeddings``."""
-    parser = argparse.ArgumentParser(prog="avrec fuse", description=main.__doc__)
+    parser = subparsers.add_parser("fuse", description=register.__doc__)
     parser.add_argument(
         "--cutoff", type=parse_time, help="train on events strictly before (default: end of data)"
     )
@@ -290,41 +285,40 @@ def main(argv: list[str] | None = None) -> int:
         "--ablations", action="store_true", help="also score learned single-modality projections"
     )
     parser.add_argument("--threads", type=int, help="torch/onnxruntime threads (default: all)")
-    args = parser.parse_args(argv)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``avrec fuse`` with its parsed options."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        events = pl.read_parquet(args.events) if args.events else tables.read_table("events")
-        items = pl.read_parquet(args.items) if args.items else tables.read_table("items")
-        encodings_path = args.encodings or tables.table_path(ENCODINGS_TABLE)
-        if not Path(encodings_path).exists():
-            raise FileNotFoundError(f"{encodings_path} not found; run `avrec embed` first")
-        encodings = pl.read_parquet(encodings_path)
-    except FileNotFoundError as exc:
-        print(f"avrec fuse: {exc}", file=sys.stderr)
-        return 2
-    try:
-        report = run_fuse(
-            events,
-            items,
-            encodings,
-            args.cutoff,
-            args.out,
-            args.models_dir,
-            train_config=fusion_fit.TrainConfig(epochs=args.epochs, seed=args.seed),
-            pair_config=co_consumption.PairConfig(
-                args.min_rating, timedelta(hours=args.max_gap_hours)
-            ),
-            a_grid=args.a_grid,
-            ablations=args.ablations,
-            threads=args.threads,
-        )
-    except co_consumption.NotEnoughDataError as exc:
-        print(f"avrec fuse: {exc}", file=sys.stderr)
-        return 2
+    events = pl.read_parquet(args.events) if args.events else tables.read_table("events")
+    items = pl.read_parquet(args.items) if args.items else tables.read_table("items")
+    encodings_path = args.encodings or tables.table_path(ENCODINGS_TABLE)
+    if not Path(encodings_path).exists():
+        raise FileNotFoundError(f"{encodings_path} not found; run `avrec embed` first")
+    report = run_fuse(
+        events,
+        items,
+        pl.read_parquet(encodings_path),
+        args.cutoff,
+        args.out,
+        args.models_dir,
+        train_config=fusion_fit.TrainConfig(epochs=args.epochs, seed=args.seed),
+        pair_config=co_consumption.PairConfig(args.min_rating, timedelta(hours=args.max_gap_hours)),
+        a_grid=args.a_grid,
+        ablations=args.ablations,
+        threads=args.threads,
+    )
     print(report.summary())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``avrec fuse`` from ``argv`` (tests, ``python -m encoders.mixed_job``)."""
+    return commands.main(register, argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from avrec import tables
+from avrec import commands, tables
+from avrec.commands import Subparsers
 from encoders.item_text import display_title
 
 DEFAULT_NAMES = ("Toy Story", "Heat", "Alien")
@@ -236,9 +237,9 @@ def _parse_source(spec: str) -> EmbeddingSource:
     return EmbeddingSource(kind, column, Path(path))
 
 
-def main(argv: list[str] | None = None) -> int:
+def register(subparsers: Subparsers) -> argparse.ArgumentParser:
     """``avrec neighbours``: nearest neighbours of named items and genre agreement."""
-    parser = argparse.ArgumentParser(prog="avrec neighbours", description=main.__doc__)
+    parser = subparsers.add_parser("neighbours", description=register.__doc__)
     parser.add_argument("names", nargs="*", default=list(DEFAULT_NAMES), help="item titles")
     parser.add_argument("--encodings", type=Path, help="item_encodings parquet (default: offline)")
     parser.add_argument("--items", type=Path, help="items parquet (default: offline items)")
@@ -259,21 +260,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", type=int, default=5, help="neighbours shown per item")
     parser.add_argument("--agreement-k", type=int, default=10, help="k for genre agreement")
     parser.add_argument("--no-agreement", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        items = pl.read_parquet(args.items) if args.items else tables.read_table("items")
-        encodings = args.encodings or tables.table_path(ENCODINGS_TABLE)
-        if not Path(encodings).exists():
-            raise FileNotFoundError(f"{encodings} not found; run `avrec embed` first")
-    except FileNotFoundError as exc:
-        print(f"avrec neighbours: {exc}", file=sys.stderr)
-        return 2
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``avrec neighbours`` with its parsed options."""
+    items = pl.read_parquet(args.items) if args.items else tables.read_table("items")
+    encodings = args.encodings or tables.table_path(ENCODINGS_TABLE)
+    if not Path(encodings).exists():
+        raise FileNotFoundError(f"{encodings} not found; run `avrec embed` first")
     kinds = set(args.kind or ["text", "image"])
     sources = [s for s in DEFAULT_SOURCES if s.kind in kinds] + args.source
     indexes = [EmbeddingIndex.from_source(s, encodings) for s in sources]
     agreement_k = None if args.no_agreement else args.agreement_k
     print(neighbours_report(items, indexes, args.names, args.k, agreement_k))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``avrec neighbours`` from ``argv`` (tests, ``python -m encoders.neighbours``)."""
+    return commands.main(register, argv)
 
 
 if __name__ == "__main__":

@@ -675,10 +675,10 @@ class _FittedVectorsTwoTower(Recommender):
         return self.inner._score(user_ids, as_of)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """The ``avrec evaluate`` options."""
-    parser = argparse.ArgumentParser(
-        prog="avrec evaluate", description="Offline evaluation of recommenders on temporal splits."
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """``avrec evaluate`` and its options (``subparsers``: :mod:`avrec.commands`)."""
+    parser = subparsers.add_parser(
+        "evaluate", description="Offline evaluation of recommenders on temporal splits."
     )
     parser.add_argument("--out", type=Path, help="report directory (default: DATA/evaluation)")
     parser.add_argument("--split", choices=["per-user", "global", "both"], default="both")
@@ -703,7 +703,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--explore-tolerance", type=float, default=EXPLORE_TOLERANCE,
                         help="share of validation NDCG@max(k) the hybrid may spend on "
                         "exploration slots for new items (the operating point)")
-    return parser.parse_args(argv)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The ``avrec evaluate`` options from ``argv``."""
+    from avrec import commands
+
+    return commands.parse_args(register, argv)
 
 
 def build_splits(events: pl.DataFrame, args: argparse.Namespace) -> list[Split]:
@@ -735,11 +743,10 @@ def check_preconditions(names: Sequence[str], offline: Path) -> None:
                                     f"at {registry}; run `avrec features && avrec apply` first")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
     """``avrec evaluate``: evaluate the baselines, write report.json / report.md / report.png."""
     from ranker import report as report_io
 
-    args = parse_args(argv)
     offline = args.offline or config.offline_dir()
     encodings = args.encodings or tables.table_path("item_encodings", offline)
     if args.models:
@@ -779,6 +786,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {path}")
     print(report_io.markdown(report))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``avrec evaluate`` from ``argv`` (tests, ``python -m ranker.evaluation``)."""
+    from avrec import commands
+
+    return commands.main(register, argv)
 
 
 if __name__ == "__main__":

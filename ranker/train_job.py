@@ -33,8 +33,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from avrec import behaviour_features, config, tables
-from avrec.cli import parse_time
+from avrec import behaviour_features, commands, config, tables
+from avrec.commands import Subparsers, parse_time
 from ranker.contract import ranker_contract
 from ranker.deep_ranker import DeepRanker
 from ranker.export import (
@@ -260,12 +260,10 @@ def train(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``avrec train`` options."""
-    parser = argparse.ArgumentParser(
-        prog="avrec train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def register(subparsers: Subparsers) -> argparse.ArgumentParser:
+    """``avrec train`` and its options."""
+    parser = subparsers.add_parser(
+        "train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--vectors", choices=sorted(VECTOR_SOURCES), default="mixed")
     parser.add_argument("--start", type=parse_time, help="first label time (default: all)")
@@ -285,7 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-hybrid", action="store_true", help="skip the hybrid ranker")
     parser.add_argument("--hybrid-grids", choices=["full", "quick"], default="full",
                         help="hyperparameter grids of the hybrid's generators")
-    args = parser.parse_args(argv)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``avrec train`` with its parsed options."""
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -319,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{describe_exploration(info['exploration'])}, {info['seconds']} s)")
         print(f"    generators chosen on validation: {chosen}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``avrec train`` from ``argv`` (tests, ``python -m ranker.train_job``)."""
+    return commands.main(register, argv)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,16 @@ import signal
 import sys
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from avrec import commands, tables
 from avrec import config as avrec_config
-from avrec import tables
+from avrec.commands import Subparsers
 from avrec.redis_client import connect
 from ranker.contract import ITEM_SERVICE, USER_SERVICE, service_fields
 from ranker.export import latest_model_dir
@@ -166,9 +167,9 @@ def serve(config: ServeConfig) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def register(subparsers: Subparsers) -> argparse.ArgumentParser:
     """``avrec serve`` options (each overrides the config file and AVREC_SERVE_* variables)."""
-    parser = argparse.ArgumentParser(prog="avrec serve", description=__doc__)
+    parser = subparsers.add_parser("serve", description=__doc__)
     parser.add_argument("--config", type=Path, help="YAML file of ServeConfig settings")
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
@@ -178,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: data/models/ranker)")
     parser.add_argument("--model-watch-seconds", type=float,
                         help="how often LATEST is read (0: only on SIGHUP)")
-    parser.add_argument("--redis-url")
+    parser.add_argument("--redis-url", default=argparse.SUPPRESS,
+                        help="default: avrec's global --redis-url, then $REDIS_URL")
     parser.add_argument("--clock", help="replay clock start (ISO time); default: wall clock")
     parser.add_argument("--metrics-port", type=int)
     parser.add_argument("--max-candidates", type=int)
@@ -189,16 +191,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=1,
                         help="start N identical servers on consecutive ports from --port "
                         "(0: free ports) and print their client target (server/replicas.py)")
-    args = parser.parse_args(argv)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``avrec serve`` with its parsed options."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "replicas")}
+    settings = {f.name for f in fields(ServeConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in settings and v is not None}
     config = load_config(args.config, overrides)
     if args.replicas > 1:
         from server import replicas
 
-        return replicas.run(config, args.replicas, replicas.without_replicas(
-            sys.argv[1:] if argv is None else argv))
+        return replicas.run(config, args.replicas, replicas.replica_options(args.config, overrides))
     return serve(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``avrec serve`` from ``argv`` (tests, ``python -m server.app``, each replica)."""
+    return commands.main(register, argv)
 
 
 if __name__ == "__main__":

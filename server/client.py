@@ -26,6 +26,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from avrec import commands
+from avrec.commands import Subparsers
 from server.protocol import SERVICE_NAME, ranking_pb2, ranking_pb2_grpc
 
 # Reads are retried on UNAVAILABLE (a replica gone or going away: the next attempt is picked
@@ -163,9 +165,9 @@ def format_answer(answer: ranking_pb2.RankResponse) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def register(subparsers: Subparsers) -> argparse.ArgumentParser:
     """``avrec recommend USER`` or ``avrec recommend USER --candidates ID ...`` (Rank)."""
-    parser = argparse.ArgumentParser(prog="avrec recommend", description=main.__doc__)
+    parser = subparsers.add_parser("recommend", description=register.__doc__)
     parser.add_argument("user_id", type=int)
     parser.add_argument("--target", default="127.0.0.1:50051",
                         help="HOST:PORT, or several replicas: ipv4:HOST:PORT,HOST:PORT")
@@ -175,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--diversity", type=float, default=0.0, help="MMR lambda (0 = off)")
     parser.add_argument("--token-file", type=Path)
     parser.add_argument("--root-cert", type=Path, help="CA certificate for TLS")
-    args = parser.parse_args(argv)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``avrec recommend`` with its parsed options."""
     token = args.token_file.read_text().strip() if args.token_file else None
     cert = args.root_cert.read_bytes() if args.root_cert else None
     with RankingClient(args.target, token, cert) as client:
@@ -190,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     print(format_answer(answer))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``avrec recommend`` from ``argv`` (tests, ``python -m server.client``)."""
+    return commands.main(register, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from server.config import ServeConfig
 
@@ -92,17 +95,17 @@ class Replicas:
                 process.wait()
 
 
-def without_replicas(argv: list[str]) -> list[str]:
-    """``argv`` less its ``--replicas N`` / ``--replicas=N`` (what each replica is given)."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--replicas":
-            skip = True
-        elif not arg.startswith("--replicas="):
-            kept.append(arg)
-    return kept
+def replica_options(config_file: Path | None, overrides: Mapping[str, Any]) -> list[str]:
+    """The ``avrec serve`` options each replica is given: the config file and the settings
+    given on the command line (``--replicas`` is not one).
+
+    >>> replica_options(Path("s.yaml"), {"clock": "2018-09-25", "port": 9})
+    ['--config', 's.yaml', '--clock', '2018-09-25', '--port', '9']
+    """
+    argv = ["--config", str(config_file)] if config_file else []
+    for name, value in overrides.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
 
 
 

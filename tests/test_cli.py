@@ -56,7 +56,7 @@ def test_parse_time_defaults_to_utc() -> None:
     assert cli.parse_time("2018-01-01T02:00:00+02:00").hour == 0
 
 
-def test_global_options_hold_for_delegated_subcommands(monkeypatch: pytest.MonkeyPatch,
+def test_global_options_hold_for_job_subcommands(monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture) -> None:
     monkeypatch.delenv("REDIS_URL", raising=False)
     url = "redis://127.0.0.1:6390/3"
@@ -66,3 +66,51 @@ def test_global_options_hold_for_delegated_subcommands(monkeypatch: pytest.Monke
     assert cli.config.redis_url() == url
     assert cli.main(["--redis-url", url, "training-set", "--start", "2018-03-01",
                      "--end", "2018-01-01", "--out", "x.parquet"]) == 2
+
+
+def test_a_job_subcommand_gets_the_global_options_and_the_one_error_path(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from web import serve
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    url = "redis://127.0.0.1:1/0"
+    seen = []
+
+    def handler(args) -> int:
+        seen.append((args.redis_url, cli.config.redis_url(), args.port))
+        raise ValueError("no service at the target")
+
+    monkeypatch.setattr(serve, "run", handler)
+    assert cli.main(["--redis-url", url, "web", "--port", "9"]) == 2
+    assert seen == [(url, url, 9)]
+    assert capsys.readouterr().err.splitlines() == ["avrec web: error: no service at the target"]
+
+
+def test_a_job_subcommand_shows_its_own_options_and_errors(
+        capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["web", "--help"])
+    assert exit_.value.code == 0 and "--top-k" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--redis-url", "redis://h:1/0", "web", "--top-k", "0"])
+    assert exit_.value.code == 2 and "between 1 and 50" in capsys.readouterr().err
+
+
+def test_the_serve_subcommand_keeps_its_own_redis_url() -> None:
+    args = cli.build_parser("serve").parse_args(["--redis-url", "redis://a:1/0", "serve"])
+    assert args.redis_url == "redis://a:1/0" and args.command == "serve"
+    args = cli.build_parser("serve").parse_args(
+        ["--redis-url", "redis://a:1/0", "serve", "--redis-url", "redis://b:2/0"])
+    assert args.redis_url == "redis://b:2/0"
+
+
+def test_help_imports_no_job_module() -> None:
+    code = ("import sys; from avrec import cli\n"
+            "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'feast', 'ranker', 'encoders', 'server') "
+            "if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "train" in done.stdout and "the rankers" in done.stdout

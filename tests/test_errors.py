@@ -51,21 +51,7 @@ def test_the_cli_turns_any_avrec_error_into_one_line_and_exit_2(monkeypatch, cap
     def failing(args):
         raise StoreUnavailableError("nothing answers at redis://127.0.0.1:1/0")
 
-    parser = cli.build_parser()
-    args = parser.parse_args(["redis"])
-    monkeypatch.setattr(cli, "build_parser", lambda: _Fixed(args, failing))
+    monkeypatch.setattr(cli, "cmd_redis", failing)
     assert cli.main(["redis"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["avrec redis: error: nothing answers at redis://127.0.0.1:1/0"]
-
-
-class _Fixed:
-    """A parser whose parse gives fixed arguments bound to ``func``."""
-
-    def __init__(self, args, func) -> None:
-        self.args, self.func = args, func
-
-    def parse_args(self, argv):
-        self.args.func = self.func
-        return self.args
-

@@ -179,15 +179,21 @@ def test_hybrids_bring_their_generators_in_front() -> None:
 
 
 def test_missing_inputs_fail_before_any_work(tmp_path: Path, ml_offline: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture) -> None:
+    def run(*argv: str) -> int:
+        return evaluation.run(evaluation.parse_args(argv))
+
     with pytest.raises(FileNotFoundError, match="avrec ingest"):
-        evaluation.main(["--offline", str(tmp_path), "--models", "popularity"])
+        run("--offline", str(tmp_path), "--models", "popularity")
     monkeypatch.setenv("AVREC_DATA_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="avrec apply"):
-        evaluation.main(["--offline", str(ml_offline), "--models", "popularity,deep-text"])
+        run("--offline", str(ml_offline), "--models", "popularity,deep-text")
     with pytest.raises(FileNotFoundError, match="encodings"):
-        evaluation.main(["--offline", str(ml_offline), "--models", "hybrid-text",
-                         "--encodings", str(tmp_path / "none.parquet")])
+        run("--offline", str(ml_offline), "--models", "hybrid-text",
+            "--encodings", str(tmp_path / "none.parquet"))
+    assert evaluation.main(["--offline", str(tmp_path), "--models", "popularity"]) == 2
+    assert capsys.readouterr().err.startswith("avrec evaluate: error: no events, items table")
     assert not list(tmp_path.iterdir())  # nothing written
 
 

@@ -94,14 +94,14 @@ def test_unavailable_is_retried_on_reads_and_not_on_log_events(two) -> None:
 
 
 def test_replica_ports_targets_and_argv() -> None:
-    from server.replicas import ports_for, replica_command, target_of, without_replicas
+    from server.replicas import ports_for, replica_command, replica_options, target_of
 
     assert ports_for(3, 50051) == [50051, 50052, 50053]
     assert len(set(ports_for(4, 0))) == 4
     assert target_of("0.0.0.0", [1, 2]) == "ipv4:127.0.0.1:1,127.0.0.1:2"
     assert target_of("::1", [3]) == "ipv6:[::1]:3"
-    argv = without_replicas(["--replicas", "3", "--clock", "x", "--replicas=2", "--port", "9"])
-    assert argv == ["--clock", "x", "--port", "9"]
+    argv = replica_options(None, {"clock": "x", "port": 9, "model_watch_seconds": 0.5})
+    assert argv == ["--clock", "x", "--port", "9", "--model-watch-seconds", "0.5"]
     assert replica_command(argv, 7, 8)[-4:] == ["--port", "7", "--metrics-port", "8"]
 
 
