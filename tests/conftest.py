@@ -22,6 +22,9 @@ from tests.serving_stack import (  # noqa: F401  (the session's serving stacks, 
     stack,
 )
 
+# helper modules whose plain asserts should explain themselves as a test module's do
+pytest.register_assert_rewrite("tests.recommender_contract")
+
 DATASETS = config.datasets_dir()
 MOVIELENS = DATASETS / "ml-latest-small"
 POSTERS = DATASETS / "posters"

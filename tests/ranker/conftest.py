@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pytest
 
 from avrec import config, ingest, tables
 from ranker.splits import Split, per_user_split
+from tests.recommender_contract import ContractData, contract_slice
 
 MOVIELENS = config.datasets_dir() / "ml-latest-small"
 
@@ -40,18 +39,7 @@ def ml_split(ml_events: pl.DataFrame) -> Split:
     return per_user_split(ml_events)
 
 
-@dataclass(frozen=True)
-class ContractData:
-    """Real training interactions (a slice of users) and the whole real catalogue."""
-
-    train: pl.DataFrame
-    items: pl.DataFrame
-    users: np.ndarray  # users with history, in an unsorted order
-
-
 @pytest.fixture(scope="session")
 def contract_data(ml_split: Split, ml_items: pl.DataFrame) -> ContractData:
-    users = np.sort(ml_split.train["user_id"].unique().to_numpy())[:150]
-    train = ml_split.train.filter(pl.col("user_id").is_in(users.tolist()))
-    order = np.random.default_rng(0).permutation(users.size)[:40]
-    return ContractData(train, ml_items, users[order])
+    """The data of the shared recommender contract (:mod:`tests.recommender_contract`)."""
+    return contract_slice(ml_split.train, ml_items)

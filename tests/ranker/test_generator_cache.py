@@ -10,7 +10,7 @@ import polars as pl
 from ranker.baselines import ContentKNN, ItemKNN
 from ranker.generator_cache import GeneratorCache
 from ranker.history_scorers import History
-from tests.ranker.conftest import ContractData
+from tests.recommender_contract import ContractData
 
 
 def _scores(scorer, data: ContractData) -> np.ndarray:

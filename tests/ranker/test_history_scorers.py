@@ -21,7 +21,7 @@ from ranker.history_scorers import (
     load_scorer,
     save_scorer,
 )
-from tests.ranker.conftest import ContractData
+from tests.recommender_contract import ContractData
 
 
 def _histories(data: ContractData, users: np.ndarray, item_ids: np.ndarray) -> list[History]:

@@ -33,8 +33,7 @@ from ranker.hybrid_features import (
 from ranker.hybrid_pipeline import HybridPipeline, PipelineError, ServedUser
 from ranker.item_history import ItemTimeline
 from ranker.recommender import Recommender
-from tests.ranker.conftest import ContractData
-from tests.ranker.test_recommender_contract import RecommenderContract
+from tests.recommender_contract import ContractData, RecommenderContract
 
 T0 = datetime(2020, 1, 1, tzinfo=UTC)
 

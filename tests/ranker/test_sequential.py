@@ -19,8 +19,7 @@ from ranker.sequential import (
     rating_buckets,
     training_windows,
 )
-from tests.ranker.conftest import ContractData
-from tests.ranker.test_recommender_contract import RecommenderContract
+from tests.recommender_contract import ContractData, RecommenderContract
 
 
 def _sequences(lengths: list[int]) -> UserSequences:

@@ -12,8 +12,8 @@ from avrec import behaviour_features
 from ranker.hybrid_pipeline import item_stats
 from ranker.item_history import ItemTimeline
 from ranker.served import ItemRowsAsOf, ServedRecommender
-from tests.ranker.conftest import ContractData
 from tests.ranker.test_hybrid import _hybrid
+from tests.recommender_contract import ContractData
 
 
 def test_item_rows_as_of_a_cut_equal_the_timeline_the_hybrid_trains_on(

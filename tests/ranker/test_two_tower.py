@@ -27,8 +27,7 @@ from ranker.two_tower import (
     in_batch_loss,
     positive_rows,
 )
-from tests.ranker.conftest import ContractData
-from tests.ranker.test_recommender_contract import RecommenderContract
+from tests.recommender_contract import ContractData, RecommenderContract
 
 VECTOR_DIM = 32
 EMBEDDING_VERSION = "genre-projection-v1"
