@@ -31,6 +31,7 @@ import numpy as np
 import polars as pl
 
 from avrec import tables
+from avrec.names import ITEM_BEHAVIOUR, USER_BEHAVIOUR, USER_HISTORY
 
 WINDOWS: dict[str, timedelta] = {
     "1d": timedelta(days=1),
@@ -254,9 +255,9 @@ def write(features: BehaviourTables, out_dir: Path) -> dict[str, int]:
     vocabulary; row counts."""
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
-    written = [("user_behaviour", features.user), ("item_behaviour", features.item)]
+    written = [(USER_BEHAVIOUR, features.user), (ITEM_BEHAVIOUR, features.item)]
     if features.history is not None:
-        written.append(("user_history", features.history))
+        written.append((USER_HISTORY, features.history))
     for name, frame in written:
         path = tables.table_path(name, out_dir)
         tmp = path.with_suffix(".parquet.tmp")

@@ -33,6 +33,7 @@ from types import ModuleType
 
 from avrec import commands, config
 from avrec.commands import Subparsers, parse_time, subparsers, top_parser
+from avrec.names import BEHAVIOUR_FEATURES, ITEM_EMBEDDINGS_TABLE, RANKER_FEATURES, USER_BEHAVIOUR
 
 
 def _step(name: str) -> Callable[[], None]:
@@ -231,8 +232,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     feature_store.reset_online(feature_store.get_store(status.url), status.url)
     feature_store.materialize(start=feature_store.EPOCH, end=replay_now, redis_url=status.url)
     done()
-    with_vectors = tables.table_path("item_embeddings").exists()
-    service = "ranker_features" if with_vectors else "behaviour_features"
+    with_vectors = tables.table_path(ITEM_EMBEDDINGS_TABLE).exists()
+    service = RANKER_FEATURES if with_vectors else BEHAVIOUR_FEATURES
     done = _step(f"point-in-time training set 2017-01-01 .. 2018-01-01 ({service})")
     spec = training_set.TrainingSetSpec(
         start=datetime(2017, 1, 1, tzinfo=UTC),
@@ -254,7 +255,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("==> online features from Redis (reader clock 2018-09-25, TTL enforced)")
     cmd_online(
         argparse.Namespace(
-            redis_url=status.url, view="user_behaviour", ids=[1, 414, 610], now=replay_now
+            redis_url=status.url, view=USER_BEHAVIOUR, ids=[1, 414, 610], now=replay_now
         )
     )
     if not embeddings:
@@ -418,7 +419,7 @@ def register_training_set(sub: Subparsers) -> argparse.ArgumentParser:
         help="drop ratings below the threshold instead of labelling them 0",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--feature-service", default="ranker_features")
+    p.add_argument("--feature-service", default=RANKER_FEATURES)
     _engine_options(p, ["feast", "duckdb", "spark"], "duckdb",
                     "duckdb: native ASOF joins, identical values to feast, ~20x faster")
     p.add_argument("--out", required=True, help="output .parquet")
@@ -430,7 +431,7 @@ def register_online(sub: Subparsers) -> argparse.ArgumentParser:
     """``avrec online``."""
     p = sub.add_parser("online", help="a few entities' online features, TTL enforced")
     p.add_argument("ids", nargs="+", type=int)
-    p.add_argument("--view", default="user_behaviour")
+    p.add_argument("--view", default=USER_BEHAVIOUR)
     p.add_argument("--now", type=parse_time, default=None, help="reader clock (default now)")
     p.set_defaults(func=cmd_online)
     return p

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from avrec.errors import AvrecError
+from avrec.names import ITEM_EMBEDDING
 
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
@@ -91,7 +92,7 @@ def read_item_embeddings(
     an answer mixing them would compare vectors from two different spaces, so it is refused
     (the caller retries, or serves from its cached version).
     """
-    frame = read_view(store, "item_embedding", ids, now)
+    frame = read_view(store, ITEM_EMBEDDING, ids, now)
     versions = frame.filter(pl.col("fresh"))["embedding_version"].unique().to_list()
     if len(versions) > 1:
         raise MixedVersionsError(f"item embeddings of several versions in one answer: {versions}")

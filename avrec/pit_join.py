@@ -42,13 +42,13 @@ from typing import TYPE_CHECKING
 import duckdb
 import polars as pl
 
+from avrec.names import DAY_US
 from avrec.training_set import FEATURE_LAG, TrainingSetError
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
 LABEL_TIME = "label_timestamp"
-DAY_US = 86_400_000_000
 # Ages in days derived at the label time from timestamp features, bit-identical to
 # training_set._derive_ages: polars divides by a scalar as a product with its reciprocal.
 DERIVED_AGES: dict[str, str] = {

@@ -31,13 +31,14 @@ import polars as pl
 
 from avrec import tables
 from avrec.errors import InputError
+from avrec.names import DAY_US, RANKER_FEATURES
 
 if TYPE_CHECKING:
     import pandas as pd
     from feast import FeatureStore
 
 FEATURE_LAG = timedelta(microseconds=1)
-FEATURE_SERVICE = "ranker_features"
+FEATURE_SERVICE = RANKER_FEATURES
 LABEL_COLUMNS = ["user_id", "item_id", "label_timestamp", "label", "sample_type"]
 Sampling = Literal["uniform", "popularity"]
 Engine = Literal["feast", "duckdb", "spark"]
@@ -212,21 +213,20 @@ def entity_frame(labels: pl.DataFrame) -> pd.DataFrame:
 
 
 def _derive_ages(frame: pl.DataFrame) -> pl.DataFrame:
-    day = 86_400_000_000
     label_ts = pl.col("label_timestamp")
     derived = []
     if "user_behaviour__last_interaction_at" in frame.columns:
         derived.append(
             (
                 (label_ts - pl.col("user_behaviour__last_interaction_at")).dt.total_microseconds()
-                / day
+                / DAY_US
             ).alias("days_since_last_interaction")
         )
     if "item_behaviour__first_interaction_at" in frame.columns:
         derived.append(
             (
                 (label_ts - pl.col("item_behaviour__first_interaction_at")).dt.total_microseconds()
-                / day
+                / DAY_US
             ).alias("item_age_days")
         )
     return frame.with_columns(derived)

@@ -32,6 +32,7 @@ import torch
 
 from avrec import commands, config, tables
 from avrec.commands import Subparsers, parse_time
+from avrec.names import ITEM_EMBEDDINGS_TABLE
 from avrec.onnx_runtime import OnnxModel
 from encoders import co_consumption, fusion, fusion_evaluation, fusion_fit, fusion_training
 from encoders.fusion_training import DEFAULT_PAIRS, DEFAULT_TRAIN
@@ -39,7 +40,7 @@ from encoders.onnx_export import Parity, compare
 
 log = logging.getLogger(__name__)
 
-TABLE = "item_embeddings"
+TABLE = ITEM_EMBEDDINGS_TABLE
 ENCODINGS_TABLE = "item_encodings"
 GATED_FILE = "fusion.onnx"
 ASUM_FILE = "fusion_asum.onnx"

@@ -28,13 +28,13 @@ import torch
 from torch import nn
 
 from avrec import config
+from avrec.names import OPSET
 from avrec.onnx_runtime import CPU_EP, OnnxModel
 from encoders import ENCODER_VERSION, image_encoder, model_cache, text_encoder
 
 log = logging.getLogger(__name__)
 
 MIN_COSINE = 0.9999
-OPSET = 18
 
 SAMPLE_TEXTS = (
     "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy. Tags: pixar, fun",

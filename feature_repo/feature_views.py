@@ -18,6 +18,8 @@ from datetime import timedelta
 from feast import FeatureView, Field
 from feast.types import Array, Bool, Float32, Float64, Int64, String, UnixTimestamp
 
+from avrec.names import ITEM_BEHAVIOUR, ITEM_EMBEDDING, USER_BEHAVIOUR, USER_HISTORY
+
 from data_sources import (
     item_behaviour_source,
     item_embedding_source,
@@ -31,7 +33,7 @@ ITEM_TTL = timedelta(0)  # no expiry (see the module docstring)
 EMBEDDING_TTL = timedelta(days=3650)
 
 user_behaviour = FeatureView(
-    name="user_behaviour",
+    name=USER_BEHAVIOUR,
     entities=[user],
     ttl=USER_TTL,
     schema=[
@@ -51,7 +53,7 @@ user_behaviour = FeatureView(
 )
 
 user_history = FeatureView(
-    name="user_history",
+    name=USER_HISTORY,
     entities=[user],
     ttl=USER_TTL,
     schema=[
@@ -68,7 +70,7 @@ user_history = FeatureView(
 )
 
 item_behaviour = FeatureView(
-    name="item_behaviour",
+    name=ITEM_BEHAVIOUR,
     entities=[item],
     ttl=ITEM_TTL,
     schema=[
@@ -86,7 +88,7 @@ item_behaviour = FeatureView(
 )
 
 item_embedding = FeatureView(
-    name="item_embedding",
+    name=ITEM_EMBEDDING,
     entities=[item],
     ttl=EMBEDDING_TTL,
     schema=[

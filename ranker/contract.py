@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from avrec.errors import ModelError
+from avrec.names import BEHAVIOUR_FEATURES, ITEM_FEATURES, USER_FEATURES
 from avrec.pit_join import DERIVED_AGES
 from ranker.features import HISTORY, ITEM, ITEM_AGES, ITEM_COUNTS, USER, USER_AGES, USER_COUNTS
 
@@ -38,9 +39,9 @@ CONTRACT_FILE = "contract.json"
 FORMAT = 1
 BATCH = "batch"
 ITEM_NO_VECTOR = "item_has_no_vector"
-USER_SERVICE = "user_features"
-ITEM_SERVICE = "item_features"
-TRAINING_SERVICE = "behaviour_features"
+USER_SERVICE = USER_FEATURES
+ITEM_SERVICE = ITEM_FEATURES
+TRAINING_SERVICE = BEHAVIOUR_FEATURES
 INPUT_NAMES: dict[str, tuple[str, ...]] = {
     "ranker": ("user_dense", "history", "history_mask", "item_vector", "item_dense"),
     "user_tower": ("user_dense", "history", "history_mask"),

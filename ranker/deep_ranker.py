@@ -23,6 +23,7 @@ import polars as pl
 import torch
 
 from avrec import training_set
+from avrec.names import BEHAVIOUR_FEATURES, ITEM_FEATURES, USER_FEATURES
 from avrec.pit_join import join_features_duckdb
 from ranker.features import FeatureEncoder, ItemVectors
 from ranker.recommender import Recommender
@@ -95,7 +96,7 @@ class DeepRanker(Recommender):
             negatives=self.negatives,
             sampling=self.sampling,
             seed=self.seed,
-            feature_service="behaviour_features",
+            feature_service=BEHAVIOUR_FEATURES,
         )
         self.log_q = sampling_log_q(interactions, items, spec)
         labels = training_set.build_labels(interactions, items, spec)
@@ -167,7 +168,7 @@ class DeepRanker(Recommender):
                 schema_overrides={"label_timestamp": pl.Datetime("us", "UTC")},
             ),
             self.store,
-            "user_features",
+            USER_FEATURES,
         )
         user = {
             "user_dense": self.encoder.user_dense(users),
@@ -190,7 +191,7 @@ class DeepRanker(Recommender):
                     ),
                 }
             ).with_columns(pl.col("label_timestamp").dt.replace_time_zone("UTC"))
-            items = join_features_duckdb(pairs, self.store, "item_features")
+            items = join_features_duckdb(pairs, self.store, ITEM_FEATURES)
             dense = self.item_dense(items, np.tile(item_idx, len(chunk)))
             for j, u in enumerate(chunk):
                 history_idx = user["history_idx"][u : u + 1]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from avrec.names import OPSET
 from avrec.onnx_runtime import OnnxModel
 from ranker.contract import (
     CONTRACT_FILE,
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 
     from ranker.model import ItemTower, Ranker, UserTower
 
-OPSET = 18
 TOLERANCE = 1e-4
 KIND_KEY = "kind"
 HASH_KEY = "contract_hash"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-DAY_US = 86_400_000_000
+from avrec.names import DAY_US
 
 
 def naive_utc(series: pl.Series) -> np.ndarray:

@@ -35,7 +35,8 @@ import torch
 
 from avrec import behaviour_features, commands, config, tables
 from avrec.commands import Subparsers, parse_time
-from ranker.contract import ranker_contract
+from avrec.names import ITEM_EMBEDDINGS_TABLE
+from ranker.contract import TRAINING_SERVICE, ranker_contract
 from ranker.deep_ranker import DeepRanker
 from ranker.export import (
     LATEST,
@@ -62,8 +63,8 @@ PARITY_ROWS = 4096
 PARITY_BATCHES = (1, 7, 256, 1024, 2808)
 
 VECTOR_SOURCES = {
-    "mixed": ("item_embeddings", "embedding"),
-    "asum": ("item_embeddings", "embedding_asum"),
+    "mixed": (ITEM_EMBEDDINGS_TABLE, "embedding"),
+    "asum": (ITEM_EMBEDDINGS_TABLE, "embedding_asum"),
     "text": ("item_encodings", "text_embedding"),
     "image": ("item_encodings", "image_embedding"),
 }
@@ -219,7 +220,7 @@ def train(
             "start": str(window["event_timestamp"].min()),
             "end": str(window["event_timestamp"].max()),
         },
-        "feature_service": "behaviour_features",
+        "feature_service": TRAINING_SERVICE,
         "item_vectors": vector_info,
         "embedding_version": version,
         "negatives_per_positive": negatives,

@@ -24,6 +24,7 @@ import polars as pl
 
 from avrec.errors import InputError, StoreUnavailableError
 from avrec.feature_store import materialization_key
+from avrec.names import USER_BEHAVIOUR, USER_HISTORY
 from avrec.online_features import MixedVersionsError
 from avrec.pit_join import DERIVED_AGES
 from avrec.redis_client import STORE_ERRORS, Client
@@ -49,8 +50,8 @@ if TYPE_CHECKING:
 
     from server.config import ServeConfig
 
-USER_VIEW = "user_behaviour"
-HISTORY_VIEW = "user_history"
+USER_VIEW = USER_BEHAVIOUR
+HISTORY_VIEW = USER_HISTORY
 USER_AGE = "days_since_last_interaction"
 
 

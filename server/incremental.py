@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
+from avrec.names import ITEM_BEHAVIOUR, USER_BEHAVIOUR, USER_HISTORY
 from server import compare_and_set
 from server.feature_writer import ViewWriter, stamp_us
 from server.incremental_replay import event_rows, genre_index, replay
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     import redis
     from feast import FeatureStore
 
-USER_VIEW, HISTORY_VIEW, ITEM_VIEW = "user_behaviour", "user_history", "item_behaviour"
+USER_VIEW, HISTORY_VIEW, ITEM_VIEW = USER_BEHAVIOUR, USER_HISTORY, ITEM_BEHAVIOUR
 MAX_REDOS = 20  # batches redone after concurrent writes before the call fails
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
+from avrec.names import DAY_US, ITEM_BEHAVIOUR, ITEM_EMBEDDING
 from avrec.online_features import MixedVersionsError
 from avrec.pit_join import DERIVED_AGES
 from ranker.features import lookup_rows
@@ -33,15 +34,14 @@ if TYPE_CHECKING:
     from avrec.redis_client import Client
     from ranker.features import FeatureEncoder
 
-BEHAVIOUR_VIEW = "item_behaviour"
-EMBEDDING_VIEW = "item_embedding"
+BEHAVIOUR_VIEW = ITEM_BEHAVIOUR
+EMBEDDING_VIEW = ITEM_EMBEDDING
 AGE = "item_age_days"
 PIPELINE_CHUNK = 2000
 
 
 def age_days(now: datetime, stamps: Sequence[datetime | None]) -> list[float | None]:
     """Days from each stamp to ``now`` (None stays None), as the training sets derive ages."""
-    day_us = 86_400_000_000
     out: list[float | None] = []
     for stamp in stamps:
         if stamp is None:
@@ -49,7 +49,7 @@ def age_days(now: datetime, stamps: Sequence[datetime | None]) -> list[float | N
             continue
         delta = now - stamp
         micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-        out.append(micros / day_us)
+        out.append(micros / DAY_US)
     return out
 
 

@@ -22,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2
 
 from avrec.errors import AvrecError
+from avrec.names import USER_BEHAVIOUR
 from avrec.online_features import MixedVersionsError
 from server import metrics
 from server.engine import Ranked, RankingEngine, RequestError, StoreUnavailableError
@@ -58,7 +59,7 @@ def to_proto(answer: Ranked, model_version: str | None = None) -> ranking_pb2.Ra
         items.append(scored)
     row = answer.user_row
     freshness = [ranking_pb2.FeatureFreshness(
-        feature_view="user_behaviour", event_timestamp=timestamp(row.event_timestamp),
+        feature_view=USER_BEHAVIOUR, event_timestamp=timestamp(row.event_timestamp),
         expired=row.expired, after_clock=row.future)]
     freshness += [ranking_pb2.FeatureFreshness(feature_view=view, event_timestamp=timestamp(ts))
                   for view, ts in answer.item_freshness.items()]

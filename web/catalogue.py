@@ -11,6 +11,7 @@ from pathlib import Path
 import polars as pl
 
 from avrec import tables
+from avrec.names import ITEM_BEHAVIOUR
 from encoders.item_text import display_title
 
 
@@ -43,7 +44,7 @@ class Catalogue:
     @classmethod
     def from_offline(cls, items: Path | None = None, offline: Path | None = None) -> Catalogue:
         frame = pl.read_parquet(items) if items else tables.read_table("items", offline)
-        return cls(frame, tables.table_path("item_behaviour", offline))
+        return cls(frame, tables.table_path(ITEM_BEHAVIOUR, offline))
 
     def __len__(self) -> int:
         return len(self.items)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from avrec import tables
+from avrec.names import ITEM_EMBEDDINGS_TABLE
 from encoders.neighbours import EmbeddingIndex, EmbeddingSource
 
 KINDS = ("text", "image", "mixed")
@@ -24,7 +25,7 @@ class VectorTables:
     @classmethod
     def offline(cls, root: Path | None = None) -> VectorTables:
         return cls(tables.table_path("item_encodings", root),
-                   tables.table_path("item_embeddings", root))
+                   tables.table_path(ITEM_EMBEDDINGS_TABLE, root))
 
     def source(self, kind: str) -> EmbeddingSource:
         if kind == "mixed":

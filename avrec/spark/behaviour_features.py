@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from avrec import tables
 from avrec.behaviour_features import HISTORY_CAP, POSITIVE_RATING, RECENT_ITEMS, WINDOWS
+from avrec.names import ITEM_BEHAVIOUR, USER_BEHAVIOUR, USER_HISTORY
 from avrec.spark.session import spark_session, write_parquet
 
 if TYPE_CHECKING:
@@ -250,17 +251,17 @@ def compute(
     items = spark.read.parquet(str(tables.table_path("items", offline)))
     genres = genre_vocabulary(items)
     frames = {
-        "user_behaviour": user_features(events, items, genres, as_of, created, positive),
-        "item_behaviour": item_features(events, as_of, created, positive),
-        "user_history": user_history(events, as_of, created),
+        USER_BEHAVIOUR: user_features(events, items, genres, as_of, created, positive),
+        ITEM_BEHAVIOUR: item_features(events, as_of, created, positive),
+        USER_HISTORY: user_history(events, as_of, created),
     }
     return frames, genres
 
 
 SORT_KEYS = {
-    "user_behaviour": ["user_id", "event_timestamp"],
-    "item_behaviour": ["item_id", "event_timestamp"],
-    "user_history": ["user_id"],
+    USER_BEHAVIOUR: ["user_id", "event_timestamp"],
+    ITEM_BEHAVIOUR: ["item_id", "event_timestamp"],
+    USER_HISTORY: ["user_id"],
 }
 
 

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from avrec.pit_join import DAY_US, DERIVED_AGES, LABEL_TIME, ViewPlan, _check_labels, plan_views
+from avrec.names import DAY_US
+from avrec.pit_join import DERIVED_AGES, LABEL_TIME, ViewPlan, _check_labels, plan_views
 from avrec.spark.session import spark_session, write_parquet
 from avrec.training_set import FEATURE_LAG
 

@@ -1,0 +1,29 @@
+"""One home for the names and constants every layer shares: the offline feature tables, the
+Feast feature views and services (``feature_repo/`` defines them under these names), the
+"age in days" unit and the ONNX opset.
+
+Ages in days are the microseconds between two times divided by :data:`DAY_US` (the training
+sets multiply by its reciprocal, which is what polars does for a division by a scalar).
+
+>>> (USER_BEHAVIOUR, ITEM_EMBEDDING, ITEM_EMBEDDINGS_TABLE)
+('user_behaviour', 'item_embedding', 'item_embeddings')
+"""
+
+from __future__ import annotations
+
+# feature views; the behaviour views read the offline tables of the same names
+USER_BEHAVIOUR = "user_behaviour"
+ITEM_BEHAVIOUR = "item_behaviour"
+USER_HISTORY = "user_history"
+ITEM_EMBEDDING = "item_embedding"  # reads ITEM_EMBEDDINGS_TABLE
+ITEM_EMBEDDINGS_TABLE = "item_embeddings"  # the mixed embeddings `avrec fuse` writes
+
+# feature services
+BEHAVIOUR_FEATURES = "behaviour_features"  # user and item behaviour (deep ranker training)
+RANKER_FEATURES = "ranker_features"  # behaviour and the mixed embedding
+USER_FEATURES = "user_features"
+ITEM_FEATURES = "item_features"
+HYBRID_FEATURES = "hybrid_features"  # what the served hybrid ranker reads
+
+DAY_US = 86_400_000_000  # microseconds in a day: ages in days
+OPSET = 18  # ONNX opset of every exported model
