@@ -46,7 +46,6 @@ IMAGE_DIM = 1280
 KINDS = ("asum", "gated")
 INPUT_NAMES = ("text_embedding", "image_embedding", "has_image")
 OUTPUT_NAME = "mixed"
-OPSET = 18
 META_PARITY_MAX_ABS = "parity_max_abs_diff"
 META_PARITY_MIN_COS = "parity_min_cosine"
 

@@ -42,6 +42,7 @@ import polars as pl
 
 from avrec import behaviour_features, tables
 from avrec.errors import InputError, StoreUnavailableError
+from avrec.names import USER_BEHAVIOUR, USER_HISTORY
 from server.config import ServeConfig
 from server.group_commit import GroupCommit
 from server.incremental import OnlineUpdater
@@ -54,8 +55,6 @@ if TYPE_CHECKING:
 EVENT_TYPES = ("rating", "tag")
 RATING_RANGE = (0.5, 5.0)
 MAX_EVENT_ID = 128  # characters of a client event_id
-USER_VIEW = "user_behaviour"
-HISTORY_VIEW = "user_history"
 
 
 class EventError(InputError):
@@ -322,10 +321,11 @@ class EventLog:
             self._events.append(frame)
             rows = self.user_rows(users, now)
             histories = self.history_rows(users, now)
-        store.write_to_online_store(USER_VIEW, rows.to_pandas(use_pyarrow_extension_array=False))
-        if histories.height and HISTORY_VIEW in {v.name for v in store.list_feature_views()}:
+        store.write_to_online_store(
+            USER_BEHAVIOUR, rows.to_pandas(use_pyarrow_extension_array=False))
+        if histories.height and USER_HISTORY in {v.name for v in store.list_feature_views()}:
             store.write_to_online_store(
-                HISTORY_VIEW, histories.to_pandas(use_pyarrow_extension_array=False))
+                USER_HISTORY, histories.to_pandas(use_pyarrow_extension_array=False))
         return LogResult(frame.height, users, written.path, duplicates)
 
 
