@@ -84,7 +84,7 @@ def build(workdir: Path, redis_url: str) -> Path:
         from ranker.training import TrainConfig
 
         trained = train_job.train(vectors="mixed", start=datetime(2018, 1, 1, tzinfo=UTC),
-                                  negatives=2, train_config=TrainConfig(epochs=2, progress=False),
+                                  train_config=TrainConfig(epochs=2, negatives=2, progress=False),
                                   hybrid_quick=True)
         shutil.rmtree(models, ignore_errors=True)
         shutil.copytree(trained, models)

@@ -154,7 +154,7 @@ def build_small(root: Path) -> Path:
         feature_store.apply(url)
         feature_store.materialize(end=CLOCK, redis_url=url)
         return train_job.train(vectors="mixed", start=datetime(2018, 1, 1, tzinfo=UTC),
-                               negatives=2, train_config=TrainConfig(epochs=2, progress=False),
+                               train_config=TrainConfig(epochs=2, negatives=2, progress=False),
                                hybrid_quick=True)
     finally:
         os.kill(redis_pid, signal.SIGTERM)

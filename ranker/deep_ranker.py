@@ -3,9 +3,10 @@
 ``fit`` turns the fit interactions into point-in-time training rows (positives, explicit
 negatives and ``negatives`` sampled per positive, uniformly or by popularity, features as of
 each label through :mod:`avrec.pit_join`), holds out the latest 10% of labels for early
-stopping and trains :class:`ranker.model.Ranker` (loss, item-feature dropout:
-:class:`ranker.training.TrainConfig`). ``score`` ranks the whole catalogue for each user with the
-user's features as of their cut (``as_of``) and every item's features as of the same cut.
+stopping and trains :class:`ranker.model.Ranker` (loss, negatives and their sampling,
+item-feature dropout: :class:`ranker.training.TrainConfig`). ``score`` ranks the whole
+catalogue for each user with the user's features as of their cut (``as_of``) and every item's
+features as of the same cut.
 
 The item representation is a constructor argument (:class:`ranker.features.ItemVectors`):
 the learned mixed embedding, the weighted-sum mixed embedding, text only, image only, or
@@ -15,6 +16,7 @@ collaborative ID vectors: the same model, so the comparison isolates the represe
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -69,18 +71,22 @@ class DeepRanker(Recommender):
         vectors: ItemVectors | VectorFactory,
         store: FeatureStore,
         genres: int,
-        negatives: int = 4,
+        negatives: int | None = None,
         config: TrainConfig | None = None,
         seed: int = 0,
         name: str | None = None,
-        sampling: training_set.Sampling = "uniform",
+        sampling: training_set.Sampling | None = None,
     ) -> None:
+        """``config``: the training (default: the shipped one, seeded with ``seed``);
+        ``negatives`` and ``sampling``, when given, replace the config's."""
         super().__init__(seed)
         self.vector_factory = None if isinstance(vectors, ItemVectors) else vectors
         self.vectors = vectors if isinstance(vectors, ItemVectors) else None
-        self.store, self.negatives, self.sampling = store, negatives, sampling
+        self.store = store
         self.log_q: dict[int, float] = {}
-        self.config = config or TrainConfig(seed=seed)
+        given = {"negatives": negatives, "sampling": sampling}
+        self.config = replace(config or TrainConfig(seed=seed),
+                              **{k: v for k, v in given.items() if v is not None})
         self.encoder = FeatureEncoder(genres=genres)
         self.name = name or f"deep[{getattr(vectors, 'name', 'fitted vectors')}]"
         self.model = None
@@ -93,8 +99,8 @@ class DeepRanker(Recommender):
         spec = training_set.TrainingSetSpec(
             start=ratings["event_timestamp"].min(),
             end=ratings["event_timestamp"].max() + timedelta(microseconds=1),
-            negatives=self.negatives,
-            sampling=self.sampling,
+            negatives=self.config.negatives,
+            sampling=self.config.sampling,
             seed=self.seed,
             feature_service=BEHAVIOUR_FEATURES,
         )
@@ -122,7 +128,7 @@ class DeepRanker(Recommender):
             sampled = (rows["sample_type"] == "sampled_negative").to_numpy()
             log_q = rows["item_id"].replace_strict(self.log_q, default=0.0, return_dtype=pl.Float64)
             data["log_kq"] = np.where(
-                sampled, np.log(max(self.negatives, 1)) + log_q.to_numpy(), 0.0
+                sampled, np.log(max(self.config.negatives, 1)) + log_q.to_numpy(), 0.0
             ).astype(np.float32)
             data["item_blank"] = np.append(self.encoder.blank_item(), np.nan)
         return data
@@ -150,7 +156,6 @@ class DeepRanker(Recommender):
                 self.encode(valid),
                 self.vectors.vectors,
                 self.config,
-                width=self.negatives,
             )
 
     def _score(self, user_ids: np.ndarray, as_of: np.ndarray | None) -> np.ndarray:

@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import polars as pl
@@ -36,6 +36,7 @@ import torch
 from avrec import behaviour_features, commands, config, tables
 from avrec.commands import Subparsers, parse_time
 from avrec.names import ITEM_EMBEDDINGS_TABLE
+from avrec.training_set import Sampling
 from ranker.contract import TRAINING_SERVICE, ranker_contract
 from ranker.deep_ranker import DeepRanker
 from ranker.export import (
@@ -49,9 +50,7 @@ from ranker.export import (
 from ranker.features import ItemVectors
 from ranker.report import describe_exploration
 from ranker.training import (
-    CHOSEN_NEGATIVES,
-    CHOSEN_SAMPLING,
-    CHOSEN_TRAINING,
+    Loss,
     TrainConfig,
     model_inputs,
     save_curves,
@@ -185,16 +184,15 @@ def train(
     vectors: str = "mixed",
     start: datetime | None = None,
     end: datetime | None = None,
-    negatives: int = CHOSEN_NEGATIVES,
     train_config: TrainConfig | None = None,
     out_root: Path | None = None,
     retrieval: bool = True,
-    sampling: str = CHOSEN_SAMPLING,
     hybrid: bool = True,
     hybrid_quick: bool = False,
 ) -> Path:
     """Train one ranker (and the retrieval towers, and the hybrid) and write its directory;
-    returns it."""
+    returns it. ``train_config``: the deep ranker's training, negatives and their sampling
+    included (default: the shipped training, :class:`ranker.training.TrainConfig`)."""
     from avrec.feature_store import get_store
 
     started = time.perf_counter()
@@ -209,10 +207,8 @@ def train(
     item_vectors, vector_info = load_vectors(vectors)
     version = embedding_version(vector_info)
     genres = len(behaviour_features.genre_vocabulary(items))
-    model = DeepRanker(
-        item_vectors, get_store(), genres, negatives, train_config, seed=train_config.seed,
-        sampling=sampling,
-    )
+    model = DeepRanker(item_vectors, get_store(), genres, config=train_config,
+                       seed=train_config.seed)
     model.fit(window, items)
     manifest = {
         "kind": "ranker",
@@ -223,8 +219,8 @@ def train(
         "feature_service": TRAINING_SERVICE,
         "item_vectors": vector_info,
         "embedding_version": version,
-        "negatives_per_positive": negatives,
-        "negative_sampling": sampling,
+        "negatives_per_positive": train_config.negatives,
+        "negative_sampling": train_config.sampling,
         "train_config": asdict(train_config),
         "dense_features": {
             "user": model.encoder.user_dense_names,
@@ -269,13 +265,15 @@ def register(subparsers: Subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--vectors", choices=sorted(VECTOR_SOURCES), default="mixed")
     parser.add_argument("--start", type=parse_time, help="first label time (default: all)")
     parser.add_argument("--end", type=parse_time, help="label times before this (default: all)")
-    parser.add_argument("--negatives", type=int, default=CHOSEN_NEGATIVES)
-    parser.add_argument("--sampling", choices=["uniform", "popularity"], default=CHOSEN_SAMPLING)
-    parser.add_argument("--loss", choices=["bce", "softmax"], default=CHOSEN_TRAINING["loss"])
-    parser.add_argument("--item-dropout", type=float, default=CHOSEN_TRAINING["item_dropout"])
+    # the defaults are TrainConfig's: the shipped training
+    parser.add_argument("--negatives", type=int, default=TrainConfig.negatives,
+                        help="sampled negatives per positive (default: %(default)s)")
+    parser.add_argument("--sampling", choices=get_args(Sampling), default=TrainConfig.sampling)
+    parser.add_argument("--loss", choices=get_args(Loss), default=TrainConfig.loss)
+    parser.add_argument("--item-dropout", type=float, default=TrainConfig.item_dropout)
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--out", type=Path, help="models root (default: DATA/models/ranker)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
@@ -288,19 +286,26 @@ def register(subparsers: Subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``avrec train`` with its parsed options."""
-    cfg = TrainConfig(
+def requested_training(args: argparse.Namespace) -> TrainConfig:
+    """The training ``avrec train``'s parsed options ask for (none given: ``TrainConfig()``)."""
+    return TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
         seed=args.seed,
         loss=args.loss,
+        negatives=args.negatives,
+        sampling=args.sampling,
         item_dropout=args.item_dropout,
         progress=not args.no_progress,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``avrec train`` with its parsed options."""
+    cfg = requested_training(args)
     out = train(
-        args.vectors, args.start, args.end, args.negatives, cfg, args.out, not args.no_retrieval,
-        args.sampling, not args.no_hybrid, args.hybrid_grids == "quick",
+        args.vectors, args.start, args.end, cfg, args.out, retrieval=not args.no_retrieval,
+        hybrid=not args.no_hybrid, hybrid_quick=args.hybrid_grids == "quick",
     )
     manifest = json.loads((out / "manifest.json").read_text())
     losses = manifest["losses"]

@@ -4,11 +4,11 @@
 :class:`ranker.model.Ranker` with one of two losses (``TrainConfig.loss``):
 
 * ``bce``: pointwise binary cross-entropy over positives, explicit and sampled negatives;
-* ``softmax``: sampled softmax. Each positive is scored against the negatives drawn for it
-  (the rows of its ``group``: same user, same label time); a sampled negative's logit is
-  corrected by ``-log(K q)`` (``q``: its probability under the sampling distribution, ``K``:
-  the negatives per positive), which makes the loss an estimate of the softmax over the whole
-  catalogue, the quantity full ranking is judged on.
+* ``softmax`` (the default): sampled softmax. Each positive is scored against the negatives
+  drawn for it (the rows of its ``group``: same user, same label time); a sampled negative's
+  logit is corrected by ``-log(K q)`` (``q``: its probability under the sampling
+  distribution, ``K``: the negatives per positive), which makes the loss an estimate of the
+  softmax over the whole catalogue, the quantity full ranking is judged on.
 
 ``item_dropout`` replaces a share of training rows' item behaviour features by those of an
 item without history, so items without interactions (cold items) are scored from their
@@ -31,21 +31,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from avrec.training_set import Sampling
 from ranker.model import Ranker
 
 Loss = Literal["bce", "softmax"]
 
 
-# The deep ranker's training as chosen on the per-user split's validation NDCG@10 (README,
-# "what was tried"): used by `avrec train` and by the evaluation harness alike.
-CHOSEN_NEGATIVES = 4
-CHOSEN_SAMPLING = "uniform"
-CHOSEN_TRAINING: dict[str, object] = {"loss": "softmax", "item_dropout": 0.3}
-
-
 @dataclass
 class TrainConfig:
-    """Optimisation settings; the defaults suit ml-latest-small on 2 CPU cores."""
+    """The deep ranker's training: ``TrainConfig()`` is the shipped training, what ``avrec
+    train`` runs by default (its options take their defaults from these fields) and what the
+    evaluation harness trains (with fewer epochs).
+
+    The loss, the negatives and their sampling and the item dropout were chosen on the
+    per-user split's validation NDCG@10 (README, "Negative sampling and class weighting");
+    the rest suits ml-latest-small on 2 CPU cores.
+
+    >>> TrainConfig().loss, TrainConfig().negatives, TrainConfig().item_dropout
+    ('softmax', 4, 0.3)
+    """
 
     epochs: int = 8
     batch_size: int = 1024
@@ -55,8 +59,10 @@ class TrainConfig:
     dim: int = 32
     seed: int = 0
     positive_weight: float = 1.0  # bce only
-    loss: Loss = "bce"
-    item_dropout: float = 0.0  # share of training rows whose item behaviour is blanked
+    loss: Loss = "softmax"
+    negatives: int = 4  # sampled negatives per positive
+    sampling: Sampling = "uniform"  # how the negatives are drawn
+    item_dropout: float = 0.3  # share of training rows whose item behaviour is blanked
     progress: bool = True
 
 
@@ -229,11 +235,13 @@ def evaluate_loss(
     data: dict[str, np.ndarray],
     vectors: np.ndarray,
     config: TrainConfig | None = None,
-    width: int = 4,
+    width: int | None = None,
     batch: int = 8192,
 ) -> float:
-    """Mean loss of ``config`` (default: binary cross-entropy) over ``data``, no gradient."""
-    objective = _Objective(data, config or TrainConfig(), width)
+    """Mean loss of ``config`` (default: the shipped training's) over ``data``, no gradient;
+    ``width`` as in :func:`fit_ranker`."""
+    config = config or TrainConfig()
+    objective = _Objective(data, config, config.negatives if width is None else width)
     model.eval()
     total, n = 0.0, len(objective)
     with torch.no_grad():
@@ -247,13 +255,15 @@ def fit_ranker(
     valid: dict[str, np.ndarray],
     vectors: np.ndarray,
     config: TrainConfig,
-    width: int = 4,
+    width: int | None = None,
 ) -> tuple[Ranker, TrainHistory]:
     """Train a Ranker on encoded ``train`` rows, early-stopped on ``valid``.
 
-    ``width``: negatives per positive in the softmax lists (the sampled negatives per
-    positive). ``batch_size`` counts scored rows, so both losses see similar batches.
+    ``width``: negatives per positive in the softmax lists (default: ``config.negatives``, the
+    sampled negatives per positive). ``batch_size`` counts scored rows, so both losses see
+    similar batches.
     """
+    width = config.negatives if width is None else width
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = Ranker(

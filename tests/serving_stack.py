@@ -83,8 +83,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         model_dir = train_job.train(
             vectors="mixed",
             start=datetime(2018, 1, 1, tzinfo=UTC),
-            negatives=2,
-            train_config=TrainConfig(epochs=2, progress=False),
+            train_config=TrainConfig(epochs=2, negatives=2, progress=False),
             hybrid_quick=True,
         )
     yield Stack(data_dir, url, model_dir, store)

@@ -104,6 +104,17 @@ def test_the_serve_subcommand_keeps_its_own_redis_url() -> None:
     assert args.redis_url == "redis://b:2/0"
 
 
+def test_the_train_subcommand_defaults_to_the_shipped_training() -> None:
+    from ranker.train_job import requested_training
+    from ranker.training import TrainConfig
+
+    assert requested_training(cli.build_parser("train").parse_args(["train"])) == TrainConfig()
+    assert TrainConfig().loss == "softmax" and TrainConfig().item_dropout > 0
+    args = cli.build_parser("train").parse_args(
+        ["train", "--loss", "bce", "--negatives", "2", "--sampling", "popularity"])
+    assert requested_training(args) == TrainConfig(loss="bce", negatives=2, sampling="popularity")
+
+
 def test_help_imports_no_job_module() -> None:
     code = ("import sys; from avrec import cli\n"
             "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"

@@ -98,8 +98,7 @@ def ranker_export(real: Slice, tmp_path_factory: pytest.TempPathFactory):
         real.vectors,
         real.store,
         real.genres,
-        negatives=2,
-        config=TrainConfig(epochs=2, progress=False),
+        config=TrainConfig(epochs=2, negatives=2, progress=False),
         seed=0,
     )
     with torch_threads(1):
