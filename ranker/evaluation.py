@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 
 from avrec import config, tables
+from avrec.names import ITEM_BEHAVIOUR
 from ranker import baselines, metrics
 from ranker.generator_cache import GeneratorCache
 from ranker.recommender import Recommender, catalogue
@@ -198,12 +199,18 @@ def choose_exploration(curve: list[dict[str, float]], ks: Sequence[int],
                        tolerance: float = EXPLORE_TOLERANCE) -> dict[str, float]:
     """The exploration policy to ship: of the curve's points whose validation NDCG@max(k)
     stays within ``tolerance`` of no slots (the share of ranking quality the product spends
-    on showing new items), the one with the best validation cold-item recall; ties go to the
-    better NDCG@max(k), then to fewer slots."""
+    on showing new items), the one that shows the most new items (slots x share of users);
+    ties go to the better validation cold-item recall, then NDCG@max(k), then fewer slots.
+
+    Exposure comes first because validation's new-item recall rests on the few users who
+    happen to like a new item in a short window (81 users, a handful of hits, on
+    ml-latest-small): too few to rank policies by, while the budget is measured on everyone.
+    """
     guard, cold = f"ndcg@{max(ks)}", f"cold_recall@{max(ks)}"
     base = next(p[guard] for p in curve if p["slots"] == 0)
     allowed = [p for p in curve if p[guard] >= (1.0 - tolerance) * base]
-    return max(allowed, key=lambda p: (p[cold], p[guard], -p["slots"]))
+    return max(allowed, key=lambda p: (round(p["slots"] * p["share"], 9), p[cold], p[guard],
+                                       -p["slots"]))
 
 
 def tune(
@@ -555,7 +562,7 @@ def _served_builder(
     from ranker.served import ServedRecommender
 
     hybrid = _content_model_builder("hybrid-mixed", encodings, quick, cache)
-    item_table = tables.read_table("item_behaviour", offline)
+    item_table = tables.read_table(ITEM_BEHAVIOUR, offline)
 
     def build(params: dict[str, Any], seed: int) -> Recommender:
         return ServedRecommender(hybrid(params, seed), item_table, seed)
@@ -582,6 +589,7 @@ class FusedVectors:
         from datetime import timedelta
 
         from encoders import fusion_training as ft
+        from encoders.fusion_fit import ItemFeatures, embed
         from ranker.features import ItemVectors
 
         if "event_type" not in interactions.columns:  # the harness passes rating events only
@@ -591,12 +599,12 @@ class FusedVectors:
         key = (interactions.height, last, int(keys.hash_rows(seed=7).sum()))
         fitted = self.fitted.setdefault(key, {})
         if kind not in fitted:
-            features = ft.ItemFeatures.from_encodings(self.frame)
+            features = ItemFeatures.from_encodings(self.frame)
             cutoff = last + timedelta(microseconds=1)
             model = (ft.fit_gated_fusion(interactions, features, cutoff) if kind == "mixed"
                      else ft.train_fusion(interactions, features, items, cutoff,
                                           ablations=False).asum)
-            fitted[kind] = ItemVectors(features.item_ids, ft.embed(model, features), kind)
+            fitted[kind] = ItemVectors(features.item_ids, embed(model, features), kind)
         return fitted[kind]
 
 
@@ -733,7 +741,7 @@ def check_preconditions(names: Sequence[str], offline: Path) -> None:
     if missing:
         raise FileNotFoundError(f"no {', '.join(missing)} table in {offline}; "
                                 "run `avrec ingest` first")
-    if SERVED in names and not tables.table_path("item_behaviour", offline).exists():
+    if SERVED in names and not tables.table_path(ITEM_BEHAVIOUR, offline).exists():
         raise FileNotFoundError(f"{SERVED} reads the item_behaviour feature table, "
                                 f"which is not in {offline}; run `avrec features` first")
     if any(n in DEEP_MODELS for n in names):

@@ -60,6 +60,7 @@ class HybridConfig:
     candidates: int = 200
     cold_slots: int = 20  # pool slots reserved for the best cold items ...
     trending_new_items: bool = True  # ... by content and recent popularity (else content)
+    neighbours: int = 5  # ... fused with content-neighbour ranks; also the sim_neighbours feature
     inner_fraction: float = 0.1
     positive_threshold: float = 4.0
     hidden: int = 64
@@ -291,11 +292,11 @@ class HybridRecommender(Recommender):
         fitted = self.cache.fit_all(self.factories, interactions, items)
         queries = [n for n, g in fitted.items() if g.answers_queries]
         features = CandidateFeatures(list(fitted), self._vectors(interactions, items), queries,
-                                     self._catalogue(items))
+                                     self._catalogue(items), cfg.neighbours)
         config = PipelineConfig(
             list(fitted), queries, cfg.candidates, cfg.cold_slots, cfg.positive_threshold,
             trending_new_items=cfg.trending_new_items,
-            content=self.vector_source is not None,
+            content=self.vector_source is not None, neighbours=features.neighbours,
             catalogue_facts=features.catalogue is not None, feature_names=features.names,
         )
         known = np.isin(self.item_ids, interactions["item_id"].unique().to_numpy())
@@ -414,8 +415,8 @@ def export_scorer(scorer: nn.Module, n_features: int, signature: str, path: Path
     stamped with the pipeline's feature signature."""
     import onnx
 
+    from avrec.names import OPSET
     from encoders.onnx_export import quiet_exporter_loggers
-    from ranker.export import OPSET
 
     users, pool = torch.export.Dim("users"), torch.export.Dim("pool")
     example = (torch.zeros(2, 3, n_features),)

@@ -7,10 +7,12 @@ are computed by the code that computes them online:
 * :class:`UserContext`: what the features know of each user as of their cut (their history as
   catalogue columns and ratings, oldest first; the last event's time);
 * :func:`candidate_pool`: each user's best items by reciprocal-rank fusion of the
-  generators, seen items excluded, with slots reserved for new items (content ranks);
+  generators, seen items excluded, with slots reserved for new items (content ranks, fused
+  with :func:`neighbour_similarity` ranks by :func:`new_item_neighbour_ranks`);
 * :class:`CandidateFeatures`: per (user, candidate) features: each generator's z-score and
   reciprocal rank, the item's ``item_behaviour`` fields as of the cut (:data:`ITEM_STATS`),
-  content similarity to the user's positives and last item, genre match and year offset
+  content similarity to the user's positives, last item and nearest history items, genre
+  match and year offset
   (:class:`CatalogueFacts`), the user's history length and days since their last event;
 * :class:`ScoredPool` and :func:`with_exploration_slots`: scores over the catalogue, with new
   items in the last places of the top K.
@@ -25,6 +27,7 @@ import numpy as np
 import polars as pl
 
 from avrec.behaviour_features import HISTORY_CAP
+from avrec.names import DAY_US
 from ranker.history_scorers import History
 from ranker.item_history import naive_utc
 
@@ -39,6 +42,7 @@ ItemStats = Mapping[str, np.ndarray]
 
 
 RANK_DEPTH = 1000  # each generator ranks its best 1,000 unseen items; the rest tie below them
+NEIGHBOUR_HISTORY = 200  # newest history items the neighbour similarity compares with (cost)
 
 
 def ranks(scores: np.ndarray, exclude: np.ndarray, depth: int = RANK_DEPTH) -> np.ndarray:
@@ -129,6 +133,53 @@ def new_item_ranks(content_ranks: np.ndarray | None, item_stats: Sequence[ItemSt
     fused = 1.0 / (RRF_K + ranks(trending, outside | ~(trending > 0)))  # unseen lately: no rank
     if content_ranks is not None:
         fused = fused + 1.0 / (RRF_K + content_ranks[:, columns])
+    out[:, columns] = ranks(fused, outside)
+    return out
+
+
+def neighbour_similarity(unit: np.ndarray, has_vector: np.ndarray, history: np.ndarray,
+                         columns: np.ndarray, k: int) -> np.ndarray:
+    """Mean of each ``columns`` item's ``k`` highest cosines with the items of ``history``
+    (catalogue columns, oldest first; the newest :data:`NEIGHBOUR_HISTORY` with a vector
+    count): item-kNN over content vectors, which a long, varied history does not blur into
+    one mean profile. 0 without such history items; ``unit`` rows are unit vectors.
+
+    >>> unit = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    >>> neighbour_similarity(unit, np.ones(3, bool), np.array([0, 1]), np.array([2]), 1)
+    array([0.8])
+    """
+    items = history[has_vector[history]][-NEIGHBOUR_HISTORY:]
+    if items.size == 0 or k <= 0:
+        return np.zeros(columns.size)
+    cosines = unit[columns] @ unit[items].T
+    top = min(k, items.size)
+    best = np.partition(cosines, cosines.shape[1] - top, axis=1)[:, -top:]
+    return best.mean(axis=1).astype(np.float64)
+
+
+def new_item_neighbour_ranks(content_ranks: np.ndarray, unit: np.ndarray,
+                             has_vector: np.ndarray, histories: Sequence[History],
+                             cold: np.ndarray, exclude: np.ndarray, k: int) -> np.ndarray:
+    """Ranks of the new (``cold``) items for the pool's reserved slots: reciprocal-rank fusion
+    of ``content_ranks`` (similarity to the mean of the user's positives) and
+    :func:`neighbour_similarity` ranks (similarity to their nearest history items).
+
+    >>> unit = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])
+    >>> cold = np.array([[False, False, True, True]])
+    >>> content = np.array([[0, 1, 3, 2]])
+    >>> new_item_neighbour_ranks(content, unit, np.ones(4, bool), [History(np.array([1]),
+    ...     np.array([5.0]))], cold, np.array([[True, True, False, False]]), 1).tolist()
+    [[1000, 1000, 0, 1]]
+    """
+    columns = np.flatnonzero(cold.any(axis=0))
+    out = np.full(cold.shape, RANK_DEPTH, dtype=np.int64)
+    if columns.size == 0:
+        return out
+    outside = (exclude | ~cold)[:, columns]
+    similarity = np.stack([neighbour_similarity(unit, has_vector, h.columns, columns, k)
+                           for h in histories])
+    fused = (1.0 / (RRF_K + ranks(similarity, outside))
+             + 1.0 / (RRF_K + content_ranks[:, columns]))
     out[:, columns] = ranks(fused, outside)
     return out
 
@@ -248,11 +299,12 @@ class CandidateFeatures:
     """Builds the ``[users, pool, features]`` tensor for the listwise scorer."""
 
     def __init__(self, generator_names: Sequence[str], vectors: np.ndarray | None,
-                 query_names: Sequence[str] = (), catalogue: CatalogueFacts | None = None
-                 ) -> None:
+                 query_names: Sequence[str] = (), catalogue: CatalogueFacts | None = None,
+                 neighbours: int = 0) -> None:
         self.generator_names = list(generator_names)
         self.query_names = list(query_names)
         self.catalogue = catalogue
+        self.neighbours = neighbours if vectors is not None else 0  # 0: no sim_neighbours
         self.vectors = None if vectors is None else unit_rows(vectors)
         self.has_vector = None if vectors is None else np.linalg.norm(vectors, axis=1) > 0
 
@@ -265,6 +317,7 @@ class CandidateFeatures:
         out += [f"{g}_recent{RECENT}_z" for g in self.query_names]
         if self.vectors is not None:
             out += ["sim_profile", "sim_last", "no_vector"]
+            out += ["sim_neighbours"] if self.neighbours else []
         if self.catalogue is not None:
             out += ["genre_match", "year_offset", "year_distance", "year_missing"]
         return [*out, "log_history", "log_days_since_last"]
@@ -305,9 +358,14 @@ class CandidateFeatures:
                 np.einsum("upd,ud->up", candidate, last),
                 (~self.has_vector[pool]).astype(np.float64),
             ]
+            if self.neighbours:
+                columns.append(np.stack([
+                    neighbour_similarity(self.vectors, self.has_vector, h.columns, row,
+                                         self.neighbours)
+                    for h, row in zip(context.histories, pool, strict=True)]))
         if self.catalogue is not None:
             columns += self.catalogue.features(context, pool)
-        days = (context.cuts - context.last_time).astype(np.int64) / 86_400e6
+        days = (context.cuts - context.last_time).astype(np.int64) / DAY_US
         days = np.where(np.isnat(context.last_time), 0.0, np.maximum(days, 0.0))
         columns.append(np.repeat(np.log1p(context.history)[:, None], size, 1).astype(np.float64))
         columns.append(np.repeat(np.log1p(days)[:, None], size, 1))

@@ -31,6 +31,7 @@ import numpy as np
 import polars as pl
 
 from avrec.errors import ModelError
+from avrec.names import ITEM_BEHAVIOUR
 from ranker.features import lookup_rows
 from ranker.history_scorers import History, HistoryScorer, load_scorer, save_scorer
 from ranker.hybrid_features import (
@@ -44,6 +45,7 @@ from ranker.hybrid_features import (
     ScoredPool,
     UserContext,
     candidate_pool,
+    new_item_neighbour_ranks,
     new_item_ranks,
     ranks,
     with_exploration_slots,
@@ -56,7 +58,7 @@ SCORER_KIND = "avrec-hybrid-scorer"
 PoolScorer = Callable[[np.ndarray], np.ndarray]  # [users, pool, features] -> [users, pool]
 
 
-ITEM_PREFIX = "item_behaviour__"
+ITEM_PREFIX = f"{ITEM_BEHAVIOUR}__"
 AGE_COLUMN = "item_age_days"
 
 
@@ -93,6 +95,8 @@ class PipelineConfig:
     depth: int = 20
     feature_names: list[str] = field(default_factory=list)
     explore_min_history: int = 0  # the slots go to users with at least this many events (0: all)
+    neighbours: int = 0  # k of the content-neighbour similarity (feature and cold slots; 0: none,
+    # as pipelines saved before it)
 
     def slots_for(self, history_length: int) -> int:
         """Exploration slots in the answer to a user with ``history_length`` events.
@@ -176,6 +180,11 @@ class HybridPipeline:
                        if CONTENT in cfg.generators else None)
             if cfg.trending_new_items:  # new items ranked only when the pool is chosen here
                 content = new_item_ranks(content, item_stats, cold, context.seen)
+            if cfg.neighbours and content is not None and self.features.vectors is not None:
+                assert self.features.has_vector is not None
+                content = new_item_neighbour_ranks(
+                    content, self.features.vectors, self.features.has_vector,
+                    context.histories, cold, context.seen, cfg.neighbours)
             pool = candidate_pool(generator_ranks, context.seen, cfg.candidates, cold, content,
                                   cfg.cold_slots)
         else:
@@ -286,7 +295,7 @@ class SavedPipeline:
         scorers = {name: scorer.on(item_ids, served) for name, scorer in self.scorers.items()}
         facts = CatalogueFacts.from_items(items, item_ids) if config.catalogue_facts else None
         features = CandidateFeatures(config.generators, vectors if config.content else None,
-                                     config.queries, facts)
+                                     config.queries, facts, config.neighbours)
         if features.names != config.feature_names:
             raise PipelineError(f"{self.directory}: the saved feature names differ from this "
                                 f"code's ({len(config.feature_names)} vs {len(features.names)})")

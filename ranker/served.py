@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 
 from avrec import behaviour_features
+from avrec.names import DAY_US
 from ranker.hybrid import HybridRecommender
 from ranker.hybrid_pipeline import (
     AGE_COLUMN,
@@ -36,7 +37,7 @@ from ranker.hybrid_pipeline import (
     item_stats,
     served_order,
 )
-from ranker.item_history import DAY_US, naive_utc
+from ranker.item_history import naive_utc
 from ranker.recommender import Recommender
 
 ITEM_FIELDS = ("popularity_7d", "popularity_30d", "popularity_all", "mean_rating")

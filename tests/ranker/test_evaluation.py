@@ -155,21 +155,23 @@ def test_a_split_without_validation_cannot_be_tuned(
         evaluation.evaluate(evaluation.model_specs(["popularity"]), split, ml_items)
 
 
-def test_exploration_is_the_best_cold_recall_within_the_tolerance() -> None:
+def test_exploration_shows_the_most_new_items_within_the_tolerance() -> None:
     curve = [{"slots": n, "share": 1.0, "ndcg@10": 0.2, "ndcg@20": 0.30 - 0.006 * n,
               "cold_recall@20": 0.01 * n} for n in (0, 1, 2, 3, 5)]
     # 5% of 0.30 = 0.015: 2 slots cost 0.012, 3 slots 0.018
     assert evaluation.choose_exploration(curve, [10, 20], tolerance=0.05)["slots"] == 2
     assert evaluation.choose_exploration(curve, [10, 20], tolerance=0.0)["slots"] == 0
-    # slots for a share of the users: cheaper, so more of them fit, and they find more
+    # slots for a share of the users are cheaper: 7 slots for 30% show 2.1 new items a user
     curve += [{"slots": n, "share": 0.3, "ndcg@10": 0.2, "ndcg@20": 0.30 - 0.002 * n,
-               "cold_recall@20": 0.007 * n} for n in (1, 2, 3, 5)]
+               "cold_recall@20": 0.0} for n in (1, 2, 3, 5, 7, 8)]
     chosen = evaluation.choose_exploration(curve, [10, 20], tolerance=0.05)
-    assert (chosen["slots"], chosen["share"]) == (5, 0.3)  # 0.035 beats 2 slots' 0.02
-    # equal cold recall: the cheaper policy
-    curve.append({"slots": 4, "share": 0.5, "ndcg@10": 0.2, "ndcg@20": 0.295,
-                  "cold_recall@20": 0.035})
-    assert evaluation.choose_exploration(curve, [10, 20], tolerance=0.05)["share"] == 0.5
+    assert (chosen["slots"], chosen["share"]) == (7, 0.3)  # 8 slots cost 0.016: too much
+    # the same exposure: the better new-item recall, then the better NDCG@20
+    curve += [{"slots": n, "share": 0.7, "ndcg@10": 0.2, "ndcg@20": 0.289,
+               "cold_recall@20": 0.0} for n in (3, 3)]
+    curve[-1]["cold_recall@20"] = 0.01
+    chosen = evaluation.choose_exploration(curve, [10, 20], tolerance=0.05)
+    assert (chosen["share"], chosen["cold_recall@20"]) == (0.7, 0.01)
 
 
 def test_hybrids_bring_their_generators_in_front() -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from ranker import baselines
 from ranker.features import ItemVectors
+from ranker.history_scorers import History
 from ranker.hybrid import (
     ContentGenerator,
     HybridConfig,
@@ -25,8 +26,11 @@ from ranker.hybrid_features import (
     CandidateFeatures,
     UserContext,
     candidate_pool,
+    neighbour_similarity,
+    new_item_neighbour_ranks,
     new_item_ranks,
     ranks,
+    unit_rows,
     user_context,
     with_exploration_slots,
 )
@@ -140,6 +144,36 @@ def test_new_item_slots_take_trending_new_items_as_well_as_similar_ones() -> Non
     assert sorted(by_content[0, -2:].tolist()) == [30, 31]
     assert sorted(with_trending[0, -2:].tolist()) == [30, 39]
     assert with_trending[0, :8].tolist() == list(range(8))  # warm part unchanged
+
+
+def test_neighbour_similarity_is_the_mean_of_the_k_best_cosines() -> None:
+    rng = np.random.default_rng(5)
+    unit = unit_rows(rng.normal(size=(60, 6)))
+    has_vector = rng.random(60) > 0.1
+    history, columns = rng.choice(60, 25, replace=False), np.arange(60)
+    for k in (1, 3, 40):
+        got = neighbour_similarity(unit, has_vector, history, columns, k)
+        with_vector = [h for h in history if has_vector[h]]
+        for col in columns:  # oracle: every cosine, sorted, best k averaged
+            cosines = sorted((float(unit[col] @ unit[h]) for h in with_vector), reverse=True)
+            assert got[col] == pytest.approx(np.mean(cosines[:k]), abs=1e-12)
+    assert (neighbour_similarity(unit, has_vector, np.array([], np.int64), columns, 3) == 0).all()
+
+
+def test_new_item_slots_reach_what_a_varied_history_is_near() -> None:
+    # a history at two opposite tastes: their mean points at neither
+    unit = unit_rows(np.array([[1.0, 0, 0], [-1.0, 0, 0.2],  # seen: the two tastes
+                               [0.0, 0, 1], [0.0, 0.3, 1],  # new: near the mean
+                               [-1.0, 0, 0.25]]))  # new: next to the second taste
+    cold = np.array([[False, False, True, True, True]])
+    seen = ~cold
+    histories = [History(np.array([0, 1]), np.array([5.0, 5.0]))]
+    mean = unit_rows(unit[[0, 1]].mean(0, keepdims=True))[0]
+    content = ranks((unit @ mean)[None, :], seen)
+    assert np.argsort(content[0])[:2].tolist() == [2, 3]  # the mean profile's two new items
+    fused = new_item_neighbour_ranks(content, unit, np.ones(5, bool), histories, cold, seen, 1)
+    reserved = candidate_pool([content], seen, 2, cold, fused, 2)
+    assert 4 in reserved[0].tolist()
 
 
 def test_ranks_put_excluded_items_last() -> None:
