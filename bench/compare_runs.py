@@ -7,6 +7,12 @@ Prints, per model, test NDCG@10 (mean ± SE), the ratio to the reference model a
 t-test p-value on per-user NDCG@10 (same users, same split) for each report, then the mean
 over reports. The reference defaults to the strongest baseline on test, so the bar is the
 hardest one, not the one validation picked.
+
+``--rechoose`` also applies today's exploration rule
+(:func:`ranker.evaluation.choose_exploration`) to each report's stored validation curve and
+prints the test point of the policy it picks: what today's rule would have shipped from a
+run made under an earlier rule (per-user values are stored for the shipped point only, so
+no p-value).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ def main() -> None:
     parser.add_argument("--against", default=None, help="reference model (default: best "
                         "baseline on test in the first report)")
     parser.add_argument("--split", default="per-user")
+    parser.add_argument("--rechoose", action="store_true",
+                        help="re-apply today's exploration rule to the stored curves")
     args = parser.parse_args()
     runs = [load(p, args.split) for p in args.reports]
     first = runs[0]
@@ -59,6 +67,27 @@ def main() -> None:
         ps = ", ".join(f"{p:.2g}" for p in pvalues)
         print(f"{name:<18} {shown:<40} {np.mean(values):>7.4f} {np.mean(ratios):>6.3f} "
               f"{ps:<24} {cold:>9.4f} {slots!s:>5}")
+    if args.rechoose:
+        rechoose(args.reports, runs)
+
+
+def rechoose(paths: list[Path], runs: list[dict]) -> None:
+    """Each report's exploring models at the policy today's rule picks on validation."""
+    from ranker.evaluation import choose_exploration
+
+    print("\ntoday's exploration rule on the stored validation curves (test values):")
+    for path, run in zip(paths, runs, strict=True):
+        for name, model in run.items():
+            explored = model.get("exploration", {})
+            if not explored.get("validation") or not explored.get("test"):
+                continue
+            ks = [int(k.split("@")[1]) for k in explored["test"][0] if k.startswith("ndcg@")]
+            pick = choose_exploration(explored["validation"], ks, explored["tolerance"])
+            test = next(p for p in explored["test"]
+                        if (p["slots"], p["share"]) == (pick["slots"], pick["share"]))
+            cold = next(k for k in test if k.startswith("cold_recall@"))
+            print(f"  {path}: {name} {pick['slots']} slots for {pick['share']:.0%}: " +
+                  ", ".join(f"{k} {test[k]:.4f}" for k in (*(f'ndcg@{k}' for k in ks), cold)))
 
 
 if __name__ == "__main__":
