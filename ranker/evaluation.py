@@ -42,6 +42,8 @@ class ModelSpec:
     build: Callable[[dict[str, Any], int], Recommender]
     grid: list[dict[str, Any]] = field(default_factory=lambda: [{}])
     baseline: bool = True
+    # the run's record of baselines' validation-chosen settings (the hybrids read theirs)
+    tuned: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -252,8 +254,8 @@ def run_model(
     """Tune ``spec`` on validation, refit the best setting, evaluate it on test."""
     started = time.perf_counter()
     tuned = tune(spec, validation, items, ks, seed)
-    if spec.baseline:
-        TUNED_PARAMS[spec.name] = tuned.params
+    if spec.baseline and spec.tuned is not None:
+        spec.tuned[spec.name] = tuned.params
     tuned_at = time.perf_counter()
     model = spec.build(tuned.params, seed).fit(test.stage.fit, items)
     fitted_at = time.perf_counter()
@@ -298,8 +300,6 @@ def run_model(
     }
     return ModelRun(spec.name, spec.baseline, tuned.score, result, report)
 
-
-TUNED_PARAMS: dict[str, dict[str, Any]] = {}  # baselines' validation-chosen settings
 
 
 def training_curves(model: Recommender) -> dict[str, list[float]]:
@@ -446,23 +446,29 @@ def model_specs(
     encodings: Path | None = None,
     offline: Path | None = None,
 ) -> list[ModelSpec]:
-    """The baseline specs by name; ``text-knn`` / ``image-knn`` read ``encodings``."""
+    """The specs by name; ``text-knn`` / ``image-knn`` read ``encodings``. The specs of one
+    call share a run's state: the generator fits, the stage fusions and the baselines' tuned
+    settings (run the generators first: :func:`with_generators`)."""
     grids = baselines.QUICK_GRIDS if quick else baselines.GRIDS
     columns = {"text-knn": "text_embedding", "image-knn": "image_embedding"}
     cache = GeneratorCache()  # the hybrids' generator fits, shared by all of them
+    tuned: dict[str, dict[str, Any]] = {}
+    fused: dict[Path, FusedVectors] = {}
     specs = []
     for name in names:
         if name in BASELINE_FACTORIES:
             factory = BASELINE_FACTORIES[name]
-            specs.append(ModelSpec(name, _builder(factory), grids[name]))
+            specs.append(ModelSpec(name, _builder(factory), grids[name], tuned=tuned))
         elif name in HYBRID_MODELS or name in SEQUENTIAL_MODELS:
             grid = HYBRID_GRID if name in HYBRID_MODELS and not quick else [{}]
-            build = _content_model_builder(name, encodings, quick, cache)
+            build = _content_model_builder(name, encodings, quick, cache, tuned, fused)
             specs.append(ModelSpec(name, build, grid, baseline=False))
         elif name in DEEP_MODELS:
-            specs.append(ModelSpec(name, _deep_builder(name, encodings, quick), baseline=False))
+            specs.append(ModelSpec(name, _deep_builder(name, encodings, quick, fused),
+                                   baseline=False))
         elif name == SERVED:
-            specs.append(ModelSpec(name, _served_builder(encodings, quick, offline, cache),
+            specs.append(ModelSpec(name, _served_builder(encodings, quick, offline, cache,
+                                                         tuned, fused),
                                    [{}] if quick else HYBRID_GRID, baseline=False))
         elif name in columns:
             if encodings is None or not encodings.exists():
@@ -521,18 +527,22 @@ def _vector_source(kind: str, frame: pl.DataFrame, fused: FusedVectors) -> Any:
 
 def _content_model_builder(
     name: str, encodings: Path | None, quick: bool, cache: GeneratorCache | None = None,
+    tuned: dict[str, dict[str, Any]] | None = None,
+    fused: dict[Path, FusedVectors] | None = None,
 ) -> Callable[[dict[str, Any], int], Recommender]:
     """``hybrid-*`` and ``sequential-*`` over one item representation (``id``: none)."""
     from ranker.hybrid import ContentGenerator, HybridConfig, HybridRecommender
     from ranker.sequential import SequentialConfig, SequentialRecommender
 
     kind = name.split("-", 1)[1]
+    tuned = {} if tuned is None else tuned
+    fused = {} if fused is None else fused
     vectors = None
     if kind != "id":
         if encodings is None or not encodings.exists():
             raise FileNotFoundError(f"{name} needs item encodings; not found at {encodings}")
         frame = pl.read_parquet(encodings)
-        vectors = _vector_source(kind, frame, _FUSED.setdefault(encodings, FusedVectors(frame)))
+        vectors = _vector_source(kind, frame, fused.setdefault(encodings, FusedVectors(frame)))
 
     def build(params: dict[str, Any], seed: int) -> Recommender:
         if name in SEQUENTIAL_MODELS:
@@ -540,11 +550,11 @@ def _content_model_builder(
             return SequentialRecommender(cfg, vectors, seed, name)
         generators: dict[str, Callable[[], Recommender]] = {}
         for generator in HYBRID_GENERATORS:
-            tuned = TUNED_PARAMS.get(generator)
-            if tuned is None:
+            settings = tuned.get(generator)
+            if settings is None:
                 raise RuntimeError(f"{name}: generator {generator} has not been tuned yet")
             factory = BASELINE_FACTORIES[generator]
-            generators[generator] = functools.partial(factory, seed=seed, **tuned)
+            generators[generator] = functools.partial(factory, seed=seed, **settings)
         if vectors is not None:
             generators["content"] = functools.partial(ContentGenerator, vectors)
         cfg = HybridConfig(seed=seed, **(QUICK_HYBRID if quick else {}), **params)
@@ -555,13 +565,14 @@ def _content_model_builder(
 
 def _served_builder(
     encodings: Path | None, quick: bool, offline: Path | None,
-    cache: GeneratorCache | None = None,
+    cache: GeneratorCache | None = None, tuned: dict[str, dict[str, Any]] | None = None,
+    fused: dict[Path, FusedVectors] | None = None,
 ) -> Callable[[dict[str, Any], int], Recommender]:
     """The served pipeline: ``hybrid-mixed`` with ``avrec train``'s configuration, asked
     through the server's code path with features read from the offline tables."""
     from ranker.served import ServedRecommender
 
-    hybrid = _content_model_builder("hybrid-mixed", encodings, quick, cache)
+    hybrid = _content_model_builder("hybrid-mixed", encodings, quick, cache, tuned, fused)
     item_table = tables.read_table(ITEM_BEHAVIOUR, offline)
 
     def build(params: dict[str, Any], seed: int) -> Recommender:
@@ -608,8 +619,6 @@ class FusedVectors:
         return fitted[kind]
 
 
-_FUSED: dict[Path, FusedVectors] = {}
-
 # The deep ranker's training, chosen on the per-user split's validation NDCG@10 (README), is
 # TrainConfig's defaults; the harness only trains fewer epochs on larger batches.
 DEEP_NEGATIVES = TrainConfig.negatives
@@ -618,7 +627,8 @@ DEEP_TRAIN: dict[str, Any] = {}  # overrides of TrainConfig's defaults: none
 
 
 def _deep_builder(
-    name: str, encodings: Path | None, quick: bool
+    name: str, encodings: Path | None, quick: bool,
+    fused_by_path: dict[Path, FusedVectors] | None = None,
 ) -> Callable[[dict[str, Any], int], Recommender]:
     """The deep ranker (or the two-tower) over one item representation.
 
@@ -636,7 +646,8 @@ def _deep_builder(
     if encodings is None or not encodings.exists():
         raise FileNotFoundError(f"{name} needs item encodings; not found at {encodings}")
     frame = pl.read_parquet(encodings)
-    fused = _FUSED.setdefault(encodings, FusedVectors(frame))
+    fused = ({} if fused_by_path is None else fused_by_path).setdefault(
+        encodings, FusedVectors(frame))
     kind = "mixed" if name == "two-tower" else name.removeprefix("deep-")
 
     def build(params: dict[str, Any], seed: int) -> Recommender:
