@@ -9,8 +9,8 @@ window (each user's newest 10% of ratings, :func:`ranker.splits.per_user_split`)
 2. the hybrid's own settings (:data:`ranker.evaluation.HYBRID_GRID`; the quick run keeps the
    defaults);
 3. the exploration policy for new items (how many slots, for what share of the users with
-   the longest histories): the best validation cold-item recall among the policies whose
-   validation NDCG@20 stays within ``explore_tolerance`` of none
+   the longest histories): of the policies whose validation NDCG@20 stays within
+   ``explore_tolerance`` of none, the one showing the most new items (slots x share)
    (:func:`ranker.evaluation.choose_exploration`); the share becomes a history length over
    the users of the final fit (:func:`ranker.hybrid.history_threshold`);
 

@@ -129,9 +129,10 @@ def exploration_markdown(split: dict[str, Any], ks: list[int]) -> list[str]:
             continue
         lines += ["", f"Exploration of {model} (new items at the end of the top {max(ks)} "
                   f"for the share of users with the longest histories; chosen on validation: "
-                  f"{describe_exploration(exploration)}, the best validation {cold} among "
-                  f"the policies losing at most {exploration['tolerance']:.0%} of validation "
-                  f"ndcg@{max(ks)}):", "",
+                  f"{describe_exploration(exploration)}: of the policies losing at most "
+                  f"{exploration['tolerance']:.0%} of validation ndcg@{max(ks)}, the one "
+                  f"showing the most new items (slots x share), ties to the better "
+                  f"validation {cold}):", "",
                   "| slots | share of users | " + " | ".join(f"validation {m}" for m in metrics)
                   + " | " + " | ".join(f"test {m}" for m in metrics) + " |",
                   "|---" * (2 + 2 * len(metrics)) + "|"]
