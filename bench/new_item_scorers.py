@@ -31,14 +31,14 @@ from ranker.hybrid_features import (
     ranks,
     unit_rows,
 )
-from ranker.splits import per_user_split
+from ranker.splits import Split, per_user_split
 
 KS = (3, 5, 10, 20)
 
 
-def stage_table(split: object, name: str, items: pl.DataFrame) -> dict[str, np.ndarray]:
+def stage_table(split: Split, name: str, items: pl.DataFrame) -> dict[str, np.ndarray]:
     """Mean Recall@KS among new items per content score, over the stage's users."""
-    stage = split.stage(name)  # type: ignore[attr-defined]
+    stage = split.stage(name)  # type: ignore[arg-type]
     item_ids = np.sort(items["item_id"].to_numpy())
     data = stage_data(stage, item_ids)
     vectors = FusedVectors(tables.read_table("item_encodings"))("mixed", stage.fit, items)
