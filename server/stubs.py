@@ -1,9 +1,11 @@
 """Python stubs of ``proto/avrec/v1/*.proto``, generated at build time, never committed.
 
-``make setup`` runs ``python -m server.stubs``; :func:`ensure_stubs` regenerates them on import
-when they are missing or older than the ``.proto`` files (a stamp holds the protos' hash), so
-a fresh clone works without a build step. The stubs land in ``avrec/v1/`` so their module
-names (``avrec.v1.ranking_pb2``) match the protobuf package ``avrec.v1``.
+The setup step (``make setup``, or ``python -m server.stubs``) is the one place that writes
+them: :func:`ensure_stubs` regenerates them when missing or older than the ``.proto`` files (a
+stamp holds the protos' hash). Importing them never does; :func:`require_stubs` (called by
+:mod:`server.protocol`) raises :class:`avrec.errors.SetupError` instead. The stubs land in
+``avrec/v1/`` so their module names (``avrec.v1.ranking_pb2``) match the protobuf package
+``avrec.v1``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 from avrec import config
+from avrec.errors import SetupError
 
 PROTO_ROOT = config.REPO_ROOT / "proto"
 OUT_ROOT = config.REPO_ROOT
@@ -48,10 +51,31 @@ def generate() -> list[Path]:
     return sorted(STUB_DIR.glob("*_pb2*.py"))
 
 
+def stubs_problem() -> str | None:
+    """Why the stubs cannot be used as they are (missing, stale), or None when current.
+
+    Without the ``.proto`` files (an installed package, not a checkout) the stubs shipped with
+    it are taken as current."""
+    if not proto_files():
+        return None if any(STUB_DIR.glob("*_pb2.py")) else f"no gRPC stubs in {STUB_DIR}"
+    if not STAMP.is_file():
+        return f"the gRPC stubs in {STUB_DIR} were never generated"
+    if STAMP.read_text() != _protos_hash():
+        return f"the gRPC stubs in {STUB_DIR} are older than {PROTO_ROOT / 'avrec' / 'v1'}"
+    return None
+
+
 def ensure_stubs() -> None:
-    """Generate the stubs when missing or stale."""
-    if not STAMP.is_file() or STAMP.read_text() != _protos_hash():
+    """Generate the stubs when missing or stale (the setup step)."""
+    if stubs_problem() is not None:
         generate()
+
+
+def require_stubs() -> None:
+    """Raise :class:`SetupError` unless the stubs are present and current."""
+    problem = stubs_problem()
+    if problem is not None:
+        raise SetupError(f"{problem}: run `make setup` (or `python -m server.stubs`)")
 
 
 if __name__ == "__main__":
