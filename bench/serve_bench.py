@@ -44,7 +44,8 @@ PATHS = ("avrec", "avrec-deep", "feast-sdk")
 
 def feast_sdk_engine():
     """RankingEngine whose Rank reads every feature through ``get_online_features``."""
-    from server.engine import Ranked, RankingEngine, Scored, sigmoid
+    from server.answers import Ranked, Scored, sigmoid
+    from server.engine import RankingEngine
     from server.feature_reader import OnlineRow
     from server.models import UserInputs
 

@@ -29,8 +29,9 @@ from avrec.redis_client import connect
 from ranker.contract import ITEM_SERVICE, USER_SERVICE, service_fields
 from ranker.export import latest_model_dir
 from server import metrics
+from server.clock import Clock
 from server.config import ServeConfig, load_config
-from server.engine import Clock, RankingEngine
+from server.engine import RankingEngine
 from server.event_log import EventLog
 from server.hot_swap import ModelWatcher
 from server.malformed import MalformedRequestInterceptor

@@ -5,24 +5,24 @@ materialization counter, in one pipeline. Candidates' features come from the in-
 :class:`server.item_snapshot.ItemSnapshot`, reloaded when the counter moves or the snapshot
 expires (with the retrieval index rebuilt from it). The user's inputs are encoded with the
 model's own :class:`ranker.features.FeatureEncoder`, and the ranker scores all candidates in one
-ONNX run. Errors a caller can fix raise :class:`RequestError`; Redis failures raise
-:class:`StoreUnavailableError`.
+ONNX run. Requests are checked by :mod:`server.request_checks` (errors a caller can fix raise
+:class:`~server.request_checks.RequestError`) and answers assembled by :mod:`server.answers`;
+Redis failures raise :class:`StoreUnavailableError`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
-from avrec.errors import InputError, StoreUnavailableError
+from avrec.errors import StoreUnavailableError
 from avrec.feature_store import materialization_key
 from avrec.names import USER_BEHAVIOUR, USER_HISTORY
 from avrec.online_features import MixedVersionsError
@@ -32,6 +32,8 @@ from ranker.contract import ContractError
 from ranker.features import ItemVectors
 from ranker.hybrid_pipeline import HybridPipeline, ServedUser, item_stats
 from server import metrics
+from server.answers import Ranked, assemble, history_rows, mmr, sigmoid
+from server.clock import Clock
 from server.feature_reader import OnlineRow, ViewReader
 from server.item_snapshot import (
     BEHAVIOUR_VIEW,
@@ -41,6 +43,7 @@ from server.item_snapshot import (
     load_snapshot,
 )
 from server.models import ServingModels, UserInputs
+from server.request_checks import RequestError, candidate_rows, check_request
 from server.retrieval import CandidateIndex
 
 logger = logging.getLogger(__name__)
@@ -53,51 +56,6 @@ if TYPE_CHECKING:
 USER_VIEW = USER_BEHAVIOUR
 HISTORY_VIEW = USER_HISTORY
 USER_AGE = "days_since_last_interaction"
-
-
-class RequestError(InputError):
-    """A request the caller must fix (gRPC INVALID_ARGUMENT)."""
-
-
-class Clock:
-    """Wall-clock UTC, or a replay clock that starts at ``start`` and ticks in real time.
-
-    ``anchor``: the wall time (Unix seconds) at which the replay clock read ``start``
-    (default: now), so that replicas started one after another keep one replay time."""
-
-    def __init__(self, start: datetime | None = None, anchor: float | None = None) -> None:
-        self.start, self._t0 = start, time.monotonic()
-        if anchor is not None:
-            self._t0 -= time.time() - anchor
-
-    def now(self) -> datetime:
-        if self.start is None:
-            return datetime.now(UTC)
-        return self.start + timedelta(seconds=time.monotonic() - self._t0)
-
-
-class Scored(NamedTuple):
-    """One ranked item (``row`` is its snapshot row)."""
-
-    item_id: int
-    row: int
-    score: float
-    title: str
-    missing_features: bool
-    explanation: tuple[int, float, str] | None = None
-
-
-@dataclass(frozen=True)
-class Ranked:
-    """A ranking answer."""
-
-    items: list[Scored]
-    cold_start_user: bool
-    user_row: OnlineRow
-    served_at: datetime
-    embedding_version: str | None
-    item_freshness: dict[str, datetime | None] = field(default_factory=dict)
-    model_version: str = ""  # of the models that answered (a hot swap may follow)
 
 
 @dataclass
@@ -118,28 +76,6 @@ class _Loaded:
 def utc_datetime64(when: datetime) -> np.datetime64:
     """An aware datetime as naive-UTC ``datetime64[us]`` (the hybrid's time type)."""
     return np.datetime64(when.astimezone(UTC).replace(tzinfo=None), "us")
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def mmr(relevance: np.ndarray, unit: np.ndarray, k: int, lam: float) -> np.ndarray:
-    """Maximal marginal relevance: greedily pick ``argmax lam*rel - (1-lam)*max sim(chosen)``.
-
-    >>> mmr(np.array([1.0, 0.9, 0.1]), np.array([[1.0, 0], [1.0, 0], [0, 1.0]]), 2, 0.5)
-    array([0, 2])
-    """
-    chosen: list[int] = []
-    most_similar = np.full(len(relevance), -np.inf)
-    for _ in range(min(k, len(relevance))):
-        penalty = np.where(np.isfinite(most_similar), most_similar, 0.0)
-        gain = lam * relevance - (1.0 - lam) * penalty
-        gain[chosen] = -np.inf
-        best = int(np.argmax(gain))
-        chosen.append(best)
-        most_similar = np.maximum(most_similar, unit @ unit[best])
-    return np.asarray(chosen, dtype=np.int64)
 
 
 class RankingEngine:
@@ -352,31 +288,11 @@ class RankingEngine:
     # -- requests ----------------------------------------------------------------------------
 
     def candidate_rows(self, item_ids: Sequence[int], loaded: _Loaded) -> np.ndarray:
-        """Snapshot rows of the candidates; RequestError for empty, huge, duplicate, unknown."""
-        n = len(item_ids)
-        if n == 0:
-            raise RequestError("candidate_item_ids is empty")
-        if n > self.config.max_candidates:
-            raise RequestError(f"{n} candidates; at most {self.config.max_candidates} per request")
-        ids = np.asarray(item_ids, dtype=np.int64)
-        if (ids <= 0).any():
-            raise RequestError(f"item ids must be positive: {ids[ids <= 0][:5].tolist()}")
-        unique, counts = np.unique(ids, return_counts=True)
-        if (counts > 1).any():
-            raise RequestError(f"duplicate candidates: {unique[counts > 1][:5].tolist()}")
-        rows = loaded.snapshot.rows(ids)
-        if (rows < 0).any():
-            unknown = ids[rows < 0]
-            raise RequestError(f"{unknown.size} unknown item id(s), e.g. {unknown[:5].tolist()}")
-        return rows
+        """Snapshot rows of the candidates (:func:`server.request_checks.candidate_rows`)."""
+        return candidate_rows(item_ids, loaded.snapshot, self.config.max_candidates)
 
     def _check(self, user_id: int, top_k: int, lam: float) -> None:
-        if user_id <= 0:
-            raise RequestError(f"user_id must be positive, got {user_id}")
-        if top_k < 0 or top_k > self.config.max_top_k:
-            raise RequestError(f"top_k must be in [0, {self.config.max_top_k}], got {top_k}")
-        if not np.isfinite(lam) or not 0.0 <= lam <= 1.0:
-            raise RequestError(f"diversity_lambda must be in [0, 1], got {lam}")
+        check_request(user_id, top_k, lam, self.config.max_top_k)
 
     def _rank_rows(
         self, user: UserInputs, row: OnlineRow, rows: np.ndarray, loaded: _Loaded, top_k: int,
@@ -417,32 +333,9 @@ class RankingEngine:
         self, chosen: np.ndarray, scores: np.ndarray, row: OnlineRow, loaded: _Loaded,
         explain: bool, now: datetime,
     ) -> Ranked:
-        """The chosen snapshot rows with their scores, titles and explanations."""
-        snap = loaded.snapshot
-        explanations: list[tuple[int, float, str] | None] = [None] * len(chosen)
-        history = self.history_rows(row, loaded) if explain else np.empty(0, np.int64)
-        if history.size:
-            sims = loaded.unit[chosen] @ loaded.unit[history].T  # [k, len(history)]
-            best = sims.argmax(1)
-            explanations = [
-                (int(snap.item_ids[history[b]]), float(sims[i, b]), snap.titles[history[b]])
-                for i, b in enumerate(best)
-            ]
-        items = [
-            Scored(item_id, r, score, snap.titles[r], missing, why)
-            for item_id, r, score, missing, why in zip(
-                snap.item_ids[chosen].tolist(), chosen.tolist(), scores.tolist(),
-                snap.missing[chosen].tolist(), explanations, strict=True,
-            )
-        ]
-        return Ranked(items, not row.fresh, row, now, snap.embedding_version,
-                      dict(snap.freshest), loaded.models.version)
-
-    def history_rows(self, row: OnlineRow, loaded: _Loaded) -> np.ndarray:
-        """Snapshot rows of the user's recent items that have a vector."""
-        recent = row.values.get("recent_items") or []
-        rows = loaded.snapshot.rows(np.asarray(recent, dtype=np.int64)) if recent else []
-        return np.asarray([r for r in rows if r >= 0 and loaded.snapshot.has_vector[r]], np.int64)
+        """The chosen snapshot rows as an answer (:func:`server.answers.assemble`)."""
+        return assemble(chosen, scores, row, loaded.snapshot, loaded.unit, explain, now,
+                        loaded.models.version)
 
     def rank(
         self, user_id: int, item_ids: Sequence[int], top_k: int = 0, explain: bool = False,
@@ -479,7 +372,7 @@ class RankingEngine:
             chosen, scores = self._hybrid_rows(history, loaded, top_k, diversity_lambda, now)
             return self._answer(chosen, scores, row, loaded, explain, now)
         user = self.user_inputs(row, loaded, now)
-        seen = set(self.history_rows(row, loaded).tolist())
+        seen = set(history_rows(row, loaded.snapshot).tolist())
         recent = row.values.get("recent_items") or []
         seen |= {int(r) for r in loaded.snapshot.rows(np.asarray(recent, np.int64)) if r >= 0}
         wanted = max(self.config.retrieval_candidates, top_k)

@@ -21,13 +21,15 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2
 
-from avrec.errors import AvrecError
+from avrec.errors import AvrecError, StoreUnavailableError
 from avrec.names import USER_BEHAVIOUR
 from avrec.online_features import MixedVersionsError
 from server import metrics
-from server.engine import Ranked, RankingEngine, RequestError, StoreUnavailableError
+from server.answers import Ranked
+from server.engine import RankingEngine
 from server.event_log import EventError, EventLog, EventLogUnavailableError, LoggedEvent
 from server.protocol import SERVICE_NAME, ranking_pb2, ranking_pb2_grpc
+from server.request_checks import RequestError
 
 if TYPE_CHECKING:
     from feast import FeatureStore

@@ -111,7 +111,7 @@ def test_replay_clocks_with_one_anchor_agree() -> None:
     import time
     from datetime import UTC, datetime
 
-    from server.engine import Clock
+    from server.clock import Clock
 
     start, anchor = datetime(2018, 9, 25, tzinfo=UTC), time.time()
     first, plain = Clock(start, anchor), Clock(start)
