@@ -73,6 +73,7 @@ def _redis_cluster(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from avrec import ingest
+    from avrec.ingest_movielens import ingest_movielens
 
     out = Path(args.out) if args.out else config.offline_dir()
     if args.events or args.items:
@@ -82,7 +83,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     else:
         ml = Path(args.movielens) if args.movielens else config.datasets_dir() / "ml-latest-small"
         posters = Path(args.posters) if args.posters else config.datasets_dir() / "posters"
-        report = ingest.ingest_movielens(ml, out, posters if posters.is_dir() else None)
+        report = ingest_movielens(ml, out, posters if posters.is_dir() else None)
     print(report.summary())
     print(f"offline tables in {out} (rejects: {out / 'rejects.parquet'})")
     return 0
@@ -199,7 +200,8 @@ def _has(module: str) -> bool:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README's main job: the whole pipeline on MovieLens ml-latest-small."""
-    from avrec import behaviour_features, feature_store, ingest, tables, training_set
+    from avrec import behaviour_features, feature_store, tables, training_set
+    from avrec.ingest_movielens import ingest_movielens
     from avrec.redis_server import ensure_redis
 
     replay_now = datetime(2018, 9, 25, tzinfo=UTC)  # the dataset ends 2018-09-24
@@ -209,7 +211,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     done()
     done = _step("ingest MovieLens ml-latest-small + posters")
     datasets = config.datasets_dir()
-    report = ingest.ingest_movielens(
+    report = ingest_movielens(
         datasets / "ml-latest-small", config.offline_dir(), datasets / "posters"
     )
     print("    " + report.summary().replace("\n", "\n    "))

@@ -42,11 +42,11 @@ def load_items() -> pl.DataFrame:
     path = tables.table_path("items")
     if path.exists():
         return tables.read_table("items")
-    from avrec import ingest
+    from avrec.ingest_movielens import ingest_movielens
 
     data = config.datasets_dir()
     out = Path(tempfile.mkdtemp(prefix="avrec-bench-items-"))
-    ingest.ingest_movielens(data / "ml-latest-small", out, data / "posters")
+    ingest_movielens(data / "ml-latest-small", out, data / "posters")
     return tables.read_table("items", out)
 
 

@@ -62,12 +62,13 @@ def free_port() -> int:
 
 def build(workdir: Path, redis_url: str) -> Path:
     """Offline tables (cached), Redis applied and materialized, a model (cached)."""
-    from avrec import behaviour_features, config, feature_store, ingest, tables
+    from avrec import behaviour_features, config, feature_store, tables
+    from avrec.ingest_movielens import ingest_movielens
     from tests.serving_stack import genre_embeddings
 
     offline = config.offline_dir()
     if not (offline / "ready").exists():
-        ingest.ingest_movielens(config.datasets_dir() / "ml-latest-small", offline)
+        ingest_movielens(config.datasets_dir() / "ml-latest-small", offline)
         behaviour_features.build(offline)
         items = tables.read_table("items", offline)
         genre_embeddings(items).write_parquet(tables.table_path("item_embeddings", offline))

@@ -30,7 +30,8 @@ import numpy as np
 import polars as pl
 from sandbox import free_port
 
-from avrec import behaviour_features, config, ingest, tables
+from avrec import behaviour_features, config, tables
+from avrec.ingest_movielens import ingest_movielens
 
 CLOCK = datetime(2018, 9, 25, tzinfo=UTC)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -54,7 +55,7 @@ def item_vectors(items: pl.DataFrame, dim: int, seed: int = 0) -> pl.DataFrame:
 def build(root: Path, dim: int) -> None:
     """Offline tables of the shared MovieLens data under ``root/offline``."""
     offline = root / "offline"
-    ingest.ingest_movielens(config.datasets_dir() / "ml-latest-small", offline)
+    ingest_movielens(config.datasets_dir() / "ml-latest-small", offline)
     behaviour_features.build(offline)
     items = tables.read_table("items", offline)
     item_vectors(items, dim).write_parquet(tables.table_path("item_embeddings", offline))

@@ -134,7 +134,8 @@ def build_small(root: Path) -> Path:
     benches where ``make demo`` has not run. Returns the model directory."""
     from datetime import UTC, datetime
 
-    from avrec import behaviour_features, feature_store, ingest
+    from avrec import behaviour_features, feature_store
+    from avrec.ingest_movielens import ingest_movielens
     from avrec.redis_server import start_embedded
     from ranker import train_job
     from ranker.training import TrainConfig
@@ -147,7 +148,7 @@ def build_small(root: Path) -> Path:
     redis_pid = start_embedded(url, workdir=root / "redis")
     try:
         offline = config.offline_dir()
-        ingest.ingest_movielens(config.datasets_dir() / "ml-latest-small", offline)
+        ingest_movielens(config.datasets_dir() / "ml-latest-small", offline)
         behaviour_features.build(offline)
         items = tables.read_table("items", offline)
         genre_embeddings(items).write_parquet(tables.table_path("item_embeddings", offline))

@@ -58,12 +58,13 @@ ENGINES = ["feast", "avrec duckdb", "raw asof", "avrec duckdb versioned", "raw a
 
 def build_base(work: Path) -> Path:
     """Ingest MovieLens and build the behaviour tables once under ``work/base``."""
-    from avrec import behaviour_features, ingest
+    from avrec import behaviour_features
+    from avrec.ingest_movielens import ingest_movielens
 
     base = work / "base"
     if not (base / "item_behaviour.parquet").exists():
         ml = config.datasets_dir() / "ml-latest-small"
-        ingest.ingest_movielens(ml, base, config.datasets_dir() / "posters")
+        ingest_movielens(ml, base, config.datasets_dir() / "posters")
         behaviour_features.build(base)
     return base
 

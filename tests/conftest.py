@@ -98,12 +98,13 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 @pytest.fixture(scope="session")
 def movielens_offline() -> Path:
     """Real MovieLens ml-latest-small + posters, ingested with behaviour features."""
-    from avrec import behaviour_features, ingest
+    from avrec import behaviour_features
+    from avrec.ingest_movielens import ingest_movielens
 
     if not MOVIELENS.is_dir():
         pytest.fail(f"dataset missing: {MOVIELENS} (see shared/datasets/README.md)")
     offline = config.offline_dir()
-    ingest.ingest_movielens(MOVIELENS, offline, POSTERS)
+    ingest_movielens(MOVIELENS, offline, POSTERS)
     behaviour_features.build(offline)
     return offline
 

@@ -20,7 +20,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from avrec import behaviour_features, config, ingest, tables
+from avrec import behaviour_features, config, tables
+from avrec.ingest_movielens import ingest_movielens
 
 CLOCK = datetime(2018, 9, 25, tzinfo=UTC)
 EMBEDDING_VERSION = "test-genre-v1"
@@ -74,7 +75,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         patch.setenv("REDIS_URL", url)
         offline = config.offline_dir()
         datasets = config.datasets_dir()
-        ingest.ingest_movielens(datasets / "ml-latest-small", offline)
+        ingest_movielens(datasets / "ml-latest-small", offline)
         behaviour_features.build(offline)
         items = tables.read_table("items", offline)
         genre_embeddings(items).write_parquet(tables.table_path("item_embeddings", offline))

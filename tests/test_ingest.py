@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from avrec import ingest, tables
+from avrec.ingest_validation import IngestError, IngestReport
 
 from .conftest import MOVIELENS, POSTERS
 
@@ -135,16 +136,16 @@ def test_rerun_is_idempotent(generic_input: tuple[Path, Path], tmp_path: Path) -
 def test_unreadable_input_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "events.csv").write_text("who,what\n1,2\n")
     (tmp_path / "items.csv").write_text("item_id,title\n1,A\n")
-    with pytest.raises(ingest.IngestError, match="missing column"):
+    with pytest.raises(IngestError, match="missing column"):
         ingest.ingest_generic(tmp_path / "events.csv", tmp_path / "items.csv", tmp_path / "o")
-    with pytest.raises(ingest.IngestError, match="not found"):
+    with pytest.raises(IngestError, match="not found"):
         ingest.ingest_generic(tmp_path / "nope.csv", tmp_path / "items.csv", tmp_path / "o")
 
 
 ITEMS_1_TO_20 = "item_id,title\n" + "".join(f"{i},Item {i}\n" for i in range(1, 21))
 
 
-def assert_accounted(report: ingest.IngestReport, out: Path) -> None:
+def assert_accounted(report: IngestReport, out: Path) -> None:
     """read == landed + rejected for every source, and the tables agree with the report."""
     assert report.unaccounted() == {}, report.summary()
     rejects = tables.read_table("rejects", out)
@@ -214,7 +215,7 @@ def test_fuzzed_event_files_are_accounted_for(tmp_path_factory: pytest.TempPathF
         (run / "events.csv").write_bytes(data)
         try:
             report = ingest.ingest_generic(run / "events.csv", root / "items.csv", run / "out")
-        except ingest.IngestError as exc:  # only a file without a usable header is refused
+        except IngestError as exc:  # only a file without a usable header is refused
             assert any(m in str(exc) for m in ("missing column", "empty file", "header")), exc
             return
         assert_accounted(report, run / "out")
@@ -242,7 +243,7 @@ def test_fuzzed_item_files_are_accounted_for(tmp_path_factory: pytest.TempPathFa
         (run / "cover.jpg").write_bytes(b"\xff\xd8\xff")
         try:
             report = ingest.ingest_generic(root / "events.csv", run / "items.csv", run / "out")
-        except ingest.IngestError as exc:
+        except IngestError as exc:
             assert any(m in str(exc) for m in ("missing column", "empty file", "header")), exc
             return
         assert report.unaccounted() == {}, report.summary()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from avrec import ingest
+from avrec.ingest_movielens import ingest_movielens
 from avrec.onnx_runtime import CPU_EP, OnnxModel
 from encoders import co_consumption, fusion, fusion_fit, fusion_training, mixed_job
 from encoders.embed_job import run_embed
@@ -48,7 +48,7 @@ def random_feeds(n: int, seed: int = 0, with_image: float = 0.5) -> dict[str, np
 def offline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real MovieLens (ratings, tags, posters) ingested into a temporary offline directory."""
     out = tmp_path_factory.mktemp("fusion-offline")
-    ingest.ingest_movielens(MOVIELENS, out, POSTERS)
+    ingest_movielens(MOVIELENS, out, POSTERS)
     return out
 
 

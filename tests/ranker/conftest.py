@@ -7,7 +7,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from avrec import config, ingest, tables
+from avrec import config, tables
+from avrec.ingest_movielens import ingest_movielens
 from ranker.splits import Split, per_user_split
 from tests.recommender_contract import ContractData, contract_slice
 
@@ -20,7 +21,7 @@ def ml_offline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not MOVIELENS.is_dir():
         pytest.fail(f"dataset missing: {MOVIELENS} (see shared/datasets/README.md)")
     out = tmp_path_factory.mktemp("ranker_offline")
-    ingest.ingest_movielens(MOVIELENS, out)
+    ingest_movielens(MOVIELENS, out)
     return out
 
 
