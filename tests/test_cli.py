@@ -9,7 +9,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from avrec import cli
+from avrec import cli, config
+from avrec.commands import parse_time
 
 
 def _avrec(*args: str) -> subprocess.CompletedProcess:
@@ -52,8 +53,8 @@ def test_cli_errors_are_clear() -> None:
 
 
 def test_parse_time_defaults_to_utc() -> None:
-    assert cli.parse_time("2018-01-01").isoformat() == "2018-01-01T00:00:00+00:00"
-    assert cli.parse_time("2018-01-01T02:00:00+02:00").hour == 0
+    assert parse_time("2018-01-01").isoformat() == "2018-01-01T00:00:00+00:00"
+    assert parse_time("2018-01-01T02:00:00+02:00").hour == 0
 
 
 def test_global_options_hold_for_job_subcommands(monkeypatch: pytest.MonkeyPatch,
@@ -63,7 +64,7 @@ def test_global_options_hold_for_job_subcommands(monkeypatch: pytest.MonkeyPatch
     # once an AttributeError ('Namespace' object has no attribute 'func')
     code = cli.main(["--redis-url", url, "evaluate", "--models", "no-such-model"])
     assert code == 2 and "avrec evaluate: error: " in capsys.readouterr().err
-    assert cli.config.redis_url() == url
+    assert config.redis_url() == url
     assert cli.main(["--redis-url", url, "training-set", "--start", "2018-03-01",
                      "--end", "2018-01-01", "--out", "x.parquet"]) == 2
 
@@ -77,7 +78,7 @@ def test_a_job_subcommand_gets_the_global_options_and_the_one_error_path(
     seen = []
 
     def handler(args) -> int:
-        seen.append((args.redis_url, cli.config.redis_url(), args.port))
+        seen.append((args.redis_url, config.redis_url(), args.port))
         raise ValueError("no service at the target")
 
     monkeypatch.setattr(serve, "run", handler)

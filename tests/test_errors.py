@@ -7,7 +7,7 @@ import importlib
 import inspect
 import pkgutil
 
-from avrec import cli
+from avrec import cli, data_commands
 from avrec.errors import AvrecError, StoreUnavailableError
 
 PACKAGES = ("avrec", "encoders", "ranker", "server", "web")
@@ -51,7 +51,7 @@ def test_the_cli_turns_any_avrec_error_into_one_line_and_exit_2(monkeypatch, cap
     def failing(args):
         raise StoreUnavailableError("nothing answers at redis://127.0.0.1:1/0")
 
-    monkeypatch.setattr(cli, "cmd_redis", failing)
+    monkeypatch.setattr(data_commands, "cmd_redis", failing)
     assert cli.main(["redis"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["avrec redis: error: nothing answers at redis://127.0.0.1:1/0"]

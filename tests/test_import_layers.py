@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("avrec", "encoders", "ranker", "server", "web")  # each may import those before it
-TOP = {"avrec/cli.py"}  # the command line starts every layer's jobs
+TOP = {"avrec/cli.py", "avrec/demo.py"}  # the command line (and its demo) starts every layer's jobs
 # the serving code runs on onnxruntime; Spark (avrec.spark) is the offline side's alone
 SERVER_NEVER = ("torch", "transformers", "duckdb", "pyspark", "avrec.spark")
 
