@@ -10,15 +10,14 @@ import torch
 from ranker import baselines
 from ranker.features import ItemVectors
 from ranker.recommender import Recommender
-from ranker.sequential import (
-    SequentialConfig,
-    SequentialRecommender,
+from ranker.sequence_data import (
     UserSequences,
     holdout_sizes,
     left_pad,
     rating_buckets,
     training_windows,
 )
+from ranker.sequential import SequentialConfig, SequentialRecommender
 from tests.recommender_contract import ContractData, RecommenderContract
 
 
