@@ -38,252 +38,25 @@ over the same data directory and Redis, driven with ``rank`` at 1 closed-loop ca
 that one's.
 
 Catalogue and users come from ``$AVREC_DATA_DIR`` (the service's data directory).
+The schedules and mix are in ``load_schedule.py``, a client process in ``load_client.py``,
+the figures and the table in ``load_stats.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import multiprocessing as mp
 import os
-import random
-import resource
 import subprocess
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-METHODS = ("rank", "recommend", "logevents")
-LOAD_USERS = (40_000_000, 40_001_000)  # LogEvents users [lo, hi): no real user has these ids
-POOL = 256  # prebuilt Rank/Recommend requests per process (kept off the client's hot path)
-
-
-# ---------------------------------------------------------------- pure parts (unit tested)
-
-
-def arrivals(rate: float, seconds: float, schedule: str, seed: int,
-             phase: float = 0.0) -> np.ndarray:
-    """Send times (s from the start) of an open-loop schedule of ``rate`` calls/s.
-
-    ``poisson``: exponential gaps of mean 1/rate; ``uniform``: one every 1/rate s, shifted by
-    ``phase`` (a fraction of the gap, so several processes interleave)."""
-    if rate <= 0 or seconds <= 0:
-        return np.zeros(0)
-    if schedule == "uniform":
-        times = (np.arange(math.ceil(rate * seconds) + 1) + phase % 1.0) / rate
-    elif schedule == "poisson":
-        rng = np.random.default_rng(seed)
-        n = int(rate * seconds + 10 * math.sqrt(rate * seconds) + 10)
-        times = np.cumsum(rng.exponential(1.0 / rate, n))
-        while times[-1] < seconds:  # never short (vanishingly unlikely)
-            times = np.concatenate([times, times[-1] + np.cumsum(rng.exponential(1 / rate, n))])
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}")
-    return times[times < seconds]
-
-
-def parse_mix(text: str) -> tuple[float, float, float]:
-    """``rank=0.7,recommend=0.2,logevents=0.1`` (or ``rank``) -> weights in METHODS order."""
-    weights = dict.fromkeys(METHODS, 0.0)
-    for part in text.split(","):
-        name, _, value = part.strip().partition("=")
-        if name.lower() not in weights:
-            raise ValueError(f"unknown method {name!r} in --mix (one of {', '.join(METHODS)})")
-        weights[name.lower()] = float(value) if value else 1.0
-    total = sum(weights.values())
-    if total <= 0 or min(weights.values()) < 0:
-        raise ValueError(f"--mix {text!r}: weights must be >= 0 with a positive sum")
-    return tuple(weights[m] / total for m in METHODS)  # type: ignore[return-value]
-
-
-def split(total: int, parts: int) -> list[int]:
-    """``total`` callers over ``parts`` processes, as even as possible (no empty process)."""
-    parts = max(1, min(parts, total))
-    return [total // parts + (i < total % parts) for i in range(parts)]
-
-
-@dataclass
-class Calls:
-    """Measured calls of one load point (warm-up already excluded)."""
-
-    method: list[str] = field(default_factory=list)
-    code: list[str] = field(default_factory=list)
-    scheduled: list[float] = field(default_factory=list)  # s after the window start
-    latency: list[float] = field(default_factory=list)  # s, from the scheduled time
-    lag: list[float] = field(default_factory=list)  # s, send time - scheduled time
-
-    def extend(self, other: Calls) -> None:
-        for name in ("method", "code", "scheduled", "latency", "lag"):
-            getattr(self, name).extend(getattr(other, name))
-
-
-def summarize(calls: Calls, method: str | None = None) -> dict:
-    """Count, achieved rate, percentiles (ms), errors and send lag of ``calls`` (one method or
-    all). The achieved rate is the calls answered OK over the time from the window start to
-    the last answer (errors count in the percentiles, not in the rate)."""
-    keep = [i for i, m in enumerate(calls.method) if method is None or m == method]
-    latency = np.array([calls.latency[i] for i in keep]) * 1e3
-    done = [calls.scheduled[i] + calls.latency[i] for i in keep]
-    errors = Counter(calls.code[i] for i in keep if calls.code[i] != "OK")
-    ok = len(keep) - sum(errors.values())
-    out = {"calls": len(keep), "ok": ok, "errors": dict(sorted(errors.items()))}
-    if not keep:
-        return {**out, "achieved": 0.0, "p50": math.nan, "p90": math.nan, "p99": math.nan,
-                "max": math.nan, "lag_p99": math.nan}
-    p50, p90, p99 = np.percentile(latency, [50, 90, 99])
-    lag = np.array([calls.lag[i] for i in keep]) * 1e3
-    return {**out, "achieved": ok / max(max(done), 1e-9), "p50": float(p50),
-            "p90": float(p90), "p99": float(p99), "max": float(latency.max()),
-            "lag_p99": float(np.percentile(lag, 99))}
-
-
-def error_text(errors: dict[str, int]) -> str:
-    return ", ".join(f"{code} {n}" for code, n in errors.items()) or "0"
-
-
-HEADER = ("| load | offered req/s | achieved OK req/s | method | calls | p50 ms | p90 ms | p99 ms "
-          "| max ms | errors | send lag p99 ms | client CPU % | server CPU % "
-          "| server CPU ms/call | load avg "
-          "| feast-sdk p50 / p50 |")
-
-
-def table_row(point: dict, stats: dict, method: str, feast_p50: float | None) -> str:
-    """One markdown row; CPU as % of one core over the window (may exceed 100)."""
-    offered = "-" if point["mode"] == "closed" else f"{point['level']:g}"
-    load = (f"closed {point['level']:g}" if point["mode"] == "closed"
-            else f"open {point['schedule']}")
-    if point.get("path", "avrec") != "avrec":
-        load = f"{point['path']}, {load}"
-    ratio = (f"{feast_p50 / stats['p50']:.1f}x"
-             if feast_p50 and method == "rank" and stats["calls"] else "")
-    return (f"| {load} | {offered} | {stats['achieved']:.1f} | {method} | {stats['calls']} "
-            f"| {stats['p50']:.2f} | {stats['p90']:.2f} | {stats['p99']:.2f} "
-            f"| {stats['max']:.1f} | {error_text(stats['errors'])} | {stats['lag_p99']:.2f} "
-            f"| {point['client_cpu']:.0f} | {point['server_cpu']:.0f} "
-            f"| {point['server_ms_per_call']:.1f} | {point['loadavg']:.2f} "
-            f"| {ratio} |")
-
-
-# ---------------------------------------------------------------- client processes
-
-
-def _requests(spec: dict, rng: random.Random) -> dict:
-    from server.protocol import ranking_pb2
-
-    users, items = spec["users"], spec["items"]
-    return {
-        "rank": [ranking_pb2.RankRequest(
-            user_id=rng.choice(users), candidate_item_ids=rng.sample(items, spec["candidates"]))
-            for _ in range(POOL)],
-        "recommend": [ranking_pb2.RecommendRequest(user_id=rng.choice(users), top_k=20)
-                      for _ in range(POOL)],
-    }
-
-
-def _log_request(items: list[int], rng: random.Random):
-    from server.protocol import ranking_pb2
-
-    return ranking_pb2.LogEventsRequest(events=[ranking_pb2.Event(
-        user_id=rng.randrange(*LOAD_USERS), item_id=rng.choice(items), event_type="rating",
-        rating=rng.choice([1.0, 2.5, 3.0, 4.0, 4.5, 5.0])) for _ in range(rng.randint(1, 3))])
-
-
-def cpu_seconds() -> float:
-    """User + system CPU of this process, every thread (gRPC's C threads included)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-async def _drive(spec: dict, conn) -> dict:
-    import grpc
-
-    from server.client import channel_options
-    from server.protocol import ranking_pb2_grpc
-
-    rng = random.Random(spec["seed"])
-    pool = _requests(spec, rng)
-    weights = spec["mix"]
-    timeout = spec["timeout"]
-    # round_robin over a multi-replica target, Rank/Recommend retried on UNAVAILABLE
-    async with grpc.aio.insecure_channel(spec["target"], options=channel_options()) as channel:
-        stub = ranking_pb2_grpc.RankingServiceStub(channel)
-        rpc = {"rank": stub.Rank, "recommend": stub.Recommend, "logevents": stub.LogEvents}
-        await asyncio.wait_for(channel.channel_ready(), 30)
-        conn.send("ready")
-        start_wall = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
-        t0 = time.perf_counter() + (start_wall - time.time())
-        warm_end = t0 + spec["warmup"]
-        end = warm_end + spec["seconds"]
-        calls = Calls()
-        counter = [0]
-
-        async def call(scheduled: float) -> None:
-            method = rng.choices(METHODS, weights)[0]
-            if method == "logevents":
-                request = _log_request(spec["items"], rng)
-            else:
-                counter[0] += 1
-                request = pool[method][counter[0] % POOL]
-            sent = time.perf_counter()
-            try:
-                await rpc[method](request, timeout=timeout)
-                code = "OK"
-            except grpc.aio.AioRpcError as error:
-                code = error.code().name
-            done = time.perf_counter()
-            if scheduled >= warm_end:
-                calls.method.append(method)
-                calls.code.append(code)
-                calls.scheduled.append(scheduled - warm_end)
-                calls.latency.append(done - scheduled)
-                calls.lag.append(sent - scheduled)
-
-        cpu = {}
-
-        async def mark() -> None:
-            await asyncio.sleep(max(0.0, warm_end - time.perf_counter()))
-            cpu["start"] = cpu_seconds()
-
-        marker = asyncio.create_task(mark())
-        if spec["mode"] == "open":
-            tasks = []
-            for offset in arrivals(spec["rate"], spec["warmup"] + spec["seconds"],
-                                   spec["schedule"], spec["seed"], spec["phase"]):
-                scheduled = t0 + float(offset)
-                delay = scheduled - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(call(scheduled)))
-            await asyncio.gather(*tasks)
-        else:
-            await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
-
-            async def caller() -> None:
-                while (now := time.perf_counter()) < end:
-                    await call(now)
-
-            await asyncio.gather(*(caller() for _ in range(spec["callers"])))
-        await marker
-        return {"calls": calls, "cpu": cpu_seconds() - cpu["start"]}
-
-
-def worker(spec: dict, conn) -> None:
-    """One client process: its share of the load, then its measured calls through ``conn``."""
-    try:
-        conn.send(asyncio.run(_drive(spec, conn)))
-    except Exception as error:  # reported by the parent
-        conn.send(error)
-    finally:
-        conn.close()
-
-
-# ---------------------------------------------------------------- the parent
+from load_client import worker
+from load_schedule import METHODS, parse_mix, split
+from load_stats import HEADER, Calls, rows, summarize
 
 
 def server_cpu(pid: int | list[int] | None) -> float:
@@ -370,14 +143,6 @@ def run_point(args: argparse.Namespace, target: str, pid: int | list[int] | None
             if proc.is_alive():
                 proc.terminate()
     return point, calls
-
-
-def rows(point: dict, calls: Calls, mix: tuple[float, ...], feast_p50: float | None) -> list[str]:
-    methods = [m for m, w in zip(METHODS, mix, strict=True) if w > 0]
-    out = [table_row(point, summarize(calls, m), m, feast_p50) for m in methods]
-    if len(methods) > 1:
-        out.append(table_row(point, summarize(calls), "all", None))
-    return out
 
 
 def feast_server(port: int) -> subprocess.Popen:

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import load_gen
+import load_schedule
+import load_stats
 from sandbox import CLOCK, items_and_users, sandbox
 
 HEADER = ("| replicas | callers | Rank OK req/s | vs 1 replica | p50 ms | p99 ms | errors "
@@ -50,7 +52,7 @@ def start_replicas(n: int, data_dir: Path, redis_url: str, log: Path
 def row(n: int, callers: int, stats: dict, point: dict, base: float | None) -> str:
     ratio = f"{stats['achieved'] / base:.2f}" if base else "1.00"
     return (f"| {n} | {callers} | {stats['achieved']:.1f} | {ratio} | {stats['p50']:.1f} "
-            f"| {stats['p99']:.1f} | {load_gen.error_text(stats['errors'])} "
+            f"| {stats['p99']:.1f} | {load_stats.error_text(stats['errors'])} "
             f"| {point['server_cpu']:.0f} | {point['server_ms_per_call']:.1f} "
             f"| {point['client_cpu']:.0f} | {point['loadavg']:.1f} |")
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.schedule = "poisson"  # unused by the closed loop, read by run_point
-    mix = load_gen.parse_mix("rank")
+    mix = load_schedule.parse_mix("rank")
     lines, base = [], None
     print("python bench/replicas_bench.py " + " ".join(argv or sys.argv[1:]), flush=True)
     with sandbox(args.source) as server:
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 if process is not None:
                     process.send_signal(signal.SIGTERM)
                     process.wait(120)
-            stats = load_gen.summarize(calls, "rank")
+            stats = load_stats.summarize(calls, "rank")
             base = base or (stats["achieved"] if n == 1 else None)
             lines.append(row(n, args.callers, stats, point, base))
             print(f"  {target}: {lines[-1]}", flush=True)
