@@ -26,6 +26,7 @@ import polars as pl
 from implicit.cpu.als import AlternatingLeastSquares
 from implicit.cpu.bpr import BayesianPersonalizedRanking
 from scipy import sparse
+from scipy.linalg import lapack
 from threadpoolctl import threadpool_limits
 
 from ranker.history_scorers import (
@@ -190,6 +191,24 @@ class ALS(_FactorModel):
                             self.popularity, self.min_value)
 
 
+def spd_inverse(matrix: np.ndarray) -> np.ndarray:
+    """The inverse of a symmetric positive definite float64 ``matrix`` (overwritten) by
+    Cholesky (LAPACK ``potrf`` + ``potri``): half the work of a general LU inverse.
+
+    >>> bool(np.allclose(spd_inverse(np.array([[2.0, 1.0], [1.0, 2.0]])) @ [[2, 1], [1, 2]],
+    ...                  np.eye(2)))
+    True
+    """
+    factor, info = lapack.dpotrf(matrix, lower=False, clean=False, overwrite_a=True)
+    if info == 0:
+        factor, info = lapack.dpotri(factor, lower=False, overwrite_c=True)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"not symmetric positive definite (LAPACK info {info})")
+    inverse = np.triu(factor)  # potri fills the upper triangle only
+    inverse += np.triu(inverse, 1).T
+    return inverse
+
+
 class EASE(_MatrixModel):
     """EASE: ``B = I - P diagMat(1 / diag(P))``, ``P = (X'X + λI)^-1`` (zero diagonal).
 
@@ -220,7 +239,7 @@ class EASE(_MatrixModel):
         x = matrix[:, self.active].astype(np.float64)
         gram = np.asarray((x.T @ x).toarray())
         gram[np.diag_indices_from(gram)] += self.l2
-        precision = np.linalg.inv(gram)
+        precision = spd_inverse(gram)
         weights = precision / -np.diag(precision)[None, :]
         weights[np.diag_indices_from(weights)] = 0.0
         self.weights = weights.astype(np.float32)

@@ -42,8 +42,19 @@ class ModelSpec:
     build: Callable[[dict[str, Any], int], Recommender]
     grid: list[dict[str, Any]] = field(default_factory=lambda: [{}])
     baseline: bool = True
-    # the run's record of baselines' validation-chosen settings (the hybrids read theirs)
+    # the run's record of every model's validation-chosen settings (the hybrids read their
+    # generators' settings there)
     tuned: dict[str, dict[str, Any]] | None = None
+    # hold the settings this model chose earlier in the run instead of searching ``grid``:
+    # the ablations and ``served`` keep the chosen hybrid's settings (only content changes)
+    settings_from: str | None = None
+
+    def search_grid(self) -> list[dict[str, Any]]:
+        """The settings to try on validation: ``grid``, or the one chosen by
+        ``settings_from`` when that model ran earlier in the run."""
+        if self.settings_from and self.tuned and self.settings_from in self.tuned:
+            return [self.tuned[self.settings_from]]
+        return self.grid
 
 
 @dataclass(frozen=True)
@@ -223,7 +234,7 @@ def tune(
     priority = metrics.tiebreak_priority(len(validation.item_ids), seed)
     trials: list[dict[str, Any]] = []
     best: tuple[float, dict[str, Any], tuple[np.ndarray, np.ndarray], Any] | None = None
-    for params in spec.grid:
+    for params in spec.search_grid():
         model = spec.build(params, seed).fit(validation.stage.fit, items)
         scores, pairs = stage_scores(model, validation)
         result = metrics.ranking_metrics(
@@ -253,8 +264,9 @@ def run_model(
 ) -> ModelRun:
     """Tune ``spec`` on validation, refit the best setting, evaluate it on test."""
     started = time.perf_counter()
+    settings_from = spec.settings_from if len(spec.search_grid()) < len(spec.grid) else None
     tuned = tune(spec, validation, items, ks, seed)
-    if spec.baseline and spec.tuned is not None:
+    if spec.tuned is not None:
         spec.tuned[spec.name] = tuned.params
     tuned_at = time.perf_counter()
     model = spec.build(tuned.params, seed).fit(test.stage.fit, items)
@@ -277,6 +289,7 @@ def run_model(
     short = test.history < short_history
     report = {
         "params": tuned.params,
+        **({"settings_from": settings_from} if settings_from else {}),
         "validation": {f"ndcg@{min(ks)}": tuned.score},
         "tuning": tuned.trials,
         "test": _summary(result),
@@ -462,14 +475,17 @@ def model_specs(
         elif name in HYBRID_MODELS or name in SEQUENTIAL_MODELS:
             grid = HYBRID_GRID if name in HYBRID_MODELS and not quick else [{}]
             build = _content_model_builder(name, encodings, quick, cache, tuned, fused)
-            specs.append(ModelSpec(name, build, grid, baseline=False))
+            source = CHOSEN_HYBRID if name in HYBRID_MODELS and name != CHOSEN_HYBRID else None
+            specs.append(ModelSpec(name, build, grid, baseline=False, tuned=tuned,
+                                   settings_from=source))
         elif name in DEEP_MODELS:
             specs.append(ModelSpec(name, _deep_builder(name, encodings, quick, fused),
                                    baseline=False))
         elif name == SERVED:
             specs.append(ModelSpec(name, _served_builder(encodings, quick, offline, cache,
                                                          tuned, fused),
-                                   [{}] if quick else HYBRID_GRID, baseline=False))
+                                   [{}] if quick else HYBRID_GRID, baseline=False, tuned=tuned,
+                                   settings_from=CHOSEN_HYBRID))
         elif name in columns:
             if encodings is None or not encodings.exists():
                 raise FileNotFoundError(f"{name} needs item encodings; not found at {encodings}")
@@ -502,6 +518,7 @@ SEQUENTIAL_MODELS = ("sequential-mixed", "sequential-id")
 # The hybrid's candidate generators: tuned baselines (run first when not asked for).
 HYBRID_GENERATORS = ("ease", "als", "itemknn")
 SERVED = "served"  # the served pipeline (ranker.served), as `avrec train` ships it
+CHOSEN_HYBRID = "hybrid-mixed"  # what `served` serves; the other hybrids are its ablations
 QUICK_HYBRID = {"bag": 2, "inner_folds": 1}  # --quick: one label fold, two scorers
 HYBRID_GRID = [{"inner_folds": 2}, {"inner_folds": 3},
                {"inner_folds": 3, "hidden": 128, "lr": 1e-3}]
@@ -509,10 +526,16 @@ HYBRID_GRID = [{"inner_folds": 2}, {"inner_folds": 3},
 
 def with_generators(names: Sequence[str]) -> list[str]:
     """``names`` with the hybrid's generator baselines added in front when a hybrid is asked
-    for (their validation-tuned settings feed the hybrid)."""
+    for (their validation-tuned settings feed the hybrid), and ``hybrid-mixed`` moved before
+    the models that keep its settings (its ablations and ``served``)."""
     if not any(n in (*HYBRID_MODELS, SERVED) for n in names):
         return list(names)
-    return [g for g in HYBRID_GENERATORS if g not in names] + list(names)
+    names = [g for g in HYBRID_GENERATORS if g not in names] + list(names)
+    if CHOSEN_HYBRID in names:
+        first = min(i for i, n in enumerate(names) if n in (*HYBRID_MODELS, SERVED))
+        names.remove(CHOSEN_HYBRID)
+        names.insert(first, CHOSEN_HYBRID)
+    return names
 
 
 def _vector_source(kind: str, frame: pl.DataFrame, fused: FusedVectors) -> Any:

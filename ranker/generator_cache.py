@@ -11,6 +11,10 @@ train`` run) and handed to the hybrids it builds; there is no process-wide cache
 scorer is small next to its model (EASE keeps its top-256 weights per item, not the dense
 matrix), and the cache holds at most ``size`` of them.
 
+The same holds one level up: ``served`` wraps exactly the ``hybrid-mixed`` fits of its run
+(same settings, seed and data), so :meth:`GeneratorCache.remember` keeps a few whole-model fit
+states (the hybrid's scorer bag and pipeline) under a key the model builds.
+
 Only factories whose settings are plain values are cached (``functools.partial`` of a class
 with int/float/str/bool/None arguments): a factory holding an object (a vector source) is
 always fitted afresh.
@@ -27,13 +31,14 @@ import functools
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 
 from ranker.history_scorers import HistoryScorer
 
 PLAIN = (int, float, str, bool, type(None))
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,10 +59,32 @@ def fingerprint(frame: pl.DataFrame) -> tuple[int, int]:
 class GeneratorCache:
     """Least-recently-used cache of fitted generators (see the module docstring)."""
 
-    def __init__(self, size: int = 24) -> None:  # 3 generators x 4 fits x 2 stages
-        self.size = size
+    def __init__(self, size: int = 24, models: int = 8) -> None:  # 3 generators x 4 fits x
+        self.size = size  # 2 stages; a hybrid grid of 3 on 2 stages, and spares
         self.entries: OrderedDict[tuple[Any, ...], FittedGenerator] = OrderedDict()
+        self.models = models
+        self.model_fits: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self.hits = self.misses = 0
+
+    def remember(self, key: tuple[Any, ...] | None, compute: Callable[[], T]) -> T:
+        """A whole model's fit state under ``key``: ``compute()`` runs once per key (always,
+        when ``key`` is None). The state is shared: callers must not mutate it.
+
+        >>> cache = GeneratorCache()
+        >>> cache.remember(("a",), lambda: [1]) is cache.remember(("a",), lambda: [2])
+        True
+        """
+        if key is None or self.models <= 0:
+            return compute()
+        if key in self.model_fits:
+            self.hits += 1
+            self.model_fits.move_to_end(key)
+            return self.model_fits[key]
+        self.misses += 1
+        state = self.model_fits[key] = compute()
+        while len(self.model_fits) > self.models:
+            self.model_fits.popitem(last=False)
+        return state
 
     @staticmethod
     def key_of(factory: Callable[[], Any]) -> tuple[Any, ...] | None:

@@ -23,10 +23,13 @@ comes from a model that saw the label it is trained on.
 
 from __future__ import annotations
 
+import copy
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -35,7 +38,7 @@ from torch import nn
 
 from ranker.baselines import ContentKNN
 from ranker.features import VectorSource, resolve_vectors
-from ranker.generator_cache import GeneratorCache
+from ranker.generator_cache import GeneratorCache, fingerprint
 from ranker.history_scorers import HistoryScorer
 from ranker.hybrid_features import (
     CONTENT,
@@ -338,6 +341,17 @@ class HybridRecommender(Recommender):
         return scored.features[keep], pool_labels[keep]
 
     def _fit(self, interactions: pl.DataFrame, items: pl.DataFrame) -> None:
+        self.scorer, self.history, pipeline = self.cache.remember(
+            self._fit_key(interactions, items), lambda: self._fit_state(interactions, items))
+        self.pipeline = copy.copy(pipeline)  # settings of its own (exploration slots)
+        self.pipeline.config = replace(pipeline.config)
+        self.pipeline.model = self._run_scorer
+        self.interactions = interactions
+
+    def _fit_state(self, interactions: pl.DataFrame, items: pl.DataFrame
+                   ) -> tuple[ScorerBag, HybridHistory, HybridPipeline]:
+        """The scorer bag trained on the inner folds, its training history, and the pipeline
+        of generators refitted on all of ``interactions``."""
         cfg = self.config
         folds = [self._fold_examples(interactions, items, f) for f in range(cfg.inner_folds)]
         features = np.concatenate([f for f, _ in folds])
@@ -347,11 +361,21 @@ class HybridRecommender(Recommender):
                 fit_scorer(features, labels, replace(cfg, seed=cfg.seed + b))
                 for b in range(cfg.bag)
             ]
-        self.scorer = ScorerBag([model for model, _ in fitted])
-        self.history = fitted[0][1]
-        self.pipeline = self._pipeline(interactions, items)
-        self.pipeline.model = self._run_scorer
-        self.interactions = interactions
+        return (ScorerBag([model for model, _ in fitted]), fitted[0][1],
+                self._pipeline(interactions, items))
+
+    def _fit_key(self, interactions: pl.DataFrame, items: pl.DataFrame
+                 ) -> tuple[Any, ...] | None:
+        """What makes a fit: name, settings, seed, generators, item vectors and data (None
+        when a generator's settings cannot be keyed: then it always fits afresh)."""
+        generators = tuple((n, GeneratorCache.key_of(f)) for n, f in self.factories.items())
+        if any(key is None for name, key in generators if name != CONTENT):
+            return None
+        source = self.vector_source
+        vectors = ((id(source.func), source.args) if isinstance(source, functools.partial)
+                   else id(source))
+        return ("hybrid", self.name, self.seed, repr(self.config), generators, vectors,
+                fingerprint(interactions), fingerprint(items.select("item_id")))
 
     def _run_scorer(self, features: np.ndarray) -> np.ndarray:
         assert self.scorer is not None

@@ -178,6 +178,25 @@ def test_hybrids_bring_their_generators_in_front() -> None:
     assert evaluation.with_generators(["popularity", "hybrid-id", "als"]) == [
         "ease", "itemknn", "popularity", "hybrid-id", "als"]
     assert evaluation.with_generators(["popularity"]) == ["popularity"]
+    # the chosen hybrid runs before the models that keep its settings
+    assert evaluation.with_generators(["ease", "served", "hybrid-id", "hybrid-mixed"]) == [
+        "als", "itemknn", "ease", "hybrid-mixed", "served", "hybrid-id"]
+
+
+def test_ablations_and_served_keep_the_chosen_hybrids_settings(tmp_path: Path) -> None:
+    """They search their own grid only when ``hybrid-mixed`` has not run in the same run."""
+    encodings = tmp_path / "item_encodings.parquet"
+    vectors = baselines.random_item_vectors(np.arange(1, 5), dim=4, seed=0)
+    write_encodings(vectors, encodings)
+    specs = {s.name: s for s in evaluation.model_specs(
+        ["hybrid-mixed", "hybrid-text"], encodings=encodings)}
+    mixed, text = specs["hybrid-mixed"], specs["hybrid-text"]
+    assert mixed.settings_from is None and text.settings_from == "hybrid-mixed"
+    assert text.search_grid() == evaluation.HYBRID_GRID
+    chosen = evaluation.HYBRID_GRID[1]
+    assert mixed.tuned is not None
+    mixed.tuned["hybrid-mixed"] = chosen  # what run_model records after tuning
+    assert text.search_grid() == [chosen] and mixed.search_grid() == evaluation.HYBRID_GRID
 
 
 def test_missing_inputs_fail_before_any_work(tmp_path: Path, ml_offline: Path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 
 from ranker import baselines
 from ranker.features import ItemVectors
+from ranker.generator_cache import GeneratorCache
 from ranker.history_scorers import History
 from ranker.hybrid import (
     ContentGenerator,
@@ -355,3 +357,29 @@ def test_a_scorer_exported_for_other_features_is_refused(
         HybridPipeline.load(tmp_path / "hybrid", model.item_ids,
                             _aligned(_VECTORS[0], model.item_ids), contract_data.items)
 
+
+
+def test_a_hybrid_fitted_again_on_the_same_data_reuses_the_fit(
+    contract_data: ContractData,
+) -> None:
+    """``served`` wraps exactly its run's ``hybrid-mixed`` fits: the shared cache trains the
+    scorer bag once, and each model keeps exploration settings of its own."""
+    train, items = contract_data.train, contract_data.items
+    cache = GeneratorCache()
+    first = _hybrid(0, contract_data)
+    first.cache = cache
+    first.fit(train, items)
+    again = HybridRecommender(first.factories, first.vector_source, first.config, 0,
+                              cache=cache).fit(train, items)
+    assert again.scorer is first.scorer and again.pipeline is not first.pipeline
+    again.set_exploration(3, 20)
+    assert (first.pipeline.config.explore, again.pipeline.config.explore) == (0, 3)
+    users = contract_data.users[:5]
+    np.testing.assert_array_equal(first.score(users), _hybrid(0, contract_data).fit(
+        train, items).score(users))  # a fresh fit (own cache) gives the same scores
+    other = HybridRecommender(first.factories, first.vector_source,
+                              replace(first.config, hidden=16), 0, cache=cache)
+    assert other.fit(train, items).scorer is not first.scorer
+    later = HybridRecommender(first.factories, first.vector_source, first.config, 0,
+                              cache=cache).fit(train.head(train.height - 1), items)
+    assert later.scorer is not first.scorer
