@@ -527,14 +527,16 @@ HYBRID_GRID = [{"inner_folds": 2}, {"inner_folds": 3},
 def with_generators(names: Sequence[str]) -> list[str]:
     """``names`` with the hybrid's generator baselines added in front when a hybrid is asked
     for (their validation-tuned settings feed the hybrid), and ``hybrid-mixed`` moved before
-    the models that keep its settings (its ablations and ``served``)."""
+    the models that keep its settings (its ablations and ``served``), with ``served`` right
+    after it: it wraps the very same fits, which the run's cache still holds then)."""
     if not any(n in (*HYBRID_MODELS, SERVED) for n in names):
         return list(names)
     names = [g for g in HYBRID_GENERATORS if g not in names] + list(names)
     if CHOSEN_HYBRID in names:
         first = min(i for i, n in enumerate(names) if n in (*HYBRID_MODELS, SERVED))
-        names.remove(CHOSEN_HYBRID)
-        names.insert(first, CHOSEN_HYBRID)
+        chosen = [n for n in (CHOSEN_HYBRID, SERVED) if n in names]
+        names = [n for n in names if n not in chosen]
+        names[first:first] = chosen
     return names
 
 
