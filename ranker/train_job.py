@@ -56,7 +56,8 @@ from ranker.training import (
     save_curves,
     torch_threads,
 )
-from ranker.two_tower import TwoTowerConfig, TwoTowerRecommender, encode_rows, positive_rows
+from ranker.two_tower import TwoTowerRecommender
+from ranker.two_tower_training import TwoTowerConfig, encode_rows, positive_rows
 
 PARITY_ROWS = 4096
 PARITY_BATCHES = (1, 7, 256, 1024, 2808)

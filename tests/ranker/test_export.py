@@ -41,12 +41,8 @@ from ranker.export import (
 from ranker.features import ItemVectors
 from ranker.splits import Split
 from ranker.training import TrainConfig, model_inputs, torch_threads
-from ranker.two_tower import (
-    TwoTowerConfig,
-    TwoTowerRecommender,
-    encode_rows,
-    positive_rows,
-)
+from ranker.two_tower import TwoTowerRecommender
+from ranker.two_tower_training import TwoTowerConfig, encode_rows, positive_rows
 from tests.ranker.test_two_tower import genre_vectors
 
 VERSION = "genre-projection-v1"

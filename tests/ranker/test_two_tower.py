@@ -19,9 +19,9 @@ from ranker.evaluation import stage_data
 from ranker.features import ItemVectors
 from ranker.recommender import Recommender
 from ranker.splits import Split
-from ranker.two_tower import (
+from ranker.two_tower import TwoTowerRecommender
+from ranker.two_tower_training import (
     TwoTowerConfig,
-    TwoTowerRecommender,
     encode_rows,
     fit_two_tower,
     in_batch_loss,
