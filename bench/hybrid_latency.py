@@ -14,8 +14,8 @@ Users are drawn from those with a fresh ``user_history`` row (active within the 
   catalogue);
 * the pipeline's stages for the same users (history scorers, ranks, pool, features, ONNX
   scorer, served order), each timed alone;
-* ``deep rank``: the same service with ``hybrid: false`` (the deep ranker), the baseline the
-  issue's latency target refers to.
+* ``deep rank``: the same service with ``hybrid: false`` (the deep ranker), the baseline of
+  the ~4 ms end-to-end latency target (README, "Latency in process, by stage").
 
 The table gives p50/p90 in milliseconds and the ratio of p50 to the deep ranker's Rank.
 ``--profile`` also prints cProfile's top functions of ``rank``.
@@ -38,6 +38,7 @@ from ranker.history_scorers import History
 from ranker.hybrid_features import CONTENT, RECENT, candidate_pool, new_item_ranks, ranks
 from ranker.hybrid_pipeline import ServedUser, served_order
 from server.app import build_engine
+from server.blas_threads import limit_blas_threads
 from server.config import ServeConfig
 from server.engine import utc_datetime64
 
@@ -122,6 +123,7 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
+    limit_blas_threads(ServeConfig().blas_threads)  # as `avrec serve` does
     engine, _ = build_engine(ServeConfig(clock=CLOCK.isoformat()))
     if engine.models.hybrid is None:
         raise SystemExit("the newest model has no hybrid/: run `avrec train`")

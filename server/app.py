@@ -29,6 +29,7 @@ from avrec.redis_client import connect
 from ranker.contract import ITEM_SERVICE, USER_SERVICE, service_fields
 from ranker.export import latest_model_dir
 from server import metrics
+from server.blas_threads import limit_blas_threads
 from server.clock import Clock
 from server.config import ServeConfig, load_config
 from server.engine import RankingEngine
@@ -145,6 +146,7 @@ def start(config: ServeConfig, engine_class: type[RankingEngine] = RankingEngine
 
 def serve(config: ServeConfig) -> int:
     """Run until SIGTERM / SIGINT, then stop gracefully."""
+    limit_blas_threads(config.blas_threads)
     service = start(config)
     models = service.engine.models
     snapshot = service.engine.ensure_snapshot(None, service.engine.clock.now()).snapshot

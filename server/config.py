@@ -46,6 +46,9 @@ class ServeConfig:
     snapshot_refresh_seconds: float = 60.0
     redis_timeout_seconds: float = 1.0
     ort_threads: int = 1
+    # numpy's BLAS threads in the serving process (server/blas_threads.py): a request's
+    # products are small, and a second thread only contends (scale out with --replicas)
+    blas_threads: int = 1
     workers: int = 8
     max_message_bytes: int = 4 * 1024 * 1024
     grace_seconds: float = 5.0

@@ -1,0 +1,39 @@
+"""A serving process caps numpy's BLAS threads (server/blas_threads.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from server.blas_threads import limit_blas_threads
+from server.config import ServeConfig
+
+PROBE = """
+import json, sys
+import numpy
+from threadpoolctl import threadpool_info
+from server.blas_threads import limit_blas_threads
+limit_blas_threads(int(sys.argv[1]))
+print(json.dumps([p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]))
+"""
+
+
+def _blas_threads(limit: int) -> list[int]:
+    out = subprocess.run([sys.executable, "-c", PROBE, str(limit)], capture_output=True,
+                         text=True, check=True, env={"OPENBLAS_NUM_THREADS": "2",
+                                                    "PATH": "/usr/bin:/bin"})
+    return json.loads(out.stdout)
+
+
+def test_a_server_runs_one_blas_thread_by_default() -> None:
+    assert ServeConfig().blas_threads == 1
+    assert _blas_threads(1) and set(_blas_threads(1)) == {1}
+    assert set(_blas_threads(0)) == {2}  # 0: left as the environment set it
+
+
+def test_a_negative_count_is_refused() -> None:
+    with pytest.raises(ValueError, match="blas_threads"):
+        limit_blas_threads(-1)
