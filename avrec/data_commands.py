@@ -14,7 +14,12 @@ from pathlib import Path
 
 from avrec import config
 from avrec.commands import Subparsers, parse_time
-from avrec.names import RANKER_FEATURES, USER_BEHAVIOUR
+from avrec.names import (
+    DEFAULT_TRAINING_SET_ENGINE,
+    RANKER_FEATURES,
+    TRAINING_SET_ENGINES,
+    USER_BEHAVIOUR,
+)
 
 
 def cmd_redis(args: argparse.Namespace) -> int:
@@ -216,7 +221,7 @@ def register_training_set(sub: Subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--feature-service", default=RANKER_FEATURES)
-    _engine_options(p, ["feast", "duckdb", "spark"], "duckdb",
+    _engine_options(p, list(TRAINING_SET_ENGINES), DEFAULT_TRAINING_SET_ENGINE,
                     "duckdb: native ASOF joins, identical values to feast, ~20x faster")
     p.add_argument("--out", required=True, help="output .parquet")
     p.set_defaults(func=cmd_training_set)

@@ -19,7 +19,13 @@ from datetime import UTC, datetime
 from avrec import config
 from avrec.commands import Subparsers
 from avrec.data_commands import cmd_online
-from avrec.names import BEHAVIOUR_FEATURES, ITEM_EMBEDDINGS_TABLE, RANKER_FEATURES, USER_BEHAVIOUR
+from avrec.names import (
+    BEHAVIOUR_FEATURES,
+    DEFAULT_TRAINING_SET_ENGINE,
+    ITEM_EMBEDDINGS_TABLE,
+    RANKER_FEATURES,
+    USER_BEHAVIOUR,
+)
 
 
 def _step(name: str) -> Callable[[], None]:
@@ -183,7 +189,7 @@ def _demo_web(service_port: int, port: int) -> None:
 def register_demo(sub: Subparsers) -> argparse.ArgumentParser:
     """``avrec demo``."""
     p = sub.add_parser("demo", help="the main job on the embedded default dataset")
-    p.add_argument("--engine", choices=["feast", "duckdb"], default="duckdb")
+    p.add_argument("--engine", choices=["feast", "duckdb"], default=DEFAULT_TRAINING_SET_ENGINE)
     p.add_argument("--skip-embed", action="store_true")
     p.add_argument("--port", type=int, default=50051, help="port of the demo's ranking service")
     p.add_argument("--web-port", type=int, default=8080, help="port of the demo's web page")

@@ -31,7 +31,7 @@ import polars as pl
 
 from avrec import tables
 from avrec.errors import InputError
-from avrec.names import DAY_US, RANKER_FEATURES
+from avrec.names import DAY_US, DEFAULT_TRAINING_SET_ENGINE, RANKER_FEATURES
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,7 +41,7 @@ FEATURE_LAG = timedelta(microseconds=1)
 FEATURE_SERVICE = RANKER_FEATURES
 LABEL_COLUMNS = ["user_id", "item_id", "label_timestamp", "label", "sample_type"]
 Sampling = Literal["uniform", "popularity"]
-Engine = Literal["feast", "duckdb", "spark"]
+Engine = Literal["feast", "duckdb", "spark"]  # avrec.names.TRAINING_SET_ENGINES
 
 
 class TrainingSetError(InputError):
@@ -267,15 +267,16 @@ def build_training_set(
     store: FeatureStore | None = None,
     offline: Path | None = None,
     output: Literal["polars", "pandas"] = "polars",
-    engine: Engine = "feast",
+    engine: Engine = DEFAULT_TRAINING_SET_ENGINE,
     spark_master: str | None = None,
 ) -> pl.DataFrame | pd.DataFrame:
     """Labels of ``spec`` joined point-in-time with the feature service's features.
 
-    ``engine="feast"`` goes through Feast's ``get_historical_features`` (the reference);
-    ``engine="duckdb"`` runs the same semantics as one DuckDB ASOF join per feature view
-    (:mod:`avrec.pit_join`), much faster and leaner at millions of rows; ``engine="spark"``
-    the same join on Spark (:mod:`avrec.spark.pit_join`, master ``spark_master``).
+    ``engine="duckdb"`` (the default, :data:`avrec.names.DEFAULT_TRAINING_SET_ENGINE`, also
+    ``avrec training-set``'s) runs Feast's semantics as one DuckDB ASOF join per feature view
+    (:mod:`avrec.pit_join`), much faster and leaner at millions of rows; ``engine="feast"``
+    goes through Feast's ``get_historical_features`` (the reference); ``engine="spark"`` the
+    same join on Spark (:mod:`avrec.spark.pit_join`, master ``spark_master``).
     """
     from avrec.feature_store import get_store
 

@@ -11,8 +11,8 @@ what the pool's reserved new-item places (20) and the exploration slots (a few) 
 * ``profile``: cosine to the mean of the user's positives (the content generator's score);
 * ``neighbours-k``: mean of the k best cosines to the user's history items
   (:func:`ranker.hybrid_features.neighbour_similarity`);
-* ``profile+neighbours-5``: their reciprocal-rank fusion, the reserve's order since session 8
-  (:func:`ranker.hybrid_features.new_item_neighbour_ranks`).
+* ``profile+neighbours-5``: their reciprocal-rank fusion, the order the served pool's
+  new-item reserve uses (:func:`ranker.hybrid_features.new_item_neighbour_ranks`).
 """
 
 from __future__ import annotations

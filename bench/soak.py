@@ -12,7 +12,8 @@ file descriptors (``/proc/<pid>``) after a warm-up and at the end, and the event
 event a LogEvents call acknowledged must be in the offline event log afterwards (counted when
 the data directory is known: the sandbox's, or ``--data-dir``).
 
-Targets (issue 12): 0 errors, p99 of the last window <= 1.5x the first, RSS growth < 5%.
+Targets (what a passing soak shows): 0 errors, p99 of the last window <= 1.5x the first,
+RSS growth < 5%.
 Without ``--target`` the server is a sandbox (``bench/sandbox.py``): a copy of the data
 directory and a Redis of its own, so the soak's events never reach shared data.
 """

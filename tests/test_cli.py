@@ -116,6 +116,21 @@ def test_the_train_subcommand_defaults_to_the_shipped_training() -> None:
     assert requested_training(args) == TrainConfig(loss="bce", negatives=2, sampling="popularity")
 
 
+def test_the_training_set_subcommand_and_the_api_share_one_engine_default() -> None:
+    import inspect
+    import typing
+
+    from avrec import names, training_set
+
+    api = inspect.signature(training_set.build_training_set).parameters["engine"].default
+    args = cli.build_parser("training-set").parse_args(
+        ["training-set", "--start", "2017-01-01", "--end", "2018-01-01", "--out", "x.parquet"])
+    assert args.engine == api == names.DEFAULT_TRAINING_SET_ENGINE
+    assert typing.get_args(training_set.Engine) == names.TRAINING_SET_ENGINES
+    demo = cli.build_parser("demo").parse_args(["demo"])
+    assert demo.engine == api
+
+
 def test_help_imports_no_job_module() -> None:
     code = ("import sys; from avrec import cli\n"
             "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"

@@ -207,10 +207,13 @@ def test_feature_names_match_the_feature_columns(contract_data: ContractData) ->
 _VECTORS: list[ItemVectors] = []
 
 
-def _hybrid(seed: int, data: ContractData) -> HybridRecommender:
-    item_ids = np.sort(data.items["item_id"].to_numpy())[::2]
-    frame = baselines.random_item_vectors(item_ids, dim=8, seed=3)
-    vectors = ItemVectors(frame["item_id"].to_numpy(), np.stack(frame["vector"].to_numpy()))
+def _hybrid(seed: int, data: ContractData, vectors: ItemVectors | None = None
+            ) -> HybridRecommender:
+    """A small hybrid; ``vectors`` default to random ones for every other catalogue item."""
+    if vectors is None:
+        item_ids = np.sort(data.items["item_id"].to_numpy())[::2]
+        frame = baselines.random_item_vectors(item_ids, dim=8, seed=3)
+        vectors = ItemVectors(frame["item_id"].to_numpy(), np.stack(frame["vector"].to_numpy()))
     _VECTORS[:] = [vectors]
     generators = {
         "itemknn": functools.partial(baselines.ItemKNN, k=20, min_value=4.0),

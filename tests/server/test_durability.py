@@ -1,4 +1,4 @@
-"""Durable ``LogEvents`` (issue 12): each batch file is fsynced, renamed and its directory
+"""Durable ``LogEvents``: each batch file is fsynced, renamed and its directory
 fsynced before the call is acknowledged; readers of ``offline/event_log/`` skip what a crash
 can leave behind (``*.tmp``, truncated or garbage files) with a one-line warning."""
 

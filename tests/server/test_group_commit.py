@@ -1,4 +1,4 @@
-"""``LogEvents``' group commit and its bounded event-id window (issue 12): concurrent batches
+"""``LogEvents``' group commit and its bounded event-id window: concurrent batches
 share one durable write; a failed write acknowledges none of its group; retried ids are
 dropped within the last ``id_window`` accepted ids, which a restart refills from the log."""
 

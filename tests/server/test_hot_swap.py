@@ -1,4 +1,4 @@
-"""Model hot swap (issue 12): a server following the models root's ``LATEST`` takes up a new
+"""Model hot swap: a server following the models root's ``LATEST`` takes up a new
 run while Rank and Recommend calls run (every answer the old model's or the new one's, none
 failed), and refuses a corrupt run and one trained on other embeddings than the online store
 serves (a log line, a metric, the old model kept)."""

@@ -1,4 +1,4 @@
-"""Stateless replicas (issue 11, part 2): ``avrec serve --replicas 2`` as a process of its own,
+"""Stateless replicas: ``avrec serve --replicas 2`` as a process of its own,
 its two servers reached through one channel with ``round_robin`` and retries
 (``server.client.RankingClient``), over real loopback gRPC. Slow: the session's ``stack``."""
 
