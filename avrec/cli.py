@@ -36,7 +36,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "neighbours": ("encoders.neighbours", "nearest neighbours of a few items, genre agreement"),
     "fuse": ("encoders.mixed_job", "the mixed item embedding (gated fusion) -> offline table"),
     "train": ("ranker.train_job", "train the rankers, export to ONNX -> data/models"),
-    "evaluate": ("ranker.evaluation", "offline evaluation on temporal splits -> a report"),
+    "evaluate": ("ranker.evaluate_job", "offline evaluation on temporal splits -> a report"),
     "serve": ("server.app", "the gRPC ranking service"),
     "recommend": ("server.client", "ask the ranking service (Recommend, or Rank)"),
     "web": ("web.serve", "the web page, a client of the ranking service"),

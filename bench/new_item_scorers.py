@@ -23,7 +23,6 @@ import numpy as np
 import polars as pl
 
 from avrec import tables
-from ranker.evaluation import FusedVectors, stage_data
 from ranker.history_scorers import History
 from ranker.hybrid_features import (
     neighbour_similarity,
@@ -31,7 +30,9 @@ from ranker.hybrid_features import (
     ranks,
     unit_rows,
 )
+from ranker.model_registry import FusedVectors
 from ranker.splits import Split, per_user_split
+from ranker.stage_data import stage_data
 
 KS = (3, 5, 10, 20)
 

@@ -6,12 +6,12 @@ window (each user's newest 10% of ratings, :func:`ranker.splits.per_user_split`)
 
 1. each generator's hyperparameters (EASE, ALS, ItemKNN; :data:`ranker.baselines.GRIDS`, or
    the small ``QUICK_GRIDS``) by validation NDCG@10;
-2. the hybrid's own settings (:data:`ranker.evaluation.HYBRID_GRID`; the quick run keeps the
+2. the hybrid's own settings (:data:`ranker.model_registry.HYBRID_GRID`; the quick run keeps the
    defaults);
 3. the exploration policy for new items (how many slots, for what share of the users with
    the longest histories): of the policies whose validation NDCG@20 stays within
    ``explore_tolerance`` of none, the one showing the most new items (slots x share)
-   (:func:`ranker.evaluation.choose_exploration`); the share becomes a history length over
+   (:func:`ranker.exploration.choose_exploration`); the share becomes a history length over
    the users of the final fit (:func:`ranker.hybrid.history_threshold`);
 
 then the hybrid is fitted on the whole window (rating events) with the served item vectors
@@ -29,13 +29,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ranker import evaluation
+from ranker import evaluation, exploration, model_registry
 from ranker.features import ItemVectors
 from ranker.generator_cache import GeneratorCache
 from ranker.hybrid import ContentGenerator, HybridConfig, HybridRecommender
 from ranker.hybrid_pipeline import SCORER_FILE, SavedPipeline
 from ranker.recommender import Recommender, catalogue
 from ranker.splits import per_user_split
+from ranker.stage_data import stage_data
 
 KS = (10, 20)
 VALIDATION_FRACTION = 0.1
@@ -47,39 +48,39 @@ def _hybrid_factory(generators: dict[str, dict[str, Any]], vectors: ItemVectors,
 
     def build(params: dict[str, Any], seed: int) -> Recommender:
         factories: dict[str, Any] = {
-            name: functools.partial(evaluation.BASELINE_FACTORIES[name], seed=seed, **tuned)
+            name: functools.partial(model_registry.BASELINE_FACTORIES[name], seed=seed, **tuned)
             for name, tuned in generators.items()
         }
         factories["content"] = functools.partial(ContentGenerator, vectors)
-        cfg = HybridConfig(seed=seed, **(evaluation.QUICK_HYBRID if quick else {}), **params)
+        cfg = HybridConfig(seed=seed, **(model_registry.QUICK_HYBRID if quick else {}), **params)
         return HybridRecommender(factories, vectors, cfg, seed, "hybrid", cache)
 
-    grid = [{}] if quick else evaluation.HYBRID_GRID
+    grid = [{}] if quick else model_registry.HYBRID_GRID
     return evaluation.ModelSpec("hybrid", build, grid, baseline=False)
 
 
 def train_hybrid(
     events: pl.DataFrame, items: pl.DataFrame, vectors: ItemVectors, out: Path,
     quick: bool = False, seed: int = 0,
-    explore_tolerance: float = evaluation.EXPLORE_TOLERANCE,
+    explore_tolerance: float = exploration.EXPLORE_TOLERANCE,
 ) -> dict[str, Any]:
     """Tune, fit and export the hybrid; returns what the run's manifest records about it."""
     started = time.perf_counter()
     # each user's newest 10% of ratings choose; the models fit on the 90% before them
     split = per_user_split(events, test_fraction=VALIDATION_FRACTION, validation_fraction=0.0)
-    validation = evaluation.stage_data(split.stage("test"), catalogue(items))
+    validation = stage_data(split.stage("test"), catalogue(items))
     if validation.users.size == 0:
         raise ValueError("no validation users: the window has too few ratings per user")
     generators: dict[str, dict[str, Any]] = {}
     chosen: dict[str, Any] = {}
-    for spec in evaluation.model_specs(evaluation.HYBRID_GENERATORS, quick):
+    for spec in model_registry.model_specs(model_registry.HYBRID_GENERATORS, quick):
         tuned = evaluation.tune(spec, validation, items, KS, seed)
         generators[spec.name] = tuned.params
         chosen[spec.name] = {"params": tuned.params, "validation_ndcg@10": tuned.score}
     spec = _hybrid_factory(generators, vectors, quick)
     tuned = evaluation.tune(spec, validation, items, KS, seed)
     assert tuned.exploration is not None
-    policy = evaluation.choose_exploration(tuned.exploration, KS, explore_tolerance)
+    policy = exploration.choose_exploration(tuned.exploration, KS, explore_tolerance)
     ratings = events.filter((pl.col("event_type") == "rating") & pl.col("value").is_not_null())
     ratings = ratings.select("user_id", "item_id", "value", "event_timestamp")
     model = spec.build(tuned.params, seed).fit(ratings, items)

@@ -9,7 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ranker import baselines, evaluation
+from ranker import baselines, evaluate_job, evaluation, exploration, model_registry
+from ranker.exploration import EXPLORE_SHARES, EXPLORE_SLOTS
 from ranker.recommender import InteractionMatrix, Recommender
 from ranker.splits import Split, per_user_split
 
@@ -43,7 +44,7 @@ def cli_report(ml_offline: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     out = tmp_path_factory.mktemp("evaluation")
     argv = ["--out", str(out), "--offline", str(ml_offline), "--quick",
             "--models", "random,popularity,itemknn,bpr,als", "--split", "both"]
-    assert evaluation.main(argv) == 0
+    assert evaluate_job.main(argv) == 0
     return out, json.loads((out / "report.json").read_text())
 
 
@@ -100,7 +101,7 @@ def test_an_oracle_scores_perfectly_so_relevance_and_exclusion_line_up(
 
 
 def test_evaluation_is_deterministic(ml_split: Split, ml_items: pl.DataFrame) -> None:
-    specs = evaluation.model_specs(["popularity", "bpr"], quick=True)
+    specs = model_registry.model_specs(["popularity", "bpr"], quick=True)
 
     def run() -> dict:
         report = evaluation.evaluate(specs, ml_split, ml_items, seed=5)
@@ -135,16 +136,16 @@ def test_content_models_from_an_encodings_file(
     argv = ["--out", str(tmp_path / "out"), "--offline", str(ml_offline), "--quick",
             "--models", "popularity,text-knn", "--split", "per-user",
             "--encodings", str(encodings)]
-    assert evaluation.main(argv) == 0
+    assert evaluate_job.main(argv) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     text = report["splits"]["per-user"]["models"]["text-knn"]
     # random vectors carry no signal: far below popularity, near random
     assert text["test"]["ndcg@10"]["mean"] < 0.03
     assert "cold_items" in text["slices"]
     with pytest.raises(FileNotFoundError):
-        evaluation.model_specs(["image-knn"], encodings=tmp_path / "missing.parquet")
+        model_registry.model_specs(["image-knn"], encodings=tmp_path / "missing.parquet")
     with pytest.raises(ValueError, match="unknown model"):
-        evaluation.model_specs(["nope"])
+        model_registry.model_specs(["nope"])
 
 
 def test_a_split_without_validation_cannot_be_tuned(
@@ -152,34 +153,34 @@ def test_a_split_without_validation_cannot_be_tuned(
 ) -> None:
     split = per_user_split(ml_events, validation_fraction=0.0)
     with pytest.raises(ValueError, match="nothing to tune"):
-        evaluation.evaluate(evaluation.model_specs(["popularity"]), split, ml_items)
+        evaluation.evaluate(model_registry.model_specs(["popularity"]), split, ml_items)
 
 
 def test_exploration_shows_the_most_new_items_within_the_tolerance() -> None:
     curve = [{"slots": n, "share": 1.0, "ndcg@10": 0.2, "ndcg@20": 0.30 - 0.006 * n,
               "cold_recall@20": 0.01 * n} for n in (0, 1, 2, 3, 5)]
     # 5% of 0.30 = 0.015: 2 slots cost 0.012, 3 slots 0.018
-    assert evaluation.choose_exploration(curve, [10, 20], tolerance=0.05)["slots"] == 2
-    assert evaluation.choose_exploration(curve, [10, 20], tolerance=0.0)["slots"] == 0
+    assert exploration.choose_exploration(curve, [10, 20], tolerance=0.05)["slots"] == 2
+    assert exploration.choose_exploration(curve, [10, 20], tolerance=0.0)["slots"] == 0
     # slots for a share of the users are cheaper: 7 slots for 30% show 2.1 new items a user
     curve += [{"slots": n, "share": 0.3, "ndcg@10": 0.2, "ndcg@20": 0.30 - 0.002 * n,
                "cold_recall@20": 0.0} for n in (1, 2, 3, 5, 7, 8)]
-    chosen = evaluation.choose_exploration(curve, [10, 20], tolerance=0.05)
+    chosen = exploration.choose_exploration(curve, [10, 20], tolerance=0.05)
     assert (chosen["slots"], chosen["share"]) == (7, 0.3)  # 8 slots cost 0.016: too much
     # the same exposure: the better new-item recall, then the better NDCG@20
     curve += [{"slots": n, "share": 0.7, "ndcg@10": 0.2, "ndcg@20": 0.289,
                "cold_recall@20": 0.0} for n in (3, 3)]
     curve[-1]["cold_recall@20"] = 0.01
-    chosen = evaluation.choose_exploration(curve, [10, 20], tolerance=0.05)
+    chosen = exploration.choose_exploration(curve, [10, 20], tolerance=0.05)
     assert (chosen["share"], chosen["cold_recall@20"]) == (0.7, 0.01)
 
 
 def test_hybrids_bring_their_generators_in_front() -> None:
-    assert evaluation.with_generators(["popularity", "hybrid-id", "als"]) == [
+    assert model_registry.with_generators(["popularity", "hybrid-id", "als"]) == [
         "ease", "itemknn", "popularity", "hybrid-id", "als"]
-    assert evaluation.with_generators(["popularity"]) == ["popularity"]
+    assert model_registry.with_generators(["popularity"]) == ["popularity"]
     # the chosen hybrid runs before the models that keep its settings
-    assert evaluation.with_generators(["ease", "served", "hybrid-id", "hybrid-mixed"]) == [
+    assert model_registry.with_generators(["ease", "served", "hybrid-id", "hybrid-mixed"]) == [
         "als", "itemknn", "ease", "hybrid-mixed", "served", "hybrid-id"]
 
 
@@ -188,22 +189,22 @@ def test_ablations_and_served_keep_the_chosen_hybrids_settings(tmp_path: Path) -
     encodings = tmp_path / "item_encodings.parquet"
     vectors = baselines.random_item_vectors(np.arange(1, 5), dim=4, seed=0)
     write_encodings(vectors, encodings)
-    specs = {s.name: s for s in evaluation.model_specs(
+    specs = {s.name: s for s in model_registry.model_specs(
         ["hybrid-mixed", "hybrid-text"], encodings=encodings)}
     mixed, text = specs["hybrid-mixed"], specs["hybrid-text"]
     assert mixed.settings_from is None and text.settings_from == "hybrid-mixed"
-    assert text.search_grid() == evaluation.HYBRID_GRID
-    chosen = evaluation.HYBRID_GRID[1]
+    assert text.search_grid() == model_registry.HYBRID_GRID
+    chosen = model_registry.HYBRID_GRID[1]
     assert mixed.tuned is not None
     mixed.tuned["hybrid-mixed"] = chosen  # what run_model records after tuning
-    assert text.search_grid() == [chosen] and mixed.search_grid() == evaluation.HYBRID_GRID
+    assert text.search_grid() == [chosen] and mixed.search_grid() == model_registry.HYBRID_GRID
 
 
 def test_missing_inputs_fail_before_any_work(tmp_path: Path, ml_offline: Path,
                                              monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture) -> None:
     def run(*argv: str) -> int:
-        return evaluation.run(evaluation.parse_args(argv))
+        return evaluate_job.run(evaluate_job.parse_args(argv))
 
     with pytest.raises(FileNotFoundError, match="avrec ingest"):
         run("--offline", str(tmp_path), "--models", "popularity")
@@ -213,7 +214,7 @@ def test_missing_inputs_fail_before_any_work(tmp_path: Path, ml_offline: Path,
     with pytest.raises(FileNotFoundError, match="encodings"):
         run("--offline", str(ml_offline), "--models", "hybrid-text",
             "--encodings", str(tmp_path / "none.parquet"))
-    assert evaluation.main(["--offline", str(tmp_path), "--models", "popularity"]) == 2
+    assert evaluate_job.main(["--offline", str(tmp_path), "--models", "popularity"]) == 2
     assert capsys.readouterr().err.startswith("avrec evaluate: error: no events, items table")
     assert not list(tmp_path.iterdir())  # nothing written
 
@@ -224,7 +225,7 @@ def test_each_model_is_reported_as_soon_as_it_finishes(
     def broken(params: dict, seed: int) -> Recommender:
         raise RuntimeError("a late failure")
 
-    specs = [*evaluation.model_specs(["popularity"], quick=True),
+    specs = [*model_registry.model_specs(["popularity"], quick=True),
              evaluation.ModelSpec("broken", broken)]
     seen: list[list[str]] = []
     with pytest.raises(RuntimeError, match="late failure"):
@@ -262,7 +263,7 @@ def test_evaluate_runs_on_a_generic_catalogue_end_to_end(tmp_path: Path) -> None
     argv = ["--out", str(out), "--offline", str(offline), "--quick", "--split", "per-user",
             "--models", "popularity,recent-popularity,hybrid-id,hybrid-text,served",
             "--encodings", str(encodings)]
-    assert evaluation.main(argv) == 0
+    assert evaluate_job.main(argv) == 0
     report = json.loads((out / "report.json").read_text())["splits"]["per-user"]
     assert list(report["models"]) == ["ease", "als", "itemknn", "popularity",
                                       "recent-popularity", "hybrid-id", "hybrid-text", "served"]
@@ -275,10 +276,10 @@ def test_evaluate_runs_on_a_generic_catalogue_end_to_end(tmp_path: Path) -> None
     assert len(hybrid["per_user_ndcg"]["ndcg@10"]) == report["counts"]["test_users"]
     assert "exploration" not in hybrid  # no content: new items cannot reach it
     exploration = report["models"]["hybrid-text"]["exploration"]
-    assert exploration["chosen_slots"] in evaluation.EXPLORE_SLOTS
-    assert exploration["chosen_share"] in evaluation.EXPLORE_SHARES
+    assert exploration["chosen_slots"] in EXPLORE_SLOTS
+    assert exploration["chosen_share"] in EXPLORE_SHARES
     policies = [(p["slots"], p["share"]) for p in exploration["test"]]
     assert policies == [(p["slots"], p["share"]) for p in exploration["validation"]]
-    assert len(policies) == len(set(policies)) == 1 + (len(evaluation.EXPLORE_SLOTS) - 1) * len(
-        evaluation.EXPLORE_SHARES)
+    assert len(policies) == len(set(policies)) == 1 + (len(EXPLORE_SLOTS) - 1) * len(
+        EXPLORE_SHARES)
     assert (out / "tradeoff.png").exists() and (out / "training.png").exists()

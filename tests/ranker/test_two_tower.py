@@ -15,10 +15,10 @@ import torch
 
 from avrec import behaviour_features, tables
 from ranker import metrics
-from ranker.evaluation import stage_data
 from ranker.features import ItemVectors
 from ranker.recommender import Recommender
 from ranker.splits import Split
+from ranker.stage_data import stage_data
 from ranker.two_tower import TwoTowerRecommender
 from ranker.two_tower_training import (
     TwoTowerConfig,
