@@ -8,9 +8,9 @@ Pieces, each small:
 * the numpy half (:mod:`ranker.hybrid_features`, run by
   :class:`~ranker.hybrid_pipeline.HybridPipeline`): reciprocal-rank-fusion candidate pool with
   slots reserved for new items, per-candidate point-in-time features, exploration slots;
-* :class:`ListwiseScorer`: an MLP scoring each candidate, trained with a softmax over the
-  user's pool (cross-entropy against the user's positives, ListNet-style), a bag of seeds
-  (:class:`ScorerBag`), exported to ONNX by :meth:`HybridRecommender.export`.
+* the pool scorer (:mod:`ranker.listwise_scorer`): an MLP scoring each candidate, trained
+  with a softmax over the user's pool (cross-entropy against the user's positives,
+  ListNet-style), a bag of seeds, exported to ONNX by :meth:`HybridRecommender.export`.
 
 Point-in-time training (:meth:`HybridRecommender._fit`): the fit interactions are cut per user
 into blocks from the newest end (:func:`inner_split`); for each of ``inner_folds`` blocks the
@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import copy
 import functools
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
-from torch import nn
 
 from ranker.baselines import ContentKNN
 from ranker.features import VectorSource, resolve_vectors
@@ -47,13 +45,13 @@ from ranker.hybrid_features import (
     ScoredPool,
     user_context,
 )
-from ranker.hybrid_pipeline import SCORER_FILE, SCORER_KIND, HybridPipeline, PipelineConfig
+from ranker.hybrid_pipeline import SCORER_FILE, HybridPipeline, PipelineConfig
 from ranker.item_history import ItemTimeline, naive_utc
+from ranker.listwise_scorer import HybridHistory, ScorerBag, export_scorer, fit_scorer
 from ranker.recommender import InteractionMatrix, Recommender
-from ranker.training import BestWeights, torch_threads
+from ranker.training import torch_threads
 
 GeneratorFactory = Callable[[], Recommender]
-MIN_STD = 1e-6  # a feature spread below this is taken as none (see ListwiseScorer)
 
 
 @dataclass
@@ -77,94 +75,6 @@ class HybridConfig:
     bag: int = 5  # scorers trained on different seeds and early-stopping users, averaged
     seed: int = 0
     threads: int = 1  # one thread: deterministic reductions, and faster for models this small
-
-
-class ListwiseScorer(nn.Module):
-    """Standardised features -> MLP -> one score per candidate.
-
-    >>> scorer = ListwiseScorer(np.zeros(3), np.ones(3), hidden=8)
-    >>> scorer(torch.zeros(2, 5, 3)).shape
-    torch.Size([2, 5])
-    >>> ListwiseScorer(np.zeros(2), np.array([3e-7, 0.5]), hidden=8).std.tolist()
-    [1.0, 0.5]
-    """
-
-    def __init__(self, mean: np.ndarray, std: np.ndarray, hidden: int = 64) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        # a feature (nearly) constant in training is centred, not scaled: divided by a
-        # float-rounding spread (3e-7 was seen), its noise would reach the output x 1e6
-        self.register_buffer("std", torch.as_tensor(np.where(std > MIN_STD, std, 1.0),
-                                                    dtype=torch.float32))
-        width = len(mean)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-            nn.Linear(hidden, 1),
-        )
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp((features - self.mean) / self.std).squeeze(-1)
-
-
-class ScorerBag(nn.Module):
-    """The mean of several scorers' outputs (a bag of seeds: less variance, same interface)."""
-
-    def __init__(self, scorers: Sequence[ListwiseScorer]) -> None:
-        super().__init__()
-        self.scorers = nn.ModuleList(scorers)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.stack([s(features) for s in self.scorers]).mean(0)
-
-
-def listwise_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy between the softmax over a pool and its positives (uniform over them)."""
-    target = labels / labels.sum(1, keepdim=True)
-    return -(target * torch.log_softmax(scores, dim=1)).sum(1).mean()
-
-
-@dataclass
-class HybridHistory:
-    train_loss: list[float] = field(default_factory=list)
-    val_loss: list[float] = field(default_factory=list)
-    best_epoch: int = -1
-
-
-def fit_scorer(features: np.ndarray, labels: np.ndarray, cfg: HybridConfig
-               ) -> tuple[ListwiseScorer, HybridHistory]:
-    """Train the listwise scorer; 20% of the users early-stop it (seeded)."""
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    users = rng.permutation(features.shape[0])
-    n_val = max(1, users.size // 5)
-    val, train = users[:n_val], users[n_val:]
-    flat = features[train].reshape(-1, features.shape[-1])
-    model = ListwiseScorer(flat.mean(0), flat.std(0), cfg.hidden)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    x, y = torch.from_numpy(features), torch.from_numpy(labels.astype(np.float32))
-    history, keeper = HybridHistory(), BestWeights(model, cfg.patience, higher_is_better=False)
-    for _ in range(cfg.epochs):
-        model.train()
-        losses = []
-        for start in range(0, train.size, cfg.batch_users):
-            batch = torch.from_numpy(train[start : start + cfg.batch_users])
-            loss = listwise_loss(model(x[batch]), y[batch])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            losses.append(float(loss.detach()))
-        rng.shuffle(train)
-        model.eval()
-        with torch.no_grad():
-            held = torch.from_numpy(val)
-            val_loss = float(listwise_loss(model(x[held]), y[held]))
-        history.train_loss.append(float(np.mean(losses)))
-        history.val_loss.append(val_loss)
-        if keeper.update(val_loss):
-            break
-    keeper.restore()
-    history.best_epoch = keeper.best_epoch
-    return model, history
 
 
 def inner_split(
@@ -432,27 +342,3 @@ class HybridRecommender(Recommender):
         export_scorer(self.scorer, len(self.pipeline.config.feature_names),
                       self.pipeline.config.signature, directory / SCORER_FILE)
         return directory
-
-
-def export_scorer(scorer: nn.Module, n_features: int, signature: str, path: Path) -> None:
-    """``scorer`` as ONNX: input ``features [users, pool, n_features]``, output ``scores``;
-    stamped with the pipeline's feature signature."""
-    import onnx
-
-    from avrec.names import OPSET
-    from encoders.onnx_export import quiet_exporter_loggers
-
-    users, pool = torch.export.Dim("users"), torch.export.Dim("pool")
-    example = (torch.zeros(2, 3, n_features),)
-    with warnings.catch_warnings(), quiet_exporter_loggers():
-        warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
-        program = torch.onnx.export(
-            scorer.eval(), example, input_names=["features"], output_names=["scores"],
-            dynamic_shapes={"features": {0: users, 1: pool}}, opset_version=OPSET,
-            dynamo=True, verbose=False,
-        )
-    proto = program.model_proto
-    for key, value in {"kind": SCORER_KIND, "features": signature}.items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))

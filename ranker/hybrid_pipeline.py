@@ -234,7 +234,7 @@ class HybridPipeline:
 
     def save(self, directory: Path) -> None:
         """Write ``pipeline.json`` and the history scorers (the ONNX scorer is written by
-        :func:`ranker.hybrid.export_scorer`)."""
+        :func:`ranker.listwise_scorer.export_scorer`)."""
         (directory / "scorers").mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
         np.save(directory / KNOWN_FILE, self.item_ids[self.known])
