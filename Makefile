@@ -18,17 +18,17 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(STAMP)
 	@# Point the editable install at this clone (cheap; several clones share one venv).
-	@$(PY) -I -c "import avrec, sys; sys.exit(not avrec.__file__.startswith('$(CURDIR)/'))" 2>/dev/null \
-	  || $(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=compat 2>&1 | grep -v '^WARNING: Location' || true
-	@$(PY) -I -c "import avrec, sys; assert avrec.__file__.startswith('$(CURDIR)/'), avrec.__file__"
-	@$(PY) -c "from server.stubs import ensure_stubs; ensure_stubs()"
+	@$(PY) -I -c "import avrec.server as s, sys; sys.exit(not s.__file__.startswith('$(CURDIR)/'))" 2>/dev/null \
+	  || $(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=lenient 2>&1 | grep -v '^WARNING: Location' || true
+	@$(PY) -I -c "import avrec.server as s, sys; assert s.__file__.startswith('$(CURDIR)/'), s.__file__"
+	@$(PY) -c "from avrec.server.stubs import ensure_stubs; ensure_stubs()"
 
 # The stamp's name carries the hash of pyproject.toml, so a fresh clone (new file times)
 # reuses an environment whose dependencies are the same.
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel 2>&1 | grep -v '^WARNING: Location' || true
-	$(PY) -m pip install -q -e '.[all]' --config-settings editable_mode=compat 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -m pip install -q -e '.[all]' --config-settings editable_mode=lenient 2>&1 | grep -v '^WARNING: Location' || true
 	@# The browser tests (tests/web/test_browser.py) drive Debian's chromium; they skip without it.
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
 	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null) \

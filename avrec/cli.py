@@ -32,14 +32,16 @@ from avrec.demo import register_demo
 # The jobs of the other packages: subcommand -> (module with ``register(subparsers)``, its
 # line in ``avrec --help``). A module is imported only when its subcommand is run.
 JOBS: dict[str, tuple[str, str]] = {
-    "embed": ("encoders.embed_job", "item text and poster encodings -> offline table"),
-    "neighbours": ("encoders.neighbours", "nearest neighbours of a few items, genre agreement"),
-    "fuse": ("encoders.mixed_job", "the mixed item embedding (gated fusion) -> offline table"),
-    "train": ("ranker.train_job", "train the rankers, export to ONNX -> data/models"),
-    "evaluate": ("ranker.evaluate_job", "offline evaluation on temporal splits -> a report"),
-    "serve": ("server.app", "the gRPC ranking service"),
-    "recommend": ("server.client", "ask the ranking service (Recommend, or Rank)"),
-    "web": ("web.serve", "the web page, a client of the ranking service"),
+    "embed": ("avrec.encoders.embed_job", "item text and poster encodings -> offline table"),
+    "neighbours": ("avrec.encoders.neighbours",
+                   "nearest neighbours of a few items, genre agreement"),
+    "fuse": ("avrec.encoders.mixed_job",
+             "the mixed item embedding (gated fusion) -> offline table"),
+    "train": ("avrec.ranker.train_job", "train the rankers, export to ONNX -> data/models"),
+    "evaluate": ("avrec.ranker.evaluate_job", "offline evaluation on temporal splits -> a report"),
+    "serve": ("avrec.server.app", "the gRPC ranking service"),
+    "recommend": ("avrec.server.client", "ask the ranking service (Recommend, or Rank)"),
+    "web": ("avrec.web.serve", "the web page, a client of the ranking service"),
 }
 
 

@@ -63,7 +63,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     done = _step("behaviour features")
     print(f"    {behaviour_features.build()}")
     done()
-    embeddings = not args.skip_embed and _has("encoders.mixed_job")
+    embeddings = not args.skip_embed and _has("avrec.encoders.mixed_job")
     if embeddings:
         done = _step("item encodings: MiniLM text + EfficientNet-Lite0 posters, ONNX")
         run_job("embed", ["--no-progress"])
@@ -147,7 +147,7 @@ def _start_background(name: str, arguments: list[str]):
 def _demo_service(redis_url: str, clock: datetime, port: int) -> None:
     """Start ``avrec serve`` in the background (replacing an earlier demo server), wait until
     it is serving, and ask it for recommendations with titles."""
-    from server.client import RankingClient, format_answer
+    from avrec.server.client import RankingClient, format_answer
 
     process, log = _start_background("serve", ["--redis-url", redis_url,
                                                "--clock", clock.isoformat(), "--port", str(port)])

@@ -9,7 +9,7 @@ over reports. The reference defaults to the strongest baseline on test, so the b
 hardest one, not the one validation picked.
 
 ``--rechoose`` also applies today's exploration rule
-(:func:`ranker.exploration.choose_exploration`) to each report's stored validation curve and
+(:func:`avrec.ranker.exploration.choose_exploration`) to each report's stored validation curve and
 prints the test point of the policy it picks: what today's rule would have shipped from a
 run made under an earlier rule (per-user values are stored for the shipped point only, so
 no p-value).
@@ -73,7 +73,7 @@ def main() -> None:
 
 def rechoose(paths: list[Path], runs: list[dict]) -> None:
     """Each report's exploring models at the policy today's rule picks on validation."""
-    from ranker.exploration import choose_exploration
+    from avrec.ranker.exploration import choose_exploration
 
     print("\ntoday's exploration rule on the stored validation curves (test values):")
     for path, run in zip(paths, runs, strict=True):

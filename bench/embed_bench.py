@@ -25,12 +25,12 @@ import polars as pl
 import torch
 
 from avrec import config, tables
-from encoders import image_encoder, item_text, text_encoder
-from encoders.embed_job import run_embed
-from encoders.image_encoder import ImageEncoder
-from encoders.multilingual import E5TextEncoder
-from encoders.onnx_export import torch_image_model, torch_text_model
-from encoders.text_encoder import TextEncoder
+from avrec.encoders import image_encoder, item_text, text_encoder
+from avrec.encoders.embed_job import run_embed
+from avrec.encoders.image_encoder import ImageEncoder
+from avrec.encoders.multilingual import E5TextEncoder
+from avrec.encoders.onnx_export import torch_image_model, torch_text_model
+from avrec.encoders.text_encoder import TextEncoder
 
 TEXT_BATCH = 64
 IMAGE_BATCH = 16

@@ -64,6 +64,7 @@ def build(workdir: Path, redis_url: str) -> Path:
     """Offline tables (cached), Redis applied and materialized, a model (cached)."""
     from avrec import behaviour_features, config, feature_store, tables
     from avrec.ingest_movielens import ingest_movielens
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.*: this checkout's root
     from tests.serving_stack import genre_embeddings
 
     offline = config.offline_dir()
@@ -81,8 +82,8 @@ def build(workdir: Path, redis_url: str) -> Path:
     print(f"  applied and materialized in {time.perf_counter() - started:.0f} s", flush=True)
     models = workdir / "model"
     if not (models / "ready").exists():
-        from ranker import train_job
-        from ranker.training import TrainConfig
+        from avrec.ranker import train_job
+        from avrec.ranker.training import TrainConfig
 
         trained = train_job.train(vectors="mixed", start=datetime(2018, 1, 1, tzinfo=UTC),
                                   train_config=TrainConfig(epochs=2, negatives=2, progress=False),
@@ -95,8 +96,8 @@ def build(workdir: Path, redis_url: str) -> Path:
 
 def serve(mode: str, port: int, clock: str, model_dir: str) -> int:
     """Run one server process until SIGTERM (on ``$REDIS_URL``: a single Redis or a cluster)."""
-    from server.app import start
-    from server.config import load_config
+    from avrec.server.app import start
+    from avrec.server.config import load_config
 
     settings = {"port": port, "clock": clock, "model_dir": model_dir,
                 "redis_url": os.environ["REDIS_URL"], "hybrid": False,
@@ -165,7 +166,7 @@ def run_mode(mode: str, clock: datetime, model_dir: Path, args, users: np.ndarra
              tree: Path | None = None) -> list[dict]:
     """One path's rows; ``redis_url``: another online store than ``$REDIS_URL`` (a cluster,
     already materialized); ``tree``: run the server from that copy of the code."""
-    from server.client import RankingClient
+    from avrec.server.client import RankingClient
 
     port = free_port()
     env = dict(os.environ)

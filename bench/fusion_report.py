@@ -19,7 +19,7 @@ import numpy as np
 
 from avrec import tables
 from avrec.commands import parse_time
-from encoders import fusion_evaluation, fusion_fit, fusion_training
+from avrec.encoders import fusion_evaluation, fusion_fit, fusion_training
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,7 @@ def one_rpc(channel: grpc.Channel, pool: ThreadPoolExecutor, rpc: str, strategy,
 
 def fuzz(server: Server, data_dir: Path, calls: int, concurrency: int,
          base_seed: int) -> int:
-    from server.client import RankingClient
+    from avrec.server.client import RankingClient
 
     items, users = items_and_users(data_dir)
     users = sorted(set(users) | {1, 2, 100_000})

@@ -13,7 +13,7 @@ model's outputs differ beyond ``--min-cosine``.
 
 Batches: encoders 64 texts x 64 tokens and 32 images; the ranker scores one user x 1,000
 candidates (``Rank 1x1000``); the hybrid scorer one pool of 1,000 candidates. Imports neither
-torch nor transformers (this checkout's ``avrec.onnx_runtime`` and ``ranker.export``, which
+torch nor transformers (this checkout's ``avrec.onnx_runtime`` and ``avrec.ranker.export``, which
 need onnxruntime, numpy, polars and duckdb), so a bare GPU machine needs only those.
 """
 
@@ -30,7 +30,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 from avrec.onnx_runtime import cuda_device_count, cuda_usable
-from ranker.export import latest_model_dir
+from avrec.ranker.export import latest_model_dir
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 DIMS = {"batch": 1000, "users": 1, "pool": 1000, "sequence": 64}  # symbolic dims

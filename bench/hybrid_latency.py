@@ -8,9 +8,9 @@ times, for random active users (seeded):
 
 Users are drawn from those with a fresh ``user_history`` row (active within the TTL).
 
-* ``rank``: :meth:`server.engine.RankingEngine.rank` with ``--candidates`` random items (the
+* ``rank``: :meth:`avrec.server.engine.RankingEngine.rank` with ``--candidates`` random items (the
   Redis read of the user and their history, the pipeline, the answer's rows);
-* ``recommend``: :meth:`~server.engine.RankingEngine.recommend`, top 20 (pool from the whole
+* ``recommend``: :meth:`~avrec.server.engine.RankingEngine.recommend`, top 20 (pool from the whole
   catalogue);
 * the pipeline's stages for the same users (history scorers, ranks, pool, features, ONNX
   scorer, served order), each timed alone;
@@ -34,13 +34,13 @@ import numpy as np
 import polars as pl
 
 from avrec import tables
-from ranker.history_scorers import History
-from ranker.hybrid_features import CONTENT, RECENT, candidate_pool, new_item_ranks, ranks
-from ranker.hybrid_pipeline import ServedUser, served_order
-from server.app import build_engine
-from server.blas_threads import limit_blas_threads
-from server.config import ServeConfig
-from server.engine import utc_datetime64
+from avrec.ranker.history_scorers import History
+from avrec.ranker.hybrid_features import CONTENT, RECENT, candidate_pool, new_item_ranks, ranks
+from avrec.ranker.hybrid_pipeline import ServedUser, served_order
+from avrec.server.app import build_engine
+from avrec.server.blas_threads import limit_blas_threads
+from avrec.server.config import ServeConfig
+from avrec.server.engine import utc_datetime64
 
 CLOCK = datetime(2018, 9, 25, tzinfo=UTC)  # the demo's replay clock (the data ends 2018-09-24)
 
@@ -74,7 +74,7 @@ def stage_calls(engine, users: list[int]) -> dict[str, list[Callable[[], object]
     cold = ~pipe.known[None, :]
 
     def pool_of(generator_ranks: list[np.ndarray], context: object) -> np.ndarray:
-        """The pool as :meth:`~ranker.hybrid_pipeline.HybridPipeline.pool` draws it."""
+        """The pool as :meth:`~avrec.ranker.hybrid_pipeline.HybridPipeline.pool` draws it."""
         content = generator_ranks[cfg.generators.index(CONTENT)]
         if cfg.trending_new_items:
             content = new_item_ranks(content, [stats], cold, context.seen)

@@ -16,7 +16,7 @@ POOL = 256  # prebuilt Rank/Recommend requests per process (kept off the client'
 
 
 def _requests(spec: dict, rng: random.Random) -> dict:
-    from server.protocol import ranking_pb2
+    from avrec.server.protocol import ranking_pb2
 
     users, items = spec["users"], spec["items"]
     return {
@@ -29,7 +29,7 @@ def _requests(spec: dict, rng: random.Random) -> dict:
 
 
 def _log_request(items: list[int], rng: random.Random):
-    from server.protocol import ranking_pb2
+    from avrec.server.protocol import ranking_pb2
 
     return ranking_pb2.LogEventsRequest(events=[ranking_pb2.Event(
         user_id=rng.randrange(*LOAD_USERS), item_id=rng.choice(items), event_type="rating",
@@ -45,8 +45,8 @@ def cpu_seconds() -> float:
 async def _drive(spec: dict, conn) -> dict:
     import grpc
 
-    from server.client import channel_options
-    from server.protocol import ranking_pb2_grpc
+    from avrec.server.client import channel_options
+    from avrec.server.protocol import ranking_pb2_grpc
 
     rng = random.Random(spec["seed"])
     pool = _requests(spec, rng)

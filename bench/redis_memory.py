@@ -10,7 +10,7 @@ replay clock, then measures:
   ``user_history`` share one hash; items: ``item_behaviour`` and ``item_embedding``);
 * ``INFO memory`` ``used_memory`` before and after the materialization, per key;
 * the ``LogEvents`` state each hash would carry once a user or an item is touched
-  (``_avrec_state:<view>``, its packed bytes as :mod:`server.incremental` writes them).
+  (``_avrec_state:<view>``, its packed bytes as :mod:`avrec.server.incremental` writes them).
 
 It prints one table (markdown). Nothing is written outside the temporary directory.
 """
@@ -71,8 +71,8 @@ def usage(client, keys: list[bytes]) -> np.ndarray:
 
 def state_sizes(offline: Path) -> tuple[np.ndarray, np.ndarray]:
     """Packed ``LogEvents`` state bytes of every user and item, replayed from their events."""
-    from server.incremental_replay import genre_index, replay
-    from server.incremental_state import micros
+    from avrec.server.incremental_replay import genre_index, replay
+    from avrec.server.incremental_state import micros
 
     items = tables.read_table("items", offline)
     genres = behaviour_features.genre_vocabulary(items)
@@ -97,7 +97,7 @@ def main() -> None:
     from avrec import feature_store
     from avrec.redis_client import connect
     from avrec.redis_server import start_embedded
-    from server.feature_reader import ViewReader
+    from avrec.server.feature_reader import ViewReader
 
     url = f"redis://127.0.0.1:{free_port()}/0"
     os.environ["REDIS_URL"] = url

@@ -5,7 +5,7 @@
 Over a sandbox (``bench/sandbox.py``: a copy of ``DIR/offline``, its models, a Redis of its
 own, applied and materialized): 1 replica is the sandbox's own ``avrec serve``; N > 1 are
 ``avrec serve --replicas N --port 0`` over the same data directory and Redis, reached through
-their ``ipv4:`` target with ``round_robin`` (``server.client.channel_options``). Each point is
+their ``ipv4:`` target with ``round_robin`` (``avrec.server.client.channel_options``). Each point is
 ``bench/load_gen.py``'s closed loop: ``--callers`` callers over ``--processes`` client
 processes, ``--warmup`` s excluded, then ``--seconds`` s measured. Server CPU is summed over
 the replicas. Client, servers and Redis share this machine's cores.

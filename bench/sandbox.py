@@ -70,7 +70,7 @@ def sandbox(source: Path | None = None, clock: str = CLOCK,
             serve_args: tuple[str, ...] = ()) -> Iterator[Server]:
     """A running ``avrec serve`` over a copy of ``source`` (default: the data directory)."""
     from avrec.redis_server import start_embedded
-    from server.client import RankingClient
+    from avrec.server.client import RankingClient
 
     source = Path(source or config.data_dir())
     root = Path(tempfile.mkdtemp(prefix="avrec-sandbox-"))
@@ -136,9 +136,9 @@ def build_small(root: Path) -> Path:
 
     from avrec import behaviour_features, feature_store
     from avrec.ingest_movielens import ingest_movielens
+    from avrec.ranker import train_job
+    from avrec.ranker.training import TrainConfig
     from avrec.redis_server import start_embedded
-    from ranker import train_job
-    from ranker.training import TrainConfig
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.server.conftest import CLOCK, genre_embeddings

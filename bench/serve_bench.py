@@ -44,10 +44,10 @@ PATHS = ("avrec", "avrec-deep", "feast-sdk")
 
 def feast_sdk_engine():
     """RankingEngine whose Rank reads every feature through ``get_online_features``."""
-    from server.answers import Ranked, Scored, sigmoid
-    from server.engine import RankingEngine
-    from server.feature_reader import OnlineRow
-    from server.models import UserInputs
+    from avrec.server.answers import Ranked, Scored, sigmoid
+    from avrec.server.engine import RankingEngine
+    from avrec.server.feature_reader import OnlineRow
+    from avrec.server.models import UserInputs
 
     class FeastSdkEngine(RankingEngine):
         def rank(self, user_id, item_ids, top_k=0, explain=False, diversity_lambda=0.0):
@@ -97,9 +97,9 @@ def feast_sdk_engine():
 
 def serve(path: str, port: int) -> int:
     """Run one server process (``--serve PATH``) until SIGTERM."""
-    from server.app import start
-    from server.config import load_config
-    from server.engine import RankingEngine
+    from avrec.server.app import start
+    from avrec.server.config import load_config
+    from avrec.server.engine import RankingEngine
 
     engine_class = feast_sdk_engine() if path == "feast-sdk" else RankingEngine
     settings = {"port": port, "clock": CLOCK.isoformat(), "hybrid": path == "avrec"}
@@ -121,7 +121,7 @@ def free_port() -> int:
 def run_load(target: str, users: np.ndarray, catalogue: np.ndarray, candidates: int,
              concurrency: int, requests: int, seed: int) -> tuple[np.ndarray, float]:
     """Latencies (s) of ``requests`` Rank calls and the wall time they took."""
-    from server.client import RankingClient
+    from avrec.server.client import RankingClient
 
     rng = np.random.default_rng(seed)
     work = [(int(rng.choice(users)), rng.choice(catalogue, candidates, replace=False).tolist())

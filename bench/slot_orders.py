@@ -4,11 +4,11 @@
 
 Runs ``avrec evaluate --split per-user --models ease,served`` (about as long as that run) and
 keeps, for the validation stage of the chosen setting and for the test stage, every user's
-served pool as :meth:`~ranker.hybrid_pipeline.HybridPipeline.recommend` scored it (columns,
+served pool as :meth:`~avrec.ranker.hybrid_pipeline.HybridPipeline.recommend` scored it (columns,
 scores, new-item flags, features). Then it re-orders the same pools with the new items of
 each ordering below in the last ``n`` places of the top 20 and prints NDCG@20 and new-item
 Recall@20 per slot count: the pool scorer (what ships), the pool's own order of the new items
-(content rank fused with 30-day popularity, :func:`~ranker.hybrid_features.new_item_ranks`),
+(content rank fused with 30-day popularity, :func:`~avrec.ranker.hybrid_features.new_item_ranks`),
 and single features (cosine to the user's profile, 30-day popularity, genre match).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ranker import evaluation, hybrid_pipeline, metrics
+from avrec.ranker import evaluation, hybrid_pipeline, metrics
 
 SLOTS = (0, 1, 2, 3, 4, 5, 8)
 DEPTH = 20
@@ -36,7 +36,8 @@ def record_pools() -> tuple[list[Pool], list[dict]]:
     recommend = hybrid_pipeline.HybridPipeline.recommend
     stage_scores, curve = evaluation.stage_scores, evaluation.exploration_curve
 
-    def keeping(self, user, item_stats, now, top_k, candidates=None):  # type: ignore[no-untyped-def]
+    def keeping(self, user, item_stats, now, top_k, candidates=None):  # type:
+                                                                       # ignore[no-untyped-def]
         scored = self.score(self.context([user], now), [item_stats],
                             None if candidates is None else candidates[None, :])
         assert scored.scores is not None

@@ -33,7 +33,7 @@ import grpc
 import numpy as np
 from sandbox import Server, items_and_users, logged_events, open_fds, rss_mb, sandbox
 
-from server.protocol import ranking_pb2, ranking_pb2_grpc
+from avrec.server.protocol import ranking_pb2, ranking_pb2_grpc
 
 METHODS = ("Rank", "Recommend", "LogEvents")
 SOAK_USERS = range(30_000_000, 30_001_000)  # LogEvents users no one else has

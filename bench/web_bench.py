@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from starlette.testclient import TestClient
 
-from server.client import RankingClient
-from web.app import WebSettings, create_app
+from avrec.server.client import RankingClient
+from avrec.web.app import WebSettings, create_app
 
 
 def timing(header: str, name: str) -> float:

@@ -18,7 +18,7 @@ import polars as pl
 from avrec.errors import InputError
 
 if TYPE_CHECKING:
-    from encoders.fusion_fit import ItemFeatures
+    from avrec.encoders.fusion_fit import ItemFeatures
 
 RATING = "rating"
 

@@ -25,8 +25,8 @@ import polars as pl
 
 from avrec import commands, tables
 from avrec.commands import Subparsers
+from avrec.encoders import item_text
 from avrec.onnx_runtime import THREADS_ENV
-from encoders import item_text
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,11 @@ class EmbedReport:
 
 def _load_text_backend(backend: str, cache_dir: Path | None, threads: int):
     if backend == "minilm":
-        from encoders.text_encoder import TextEncoder
+        from avrec.encoders.text_encoder import TextEncoder
 
         return TextEncoder.load(cache_dir, threads=threads)
     if backend == "e5":
-        from encoders.multilingual import E5TextEncoder
+        from avrec.encoders.multilingual import E5TextEncoder
 
         return E5TextEncoder.load(cache_dir, threads=threads)
     raise ValueError(f"unknown text backend {backend!r}; expected one of {BACKENDS}")
@@ -209,7 +209,7 @@ def run_embed(
     cache (default ``<data_dir>/models/encoders``); ``prune=False`` keeps rows of items that
     are not in ``items`` (for partial runs).
     """
-    from encoders.image_encoder import ImageEncoder
+    from avrec.encoders.image_encoder import ImageEncoder
 
     started = time.perf_counter()
     items = _validate(items if items is not None else tables.read_table("items"))
@@ -372,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``avrec embed`` from ``argv`` (tests, ``python -m encoders.embed_job``)."""
+    """``avrec embed`` from ``argv`` (tests, ``python -m avrec.encoders.embed_job``)."""
     return commands.main(register, argv)
 
 

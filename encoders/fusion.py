@@ -29,14 +29,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from avrec.onnx_runtime import CPU_EP, OnnxModel
-from encoders.onnx_export import (
+from avrec.encoders.onnx_export import (
     MIN_COSINE,
     Parity,
     compare,
     export_program,
     write_metadata,
 )
+from avrec.onnx_runtime import CPU_EP, OnnxModel
 
 log = logging.getLogger(__name__)
 

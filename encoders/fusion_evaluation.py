@@ -4,7 +4,7 @@ Recall@k of the partner item among all items (either direction of each distinct 
 pair, the query item excluded, ties counted against), for raw MiniLM text, raw EfficientNet
 image features (only pairs and candidates with image), the weighted sum and the gated
 fusion; popularity (pre-cutoff) as a reference. Genre agreement: share of 10-NN pairs
-sharing a genre vs random pairs (:func:`encoders.neighbours.genre_agreement`).
+sharing a genre vs random pairs (:func:`avrec.encoders.neighbours.genre_agreement`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from encoders.neighbours import EmbeddingIndex, genre_agreement
+from avrec.encoders.neighbours import EmbeddingIndex, genre_agreement
 
 if TYPE_CHECKING:
-    from encoders.fusion_fit import ItemFeatures
+    from avrec.encoders.fusion_fit import ItemFeatures
 
 KS = (10, 50)
 TEXT_RAW = "text-only (MiniLM raw)"

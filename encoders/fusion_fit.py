@@ -1,7 +1,7 @@
 """Fit one fusion contrastively on co-consumed items, and embed the catalogue with it.
 
 **Objective.** Symmetric InfoNCE with in-batch negatives and a fixed temperature: the mixed
-embedding of one item of a pair (:mod:`encoders.co_consumption`) must pick its partner out of
+embedding of one item of a pair (:mod:`avrec.encoders.co_consumption`) must pick its partner out of
 the batch. Rows whose item equals the positive (popular items recur within a batch) are masked
 out as negatives. Both fusions are trained the same way, seeded: the weighted sum (projections
 learned, ``a`` fixed) and the gated fusion.
@@ -24,8 +24,8 @@ import polars as pl
 import torch
 from torch.nn import functional as F
 
-from encoders.co_consumption import NotEnoughDataError
-from encoders.fusion import IMAGE_DIM, D, GatedFusion, ItemFusionModel, WeightedSumFusion
+from avrec.encoders.co_consumption import NotEnoughDataError
+from avrec.encoders.fusion import IMAGE_DIM, D, GatedFusion, ItemFusionModel, WeightedSumFusion
 
 
 @dataclass(frozen=True)

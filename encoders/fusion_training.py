@@ -1,9 +1,9 @@
 """Train both fusions for one cutoff: choose ``a`` on validation, refit, score held-out pairs.
 
-The pre-cutoff co-consumption pairs (:mod:`encoders.co_consumption`) are split in time: the
+The pre-cutoff co-consumption pairs (:mod:`avrec.encoders.co_consumption`) are split in time: the
 last ``val_fraction`` of them is a validation slice on which the weighted sum's ``a`` is
-chosen. Both fusions (:mod:`encoders.fusion_fit`) are then refit on every pre-cutoff pair
-and scored on the pairs after the cutoff (:mod:`encoders.fusion_evaluation`).
+chosen. Both fusions (:mod:`avrec.encoders.fusion_fit`) are then refit on every pre-cutoff pair
+and scored on the pairs after the cutoff (:mod:`avrec.encoders.fusion_evaluation`).
 :func:`fit_gated_fusion` is the gated fit alone, for consumers of the mixed vectors.
 """
 
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from encoders.co_consumption import PairConfig, between, pair_rows, pairs_before
-from encoders.fusion import ItemFusionModel
-from encoders.fusion_evaluation import (
+from avrec.encoders.co_consumption import PairConfig, between, pair_rows, pairs_before
+from avrec.encoders.fusion import ItemFusionModel
+from avrec.encoders.fusion_evaluation import (
     IMAGE_RAW,
     TEXT_RAW,
     MethodMetrics,
@@ -30,7 +30,7 @@ from encoders.fusion_evaluation import (
     recall_at_k,
     unit,
 )
-from encoders.fusion_fit import ItemFeatures, TrainConfig, embed, fit
+from avrec.encoders.fusion_fit import ItemFeatures, TrainConfig, embed, fit
 
 log = logging.getLogger(__name__)
 

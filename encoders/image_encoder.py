@@ -29,9 +29,9 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from avrec.encoders import model_cache
 from avrec.errors import InputError
 from avrec.onnx_runtime import OnnxModel
-from encoders import model_cache
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def onnx_path(cache_dir: Path | None = None) -> Path:
     """Path of the exported model, exporting it first on a cache miss."""
     path = model_cache.model_path(SLUG, source_hash(), cache_dir)
     if not path.is_file():
-        from encoders.onnx_export import export_image
+        from avrec.encoders.onnx_export import export_image
 
         export_image(path)
     return path

@@ -1,7 +1,7 @@
 """Fuse the catalogue (``avrec fuse``): train, export, embed, write ``offline/item_embeddings``.
 
 1. Train the weighted-sum and the gated fusion on co-consumption pairs strictly before the
-   cutoff (:mod:`encoders.fusion_training`), ``a`` chosen on validation.
+   cutoff (:mod:`avrec.encoders.fusion_training`), ``a`` chosen on validation.
 2. Export both to ONNX under ``<data_dir>/models/fusion/<version>/`` (``fusion.onnx``: gated,
    what serving uses; ``fusion_asum.onnx``: the weighted sum), each checked against torch,
    with ``metrics.json`` beside them.
@@ -32,11 +32,11 @@ import torch
 
 from avrec import commands, config, tables
 from avrec.commands import Subparsers, parse_time
+from avrec.encoders import co_consumption, fusion, fusion_evaluation, fusion_fit, fusion_training
+from avrec.encoders.fusion_training import DEFAULT_PAIRS, DEFAULT_TRAIN
+from avrec.encoders.onnx_export import Parity, compare
 from avrec.names import ITEM_EMBEDDINGS_TABLE
 from avrec.onnx_runtime import OnnxModel
-from encoders import co_consumption, fusion, fusion_evaluation, fusion_fit, fusion_training
-from encoders.fusion_training import DEFAULT_PAIRS, DEFAULT_TRAIN
-from encoders.onnx_export import Parity, compare
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``avrec fuse`` from ``argv`` (tests, ``python -m encoders.mixed_job``)."""
+    """``avrec fuse`` from ``argv`` (tests, ``python -m avrec.encoders.mixed_job``)."""
     return commands.main(register, argv)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from avrec import config
-from encoders import ENCODER_VERSION
+from avrec.encoders import ENCODER_VERSION
 
 MODEL_FILE = "model.onnx"
 

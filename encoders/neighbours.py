@@ -23,7 +23,7 @@ import polars as pl
 
 from avrec import commands, tables
 from avrec.commands import Subparsers
-from encoders.item_text import display_title
+from avrec.encoders.item_text import display_title
 
 DEFAULT_NAMES = ("Toy Story", "Heat", "Alien")
 ENCODINGS_TABLE = "item_encodings"
@@ -279,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``avrec neighbours`` from ``argv`` (tests, ``python -m encoders.neighbours``)."""
+    """``avrec neighbours`` from ``argv`` (tests, ``python -m avrec.encoders.neighbours``)."""
     return commands.main(register, argv)
 
 

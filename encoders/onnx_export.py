@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from avrec import config
+from avrec.encoders import ENCODER_VERSION, image_encoder, model_cache, text_encoder
 from avrec.names import OPSET
 from avrec.onnx_runtime import CPU_EP, OnnxModel
-from encoders import ENCODER_VERSION, image_encoder, model_cache, text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ def export_all(cache_dir: Path | None = None, force: bool = False) -> dict[str, 
 def main(argv: list[str] | None = None) -> int:
     """Export both encoders into the model cache (a no-op when they are already there)."""
     parser = argparse.ArgumentParser(
-        prog="python -m encoders.onnx_export", description=main.__doc__
+        prog="python -m avrec.encoders.onnx_export", description=main.__doc__
     )
     parser.add_argument("--cache-dir", type=Path, help="model cache (default: data dir)")
     parser.add_argument("--force", action="store_true", help="re-export even when cached")

@@ -17,8 +17,8 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from avrec.encoders import model_cache
 from avrec.onnx_runtime import OnnxModel
-from encoders import model_cache
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 SLUG = "all-minilm-l6-v2"
@@ -86,7 +86,7 @@ def onnx_path(cache_dir: Path | None = None) -> Path:
     """Path of the exported model, exporting it first (torch needed) on a cache miss."""
     path = model_cache.model_path(SLUG, source_hash(), cache_dir)
     if not path.is_file():
-        from encoders.onnx_export import export_text
+        from avrec.encoders.onnx_export import export_text
 
         export_text(path)
     return path

@@ -1,4 +1,4 @@
-"""Classical baselines behind the :class:`~ranker.recommender.Recommender` interface.
+"""Classical baselines behind the :class:`~avrec.ranker.recommender.Recommender` interface.
 
 * ``RandomRecommender``: seeded uniform scores (a floor, and a check on the metrics).
 * ``Popularity``: interaction counts in the fit data (all ratings or positives only).
@@ -29,15 +29,15 @@ from scipy import sparse
 from scipy.linalg import lapack
 from threadpoolctl import threadpool_limits
 
-from ranker.history_scorers import (
+from avrec.ranker.history_scorers import (
     NO_VECTOR_SCORE,
     ContentProfileScorer,
     FactorFoldIn,
     HistoryScorer,
     ItemItemScorer,
 )
-from ranker.item_history import ItemTimeline
-from ranker.recommender import InteractionMatrix, Recommender
+from avrec.ranker.item_history import ItemTimeline
+from avrec.ranker.recommender import InteractionMatrix, Recommender
 
 
 class RandomRecommender(Recommender):
@@ -278,7 +278,7 @@ class RecentPopularity(Recommender):
     """Interactions per item in the ``days`` before each user's cut (point in time).
 
     With ``as_of`` (the harness passes every user's cut) only events strictly before the
-    user's cut and within ``days`` of it count (:class:`ranker.item_history.ItemTimeline`);
+    user's cut and within ``days`` of it count (:class:`avrec.ranker.item_history.ItemTimeline`);
     without it the window ends just after the last fit event. Ties and empty windows fall back
     to all-time popularity, scaled below one count.
     """

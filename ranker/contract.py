@@ -26,12 +26,20 @@ from typing import TYPE_CHECKING, Any, Literal
 from avrec.errors import ModelError
 from avrec.names import BEHAVIOUR_FEATURES, ITEM_FEATURES, USER_FEATURES
 from avrec.pit_join import DERIVED_AGES
-from ranker.features import HISTORY, ITEM, ITEM_AGES, ITEM_COUNTS, USER, USER_AGES, USER_COUNTS
+from avrec.ranker.features import (
+    HISTORY,
+    ITEM,
+    ITEM_AGES,
+    ITEM_COUNTS,
+    USER,
+    USER_AGES,
+    USER_COUNTS,
+)
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-    from ranker.features import FeatureEncoder
+    from avrec.ranker.features import FeatureEncoder
 
 Kind = Literal["ranker", "user_tower", "item_tower"]
 KINDS: tuple[str, ...] = ("ranker", "user_tower", "item_tower")
@@ -365,7 +373,7 @@ def ranker_contract(
     embedding_version: str,
     history: int = HISTORY,
 ) -> ModelContract:
-    """The contract of a :class:`ranker.model.Ranker` (output ``logit``)."""
+    """The contract of a :class:`avrec.ranker.model.Ranker` (output ``logit``)."""
     return contract_for("ranker", encoder, item_vector_dim, item_vectors, embedding_version,
                         history=history)
 
@@ -378,7 +386,8 @@ def user_tower_contract(
     embedding_version: str,
     history: int = HISTORY,
 ) -> ModelContract:
-    """The contract of a :class:`ranker.model.UserTower`: user features in, a unit vector out."""
+    """The contract of a :class:`avrec.ranker.model.UserTower`: user features in, a unit vector
+    out."""
     return contract_for("user_tower", encoder, item_vector_dim, item_vectors, embedding_version,
                         output_dim, history)
 
@@ -391,7 +400,7 @@ def item_tower_contract(
     embedding_version: str,
     history: int = HISTORY,
 ) -> ModelContract:
-    """The contract of a :class:`ranker.model.ItemTower`: item vector and behaviour in, a unit
+    """The contract of a :class:`avrec.ranker.model.ItemTower`: item vector and behaviour in, a unit
     vector out (the vectors an ANN index is built from)."""
     return contract_for("item_tower", encoder, item_vector_dim, item_vectors, embedding_version,
                         output_dim, history)

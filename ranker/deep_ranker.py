@@ -1,14 +1,14 @@
-"""The deep ranker as a :class:`ranker.recommender.Recommender`, for full-ranking evaluation.
+"""The deep ranker as a :class:`avrec.ranker.recommender.Recommender`, for full-ranking evaluation.
 
 ``fit`` turns the fit interactions into point-in-time training rows (positives, explicit
 negatives and ``negatives`` sampled per positive, uniformly or by popularity, features as of
 each label through :mod:`avrec.pit_join`), holds out the latest 10% of labels for early
-stopping and trains :class:`ranker.model.Ranker` (loss, negatives and their sampling,
-item-feature dropout: :class:`ranker.training.TrainConfig`). ``score`` ranks the whole
+stopping and trains :class:`avrec.ranker.model.Ranker` (loss, negatives and their sampling,
+item-feature dropout: :class:`avrec.ranker.training.TrainConfig`). ``score`` ranks the whole
 catalogue for each user with the user's features as of their cut (``as_of``) and every item's
 features as of the same cut.
 
-The item representation is a constructor argument (:class:`ranker.features.ItemVectors`):
+The item representation is a constructor argument (:class:`avrec.ranker.features.ItemVectors`):
 the learned mixed embedding, the weighted-sum mixed embedding, text only, image only, or
 collaborative ID vectors: the same model, so the comparison isolates the representation.
 """
@@ -27,9 +27,9 @@ import torch
 from avrec import training_set
 from avrec.names import BEHAVIOUR_FEATURES, ITEM_FEATURES, USER_FEATURES
 from avrec.pit_join import join_features_duckdb
-from ranker.features import FeatureEncoder, ItemVectors
-from ranker.recommender import Recommender
-from ranker.training import TrainConfig, TrainHistory, fit_ranker, torch_threads
+from avrec.ranker.features import FeatureEncoder, ItemVectors
+from avrec.ranker.recommender import Recommender
+from avrec.ranker.training import TrainConfig, TrainHistory, fit_ranker, torch_threads
 
 if TYPE_CHECKING:
     from feast import FeatureStore

@@ -1,8 +1,8 @@
 """``avrec evaluate``: the offline evaluation job (options, preconditions, reports).
 
-Builds the splits, runs the harness (:mod:`ranker.evaluation`) over the models asked for
-(:mod:`ranker.model_registry`) and writes report.json as each model finishes, then
-report.md and the charts (:mod:`ranker.report`).
+Builds the splits, runs the harness (:mod:`avrec.ranker.evaluation`) over the models asked for
+(:mod:`avrec.ranker.model_registry`) and writes report.json as each model finishes, then
+report.md and the charts (:mod:`avrec.ranker.report`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import polars as pl
 
 from avrec import config, tables
 from avrec.names import ITEM_BEHAVIOUR
-from ranker.evaluation import SHORT_HISTORY, evaluate
-from ranker.exploration import EXPLORE_TOLERANCE
-from ranker.model_registry import (
+from avrec.ranker.evaluation import SHORT_HISTORY, evaluate
+from avrec.ranker.exploration import EXPLORE_TOLERANCE
+from avrec.ranker.model_registry import (
     ALL_MODELS,
     DEEP_MODELS,
     HYBRID_MODELS,
@@ -28,7 +28,7 @@ from ranker.model_registry import (
     model_specs,
     with_generators,
 )
-from ranker.splits import Split, global_split, per_user_split
+from avrec.ranker.splits import Split, global_split, per_user_split
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -101,7 +101,7 @@ def check_preconditions(names: Sequence[str], offline: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``avrec evaluate``: evaluate the baselines, write report.json / report.md / report.png."""
-    from ranker import report as report_io
+    from avrec.ranker import report as report_io
 
     offline = args.offline or config.offline_dir()
     encodings = args.encodings or tables.table_path("item_encodings", offline)
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``avrec evaluate`` from ``argv`` (tests, ``python -m ranker.evaluate_job``)."""
+    """``avrec evaluate`` from ``argv`` (tests, ``python -m avrec.ranker.evaluate_job``)."""
     from avrec import commands
 
     return commands.main(register, argv)

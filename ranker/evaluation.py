@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ranker import metrics
-from ranker.exploration import EXPLORE_TOLERANCE, choose_exploration, exploration_curve
-from ranker.recommender import Recommender, catalogue
-from ranker.splits import Split
-from ranker.stage_data import StageData, cold_item_recall, stage_data, stage_scores
+from avrec.ranker import metrics
+from avrec.ranker.exploration import EXPLORE_TOLERANCE, choose_exploration, exploration_curve
+from avrec.ranker.recommender import Recommender, catalogue
+from avrec.ranker.splits import Split
+from avrec.ranker.stage_data import StageData, cold_item_recall, stage_data, stage_scores
 
 SHORT_HISTORY = 20
 PAIRED_METRICS = ("recall", "ndcg", "mrr")

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ranker import metrics
-from ranker.recommender import Recommender
-from ranker.stage_data import StageData, cold_item_recall
+from avrec.ranker import metrics
+from avrec.ranker.recommender import Recommender
+from avrec.ranker.stage_data import StageData, cold_item_recall
 
 EXPLORE_SLOTS = (0, 1, 2, 3, 5, 8, 10)
 EXPLORE_SHARES = (1.0, 0.5, 0.3)  # of the users, longest histories first, who get the slots

@@ -24,7 +24,7 @@ import numpy as np
 
 from avrec.names import OPSET
 from avrec.onnx_runtime import OnnxModel
-from ranker.contract import (
+from avrec.ranker.contract import (
     CONTRACT_FILE,
     ContractError,
     ModelContract,
@@ -35,7 +35,7 @@ from ranker.contract import (
 if TYPE_CHECKING:
     import torch
 
-    from ranker.model import ItemTower, Ranker, UserTower
+    from avrec.ranker.model import ItemTower, Ranker, UserTower
 
 TOLERANCE = 1e-4
 KIND_KEY = "kind"
@@ -111,7 +111,7 @@ def _write_onnx(
     import onnx
     import torch
 
-    from encoders.onnx_export import quiet_exporter_loggers
+    from avrec.encoders.onnx_export import quiet_exporter_loggers
 
     batch = torch.export.Dim("batch")
     batched = contract.input_names if batched is None else batched
@@ -197,7 +197,8 @@ def export_ranker(
     batches: Iterable[Sequence[np.ndarray]] | None = None,
     tolerance: float = TOLERANCE,
 ) -> Exported:
-    """Export a :class:`ranker.model.Ranker` (output ``logit``) under a ``ranker`` contract."""
+    """Export a :class:`avrec.ranker.model.Ranker` (output ``logit``) under a ``ranker``
+    contract."""
     if contract.kind != "ranker":
         raise ValueError(f"a Ranker needs a 'ranker' contract, not {contract.kind!r}")
     return export_model(model, contract, directory, batches, tolerance)
@@ -297,7 +298,7 @@ def export_user_tower(
     batches: Iterable[Sequence[np.ndarray]] | None = None,
     tolerance: float = TOLERANCE,
 ) -> Exported:
-    """Export a :class:`ranker.model.UserTower` (output ``user_vector``)."""
+    """Export a :class:`avrec.ranker.model.UserTower` (output ``user_vector``)."""
     if contract.kind != "user_tower":
         raise ValueError(f"a UserTower needs a 'user_tower' contract, not {contract.kind!r}")
     return export_model(tower, contract, directory, batches, tolerance)
@@ -310,7 +311,7 @@ def export_item_tower(
     batches: Iterable[Sequence[np.ndarray]] | None = None,
     tolerance: float = TOLERANCE,
 ) -> Exported:
-    """Export a :class:`ranker.model.ItemTower` (output ``item_tower_vector``)."""
+    """Export a :class:`avrec.ranker.model.ItemTower` (output ``item_tower_vector``)."""
     if contract.kind != "item_tower":
         raise ValueError(f"an ItemTower needs an 'item_tower' contract, not {contract.kind!r}")
     return export_model(tower, contract, directory, batches, tolerance)

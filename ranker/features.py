@@ -3,14 +3,14 @@
 The ranker reads rows shaped like a training set (:mod:`avrec.training_set`): one row per
 (user, item) with ``user_behaviour__*`` and ``item_behaviour__*`` columns and the derived
 ages. :class:`FeatureEncoder` turns them into the model's inputs, in a fixed order that is
-written into the model's contract (:mod:`ranker.contract`) and checked by the server:
+written into the model's contract (:mod:`avrec.ranker.contract`) and checked by the server:
 
 * counts and ages go through ``log1p``; a missing value becomes 0 with a ``*_missing`` flag
   (a user or item without history is a case the model must learn, not an error);
 * ratings are centred on the training mean;
 * the user's ``recent_items`` become rows of an item-vector table (``-1`` where an item has
   no vector: masked out, never a zero vector passed off as an item); vectors are gathered
-  per batch (:func:`ranker.training.model_inputs`).
+  per batch (:func:`avrec.ranker.training.model_inputs`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The hybrid fits its generators (EASE, ALS, ItemKNN) once per inner fold and once
 its fit interactions. Tuning the hybrid's grid, its ablations (``hybrid-mixed``, ``-text``,
 ``-id``, ...) and ``served`` repeat exactly those fits: same generator settings, same seed,
 same interactions. :class:`GeneratorCache` keeps what the hybrid needs of a fitted generator
-(its :class:`~ranker.history_scorers.HistoryScorer` and whether it answers "recent" queries),
+(its :class:`~avrec.ranker.history_scorers.HistoryScorer` and whether it answers "recent" queries),
 keyed by the generator's settings and a fingerprint of the fit data, so each distinct fit
 runs once. A cache is owned by whoever runs the fits (one ``avrec evaluate`` or ``avrec
 train`` run) and handed to the hybrids it builds; there is no process-wide cache. A history
@@ -20,9 +20,9 @@ with int/float/str/bool/None arguments): a factory holding an object (a vector s
 always fitted afresh.
 
 >>> import functools
->>> from ranker.baselines import Popularity
+>>> from avrec.ranker.baselines import Popularity
 >>> GeneratorCache.key_of(functools.partial(Popularity, seed=0))[0]
-'ranker.baselines.Popularity'
+'avrec.ranker.baselines.Popularity'
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import polars as pl
 
-from ranker.history_scorers import HistoryScorer
+from avrec.ranker.history_scorers import HistoryScorer
 
 PLAIN = (int, float, str, bool, type(None))
 T = TypeVar("T")

@@ -13,8 +13,8 @@ a :class:`HistoryScorer`: weights over the catalogue plus a rule that scores *an
 
 A history is the user's catalogue columns and values (ratings), oldest first; each scorer keeps
 the events its generator learned from (``min_value``: all, or positives only). An empty history
-gets the generator's popularity fallback, as :meth:`ranker.recommender.Recommender.score` does.
-The hybrid trains and serves through these scorers, so training features and served features
+gets the generator's popularity fallback, as :meth:`avrec.ranker.recommender.Recommender.score`
+does. The hybrid trains and serves through these scorers, so training features and served features
 come from one code path. They are saved as ``.npz`` files (:func:`save_scorer`,
 :func:`load_scorer`) and re-indexed onto the serving catalogue (:meth:`HistoryScorer.on`).
 
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
-from ranker.features import lookup_rows
+from avrec.ranker.features import lookup_rows
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class ItemItemScorer(HistoryScorer):
 class FactorFoldIn(HistoryScorer):
     """implicit ALS's user step for a new history: ``x = (Y'Y + (α-1) Y_u'Y_u + λI)^-1 α Y_u'1``.
 
-    Interaction cells are 1 (see :class:`ranker.recommender.InteractionMatrix`), so each of
+    Interaction cells are 1 (see :class:`avrec.ranker.recommender.InteractionMatrix`), so each of
     the user's items has confidence ``α``; scores are ``x . Y``.
     """
 

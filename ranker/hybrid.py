@@ -3,12 +3,12 @@
 Pieces, each small:
 
 * **generators**: recommenders that can score any history (EASE, ALS, ItemKNN, content kNN
-  over the mixed embedding; see :mod:`ranker.history_scorers`), fitted on the same
+  over the mixed embedding; see :mod:`avrec.ranker.history_scorers`), fitted on the same
   interactions;
-* the numpy half (:mod:`ranker.hybrid_features`, run by
-  :class:`~ranker.hybrid_pipeline.HybridPipeline`): reciprocal-rank-fusion candidate pool with
+* the numpy half (:mod:`avrec.ranker.hybrid_features`, run by
+  :class:`~avrec.ranker.hybrid_pipeline.HybridPipeline`): reciprocal-rank-fusion candidate pool with
   slots reserved for new items, per-candidate point-in-time features, exploration slots;
-* the pool scorer (:mod:`ranker.listwise_scorer`): an MLP scoring each candidate, trained
+* the pool scorer (:mod:`avrec.ranker.listwise_scorer`): an MLP scoring each candidate, trained
   with a softmax over the user's pool (cross-entropy against the user's positives,
   ListNet-style), a bag of seeds, exported to ONNX by :meth:`HybridRecommender.export`.
 
@@ -34,22 +34,22 @@ import numpy as np
 import polars as pl
 import torch
 
-from ranker.baselines import ContentKNN
-from ranker.features import VectorSource, resolve_vectors
-from ranker.generator_cache import GeneratorCache, fingerprint
-from ranker.history_scorers import HistoryScorer
-from ranker.hybrid_features import (
+from avrec.ranker.baselines import ContentKNN
+from avrec.ranker.features import VectorSource, resolve_vectors
+from avrec.ranker.generator_cache import GeneratorCache, fingerprint
+from avrec.ranker.history_scorers import HistoryScorer
+from avrec.ranker.hybrid_features import (
     CONTENT,
     CandidateFeatures,
     CatalogueFacts,
     ScoredPool,
     user_context,
 )
-from ranker.hybrid_pipeline import SCORER_FILE, HybridPipeline, PipelineConfig
-from ranker.item_history import ItemTimeline, naive_utc
-from ranker.listwise_scorer import HybridHistory, ScorerBag, export_scorer, fit_scorer
-from ranker.recommender import InteractionMatrix, Recommender
-from ranker.training import torch_threads
+from avrec.ranker.hybrid_pipeline import SCORER_FILE, HybridPipeline, PipelineConfig
+from avrec.ranker.item_history import ItemTimeline, naive_utc
+from avrec.ranker.listwise_scorer import HybridHistory, ScorerBag, export_scorer, fit_scorer
+from avrec.ranker.recommender import InteractionMatrix, Recommender
+from avrec.ranker.training import torch_threads
 
 GeneratorFactory = Callable[[], Recommender]
 
@@ -153,7 +153,7 @@ def item_stats(timeline: ItemTimeline, cuts: np.ndarray) -> list[dict[str, np.nd
 class HybridRecommender(Recommender):
     """Generators -> pool -> point-in-time features -> listwise MLP (see the module docstring).
 
-    Features are built by a :class:`~ranker.hybrid_pipeline.HybridPipeline` over the
+    Features are built by a :class:`~avrec.ranker.hybrid_pipeline.HybridPipeline` over the
     generators' history scorers, in training as in serving; :meth:`export` writes the pipeline
     with the scorer bag as ONNX. Items outside a user's pool rank below it, in reciprocal-rank
     fusion order.
@@ -333,7 +333,7 @@ class HybridRecommender(Recommender):
                                                min_history)
 
     def export(self, directory: Path) -> Path:
-        """Write the served pipeline to ``directory`` (see :mod:`ranker.hybrid_pipeline`):
+        """Write the served pipeline to ``directory`` (see :mod:`avrec.ranker.hybrid_pipeline`):
         its configuration and history scorers, and the scorer bag as ONNX."""
         if self.pipeline is None or self.scorer is None:
             raise RuntimeError("export() needs a fitted model")

@@ -1,7 +1,7 @@
 """The hybrid ranker's numpy half: candidate pool, per-candidate features, exploration slots.
 
-Everything here runs the same in training (:mod:`ranker.hybrid`, with torch) and in serving
-(:mod:`ranker.hybrid_pipeline`, onnxruntime only), so the features a scorer is trained on
+Everything here runs the same in training (:mod:`avrec.ranker.hybrid`, with torch) and in serving
+(:mod:`avrec.ranker.hybrid_pipeline`, onnxruntime only), so the features a scorer is trained on
 are computed by the code that computes them online:
 
 * :class:`UserContext`: what the features know of each user as of their cut (their history as
@@ -28,14 +28,14 @@ import polars as pl
 
 from avrec.behaviour_features import HISTORY_CAP
 from avrec.names import DAY_US
-from ranker.history_scorers import History
-from ranker.item_history import naive_utc
+from avrec.ranker.history_scorers import History
+from avrec.ranker.item_history import naive_utc
 
 CONTENT = "content"  # the generator name whose ranks fill the cold slots
 RRF_K = 60.0  # reciprocal-rank fusion constant (Cormack et al. 2009)
 RECENT = 10  # the newest positives that make the "recent" query of item-item generators
 # The item_behaviour fields the features read (a server reads them from the online store,
-# training from :meth:`ranker.item_history.ItemTimeline.behaviour_at`).
+# training from :meth:`avrec.ranker.item_history.ItemTimeline.behaviour_at`).
 ITEM_STATS = ("popularity_7d", "popularity_30d", "popularity_all", "mean_rating",
               "item_age_days")
 ItemStats = Mapping[str, np.ndarray]

@@ -1,21 +1,22 @@
 """The hybrid ranker's part of ``avrec train``: choose on validation, fit on everything, export.
 
 Every choice is made by the code on a per-user temporal validation split of the training
-window (each user's newest 10% of ratings, :func:`ranker.splits.per_user_split`), the way
+window (each user's newest 10% of ratings, :func:`avrec.ranker.splits.per_user_split`), the way
 ``avrec evaluate`` makes it:
 
-1. each generator's hyperparameters (EASE, ALS, ItemKNN; :data:`ranker.baselines.GRIDS`, or
+1. each generator's hyperparameters (EASE, ALS, ItemKNN; :data:`avrec.ranker.baselines.GRIDS`, or
    the small ``QUICK_GRIDS``) by validation NDCG@10;
-2. the hybrid's own settings (:data:`ranker.model_registry.HYBRID_GRID`; the quick run keeps the
+2. the hybrid's own settings (:data:`avrec.ranker.model_registry.HYBRID_GRID`; the quick run keeps
+the
    defaults);
 3. the exploration policy for new items (how many slots, for what share of the users with
    the longest histories): of the policies whose validation NDCG@20 stays within
    ``explore_tolerance`` of none, the one showing the most new items (slots x share)
-   (:func:`ranker.exploration.choose_exploration`); the share becomes a history length over
-   the users of the final fit (:func:`ranker.hybrid.history_threshold`);
+   (:func:`avrec.ranker.exploration.choose_exploration`); the share becomes a history length over
+   the users of the final fit (:func:`avrec.ranker.hybrid.history_threshold`);
 
 then the hybrid is fitted on the whole window (rating events) with the served item vectors
-and written as ``<run>/hybrid/`` (:meth:`ranker.hybrid.HybridRecommender.export`), which
+and written as ``<run>/hybrid/`` (:meth:`avrec.ranker.hybrid.HybridRecommender.export`), which
 ``avrec serve`` loads next to the deep ranker and serves ``Recommend`` / ``Rank`` with.
 """
 
@@ -29,14 +30,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ranker import evaluation, exploration, model_registry
-from ranker.features import ItemVectors
-from ranker.generator_cache import GeneratorCache
-from ranker.hybrid import ContentGenerator, HybridConfig, HybridRecommender
-from ranker.hybrid_pipeline import SCORER_FILE, SavedPipeline
-from ranker.recommender import Recommender, catalogue
-from ranker.splits import per_user_split
-from ranker.stage_data import stage_data
+from avrec.ranker import evaluation, exploration, model_registry
+from avrec.ranker.features import ItemVectors
+from avrec.ranker.generator_cache import GeneratorCache
+from avrec.ranker.hybrid import ContentGenerator, HybridConfig, HybridRecommender
+from avrec.ranker.hybrid_pipeline import SCORER_FILE, SavedPipeline
+from avrec.ranker.recommender import Recommender, catalogue
+from avrec.ranker.splits import per_user_split
+from avrec.ranker.stage_data import stage_data
 
 KS = (10, 20)
 VALIDATION_FRACTION = 0.1

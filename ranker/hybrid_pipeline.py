@@ -2,9 +2,9 @@
 
 :class:`HybridPipeline` is what ``Recommend`` runs and what ``avrec evaluate --models served``
 runs offline: given users' histories and the ``item_behaviour`` fields as of their cut, it
-scores every generator from the history (:mod:`ranker.history_scorers`), fuses the candidate
-pool, builds the features (:mod:`ranker.hybrid_features`) and scores the pool. The training
-code (:class:`ranker.hybrid.HybridRecommender`) builds its features through the same object,
+scores every generator from the history (:mod:`avrec.ranker.history_scorers`), fuses the candidate
+pool, builds the features (:mod:`avrec.ranker.hybrid_features`) and scores the pool. The training
+code (:class:`avrec.ranker.hybrid.HybridRecommender`) builds its features through the same object,
 with the torch scorer in place of the ONNX one. No torch is imported here.
 
 A saved pipeline is a directory::
@@ -32,9 +32,9 @@ import polars as pl
 
 from avrec.errors import ModelError
 from avrec.names import ITEM_BEHAVIOUR
-from ranker.features import lookup_rows
-from ranker.history_scorers import History, HistoryScorer, load_scorer, save_scorer
-from ranker.hybrid_features import (
+from avrec.ranker.features import lookup_rows
+from avrec.ranker.history_scorers import History, HistoryScorer, load_scorer, save_scorer
+from avrec.ranker.hybrid_features import (
     CONTENT,
     ITEM_STATS,
     RECENT,
@@ -63,7 +63,7 @@ AGE_COLUMN = "item_age_days"
 
 
 def item_stats(frame: pl.DataFrame) -> dict[str, np.ndarray]:
-    """:data:`~ranker.hybrid_features.ITEM_STATS` from item rows laid out as training sets and
+    """:data:`~avrec.ranker.hybrid_features.ITEM_STATS` from item rows laid out as training sets and
     the server's item snapshot lay them out (``item_behaviour__*`` and ``item_age_days``);
     an item without a row has 0 counts and no rating or age (NaN)."""
     out = {}
@@ -137,8 +137,9 @@ class Recommendation:
 def served_order(pool: np.ndarray, scores: np.ndarray, cold: np.ndarray, explore: int,
                  depth: int, top_k: int = 0) -> Recommendation:
     """One user's pool as served: best score first, the best ``explore`` cold items moved to
-    the last places of the top ``depth`` (:func:`~ranker.hybrid_features.with_exploration_slots`),
-    cut to ``top_k`` (0: all); probabilities are the softmax of the scores over the pool."""
+    the last places of the top ``depth``
+    (:func:`~avrec.ranker.hybrid_features.with_exploration_slots`), cut to ``top_k`` (0: all);
+    probabilities are the softmax of the scores over the pool."""
     order_scores = (with_exploration_slots(scores[None, :], cold[None, :], explore, depth)[0]
                     if explore else scores)
     order = np.argsort(-order_scores, kind="stable")
@@ -234,7 +235,7 @@ class HybridPipeline:
 
     def save(self, directory: Path) -> None:
         """Write ``pipeline.json`` and the history scorers (the ONNX scorer is written by
-        :func:`ranker.listwise_scorer.export_scorer`)."""
+        :func:`avrec.ranker.listwise_scorer.export_scorer`)."""
         (directory / "scorers").mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
         np.save(directory / KNOWN_FILE, self.item_ids[self.known])

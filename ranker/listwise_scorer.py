@@ -4,7 +4,7 @@
 with a softmax over the user's pool against their positives (ListNet-style,
 :func:`listwise_loss`), early-stopped on held-out users; :class:`ScorerBag` averages several
 seeds; :func:`export_scorer` writes the bag as ONNX for the server
-(:mod:`ranker.hybrid_pipeline` runs it on onnxruntime).
+(:mod:`avrec.ranker.hybrid_pipeline` runs it on onnxruntime).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ranker.hybrid_pipeline import SCORER_KIND
-from ranker.training import BestWeights
+from avrec.ranker.hybrid_pipeline import SCORER_KIND
+from avrec.ranker.training import BestWeights
 
 if TYPE_CHECKING:
-    from ranker.hybrid import HybridConfig
+    from avrec.ranker.hybrid import HybridConfig
 
 MIN_STD = 1e-6  # a feature spread below this is taken as none (see ListwiseScorer)
 
@@ -121,8 +121,8 @@ def export_scorer(scorer: nn.Module, n_features: int, signature: str, path: Path
     stamped with the pipeline's feature signature."""
     import onnx
 
+    from avrec.encoders.onnx_export import quiet_exporter_loggers
     from avrec.names import OPSET
-    from encoders.onnx_export import quiet_exporter_loggers
 
     users, pool = torch.export.Dim("users"), torch.export.Dim("pool")
     example = (torch.zeros(2, 3, n_features),)

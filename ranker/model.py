@@ -10,7 +10,7 @@ A (user, item) pair is scored from
 ``DenseArch`` embeds dense features, ``TargetAttention`` pools the history with the candidate
 as query (DIN-style), ``InteractionArch`` crosses the pieces, ``OverArch`` turns them into a
 logit. ``Ranker`` composes them; every input is a float32 tensor, so the model exports to
-ONNX with a fixed contract (:mod:`ranker.contract`).
+ONNX with a fixed contract (:mod:`avrec.ranker.contract`).
 
 The retrieval pair (``UserTower``, ``ItemTower``) maps users and items into one space whose
 dot product pulls candidates from the whole catalogue before ranking.

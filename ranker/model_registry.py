@@ -1,6 +1,6 @@
 """The models ``avrec evaluate`` knows, by name: factories, grids and builders.
 
-A :class:`~ranker.evaluation.ModelSpec` per name: the baselines with their hyperparameter
+A :class:`~avrec.ranker.evaluation.ModelSpec` per name: the baselines with their hyperparameter
 grids, content kNN over the item encodings, the hybrids and sequential models over one item
 representation, the deep ranker and two-tower, and ``served`` (the pipeline `avrec train`
 ships). The specs of one :func:`model_specs` call share a run's state: the generator fits,
@@ -19,11 +19,11 @@ import polars as pl
 
 from avrec import tables
 from avrec.names import ITEM_BEHAVIOUR
-from ranker import baselines
-from ranker.evaluation import ModelSpec
-from ranker.generator_cache import GeneratorCache
-from ranker.recommender import Recommender
-from ranker.training import TrainConfig
+from avrec.ranker import baselines
+from avrec.ranker.evaluation import ModelSpec
+from avrec.ranker.generator_cache import GeneratorCache
+from avrec.ranker.recommender import Recommender
+from avrec.ranker.training import TrainConfig
 
 BASELINE_FACTORIES: dict[str, Callable[..., Recommender]] = {
     "random": baselines.RandomRecommender,
@@ -101,7 +101,7 @@ HYBRID_MODELS = ("hybrid-mixed", "hybrid-asum", "hybrid-text", "hybrid-image", "
 SEQUENTIAL_MODELS = ("sequential-mixed", "sequential-id")
 # The hybrid's candidate generators: tuned baselines (run first when not asked for).
 HYBRID_GENERATORS = ("ease", "als", "itemknn")
-SERVED = "served"  # the served pipeline (ranker.served), as `avrec train` ships it
+SERVED = "served"  # the served pipeline (avrec.ranker.served), as `avrec train` ships it
 CHOSEN_HYBRID = "hybrid-mixed"  # what `served` serves; the other hybrids are its ablations
 QUICK_HYBRID = {"bag": 2, "inner_folds": 1}  # --quick: one label fold, two scorers
 HYBRID_GRID = [{"inner_folds": 2}, {"inner_folds": 3},
@@ -126,7 +126,7 @@ def with_generators(names: Sequence[str]) -> list[str]:
 
 def _vector_source(kind: str, frame: pl.DataFrame, fused: FusedVectors) -> Any:
     """Item vectors of ``kind``: raw text / image encodings, or a fusion fitted per stage."""
-    from ranker.features import ItemVectors
+    from avrec.ranker.features import ItemVectors
 
     column = {"text": "text_embedding", "image": "image_embedding"}.get(kind)
     if column:
@@ -140,8 +140,8 @@ def _content_model_builder(
     fused: dict[Path, FusedVectors] | None = None,
 ) -> Callable[[dict[str, Any], int], Recommender]:
     """``hybrid-*`` and ``sequential-*`` over one item representation (``id``: none)."""
-    from ranker.hybrid import ContentGenerator, HybridConfig, HybridRecommender
-    from ranker.sequential import SequentialConfig, SequentialRecommender
+    from avrec.ranker.hybrid import ContentGenerator, HybridConfig, HybridRecommender
+    from avrec.ranker.sequential import SequentialConfig, SequentialRecommender
 
     kind = name.split("-", 1)[1]
     tuned = {} if tuned is None else tuned
@@ -179,7 +179,7 @@ def _served_builder(
 ) -> Callable[[dict[str, Any], int], Recommender]:
     """The served pipeline: ``hybrid-mixed`` with ``avrec train``'s configuration, asked
     through the server's code path with features read from the offline tables."""
-    from ranker.served import ServedRecommender
+    from avrec.ranker.served import ServedRecommender
 
     hybrid = _content_model_builder("hybrid-mixed", encodings, quick, cache, tuned, fused)
     item_table = tables.read_table(ITEM_BEHAVIOUR, offline)
@@ -195,8 +195,8 @@ class FusedVectors:
 
     ``deep-mixed``, ``deep-asum``, ``two-tower`` and the hybrids' inner folds fit on the same
     interactions: each fusion is trained once and reused. ``mixed`` alone trains only the
-    gated fusion (:func:`encoders.fusion_training.fit_gated_fusion`, the same weights);
-    ``asum`` runs the whole :func:`~encoders.fusion_training.train_fusion` (its ``a`` is
+    gated fusion (:func:`avrec.encoders.fusion_training.fit_gated_fusion`, the same weights);
+    ``asum`` runs the whole :func:`~avrec.encoders.fusion_training.train_fusion` (its ``a`` is
     chosen on validation pairs).
     """
 
@@ -208,9 +208,9 @@ class FusedVectors:
         """Item vectors of ``kind`` (``mixed``: gated fusion, ``asum``: weighted sum)."""
         from datetime import timedelta
 
-        from encoders import fusion_training as ft
-        from encoders.fusion_fit import ItemFeatures, embed
-        from ranker.features import ItemVectors
+        from avrec.encoders import fusion_training as ft
+        from avrec.encoders.fusion_fit import ItemFeatures, embed
+        from avrec.ranker.features import ItemVectors
 
         if "event_type" not in interactions.columns:  # the harness passes rating events only
             interactions = interactions.with_columns(pl.lit("rating").alias("event_type"))
@@ -247,10 +247,10 @@ def _deep_builder(
     """
     from avrec import behaviour_features
     from avrec.feature_store import get_store
-    from ranker.deep_ranker import DeepRanker
-    from ranker.features import ItemVectors
-    from ranker.training import TrainConfig
-    from ranker.two_tower import TwoTowerConfig
+    from avrec.ranker.deep_ranker import DeepRanker
+    from avrec.ranker.features import ItemVectors
+    from avrec.ranker.training import TrainConfig
+    from avrec.ranker.two_tower import TwoTowerConfig
 
     if encodings is None or not encodings.exists():
         raise FileNotFoundError(f"{name} needs item encodings; not found at {encodings}")
@@ -290,8 +290,8 @@ class _FittedVectorsTwoTower(Recommender):
         self.inner: Recommender | None = None
 
     def _fit(self, interactions: pl.DataFrame, items: pl.DataFrame) -> None:
-        from ranker.features import ItemVectors
-        from ranker.two_tower import TwoTowerRecommender
+        from avrec.ranker.features import ItemVectors
+        from avrec.ranker.two_tower import TwoTowerRecommender
 
         vectors = self.vectors
         if not isinstance(vectors, ItemVectors):

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ranker.sequence_data import PAD, RATING_BUCKETS
+from avrec.ranker.sequence_data import PAD, RATING_BUCKETS
 
 if TYPE_CHECKING:
-    from ranker.sequential import SequentialConfig
+    from avrec.ranker.sequential import SequentialConfig
 
 
 class ItemEmbedding(nn.Module):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ranker.sequence_data import (
+from avrec.ranker.sequence_data import (
     PAD,
     UserSequences,
     holdout_sizes,
@@ -18,11 +18,11 @@ from ranker.sequence_data import (
     length_batches,
     training_windows,
 )
-from ranker.sequence_encoder import SequenceEncoder
-from ranker.training import BestWeights
+from avrec.ranker.sequence_encoder import SequenceEncoder
+from avrec.ranker.training import BestWeights
 
 if TYPE_CHECKING:
-    from ranker.sequential import SequentialConfig
+    from avrec.ranker.sequential import SequentialConfig
 
 
 @dataclass

@@ -5,18 +5,18 @@ EASE read the whole history. Here a causal self-attention encoder reads up to
 ``max_length`` items (oldest to newest, each with its rating) and its last position is the
 user vector; an item's score is the dot product of that vector with the item's vector.
 
-Item vectors (:class:`ranker.sequence_encoder.ItemEmbedding`) are an ID embedding **plus** a
+Item vectors (:class:`avrec.ranker.sequence_encoder.ItemEmbedding`) are an ID embedding **plus** a
 projection of the item's content vector (the mixed embedding, or text / image / a-sum; or no
 content at all). Items without interactions in the fit data have no trained ID: they are scored
 through their content alone. Training drops each item's ID with probability ``id_dropout``
 (DropoutNet-style) so the content path learns to stand on its own.
 
-Training (:func:`ranker.sequence_training.fit_sequences`): every position predicts the next
+Training (:func:`avrec.ranker.sequence_training.fit_sequences`): every position predicts the next
 item of the same user with a sampled softmax over ``negatives`` items drawn uniformly per batch
 (accidental hits masked; all items when the catalogue is smaller), AdamW, early stopping on the
 last ``holdout_fraction`` of each user's fit events (full-catalogue NDCG@10 of those held-out
 items ranked from the events before them), best weights kept. Everything is seeded. The data
-side (histories, windows, padding) is :mod:`ranker.sequence_data`.
+side (histories, windows, padding) is :mod:`avrec.ranker.sequence_data`.
 
     >>> import polars as pl
     >>> rows = pl.DataFrame({
@@ -40,12 +40,12 @@ import numpy as np
 import polars as pl
 import torch
 
-from ranker.features import VectorSource, resolve_vectors
-from ranker.recommender import Recommender
-from ranker.sequence_data import UserSequences, left_pad
-from ranker.sequence_encoder import ItemEmbedding, SequenceEncoder
-from ranker.sequence_training import SequentialHistory, fit_sequences
-from ranker.training import torch_threads
+from avrec.ranker.features import VectorSource, resolve_vectors
+from avrec.ranker.recommender import Recommender
+from avrec.ranker.sequence_data import UserSequences, left_pad
+from avrec.ranker.sequence_encoder import ItemEmbedding, SequenceEncoder
+from avrec.ranker.sequence_training import SequentialHistory, fit_sequences
+from avrec.ranker.training import torch_threads
 
 
 @dataclass

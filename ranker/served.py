@@ -2,9 +2,9 @@
 
 :class:`ServedRecommender` fits the hybrid as ``avrec train`` does (default configuration,
 generators with their validation-tuned settings), exports it, reads it back through
-:class:`~ranker.hybrid_pipeline.SavedPipeline` (the ONNX scorer, the saved history scorers) and
-asks :meth:`~ranker.hybrid_pipeline.HybridPipeline.recommend`, the method the server calls,
-for every user with the features the online store would have held at their cut:
+:class:`~avrec.ranker.hybrid_pipeline.SavedPipeline` (the ONNX scorer, the saved history scorers)
+and asks :meth:`~avrec.ranker.hybrid_pipeline.HybridPipeline.recommend`, the method the server
+calls, for every user with the features the online store would have held at their cut:
 
 * ``user_history``: rebuilt by :func:`avrec.behaviour_features.user_history` (the function
   that writes the feature table) from the user's ratings strictly before the cut;
@@ -26,8 +26,8 @@ import polars as pl
 
 from avrec import behaviour_features
 from avrec.names import DAY_US
-from ranker.hybrid import HybridRecommender
-from ranker.hybrid_pipeline import (
+from avrec.ranker.hybrid import HybridRecommender
+from avrec.ranker.hybrid_pipeline import (
     AGE_COLUMN,
     ITEM_PREFIX,
     HybridPipeline,
@@ -37,8 +37,8 @@ from ranker.hybrid_pipeline import (
     item_stats,
     served_order,
 )
-from ranker.item_history import naive_utc
-from ranker.recommender import Recommender
+from avrec.ranker.item_history import naive_utc
+from avrec.ranker.recommender import Recommender
 
 ITEM_FIELDS = ("popularity_7d", "popularity_30d", "popularity_all", "mean_rating")
 
@@ -149,14 +149,14 @@ class ServedRecommender(Recommender):
         cfg.explore, cfg.depth, cfg.explore_min_history = slots, depth, min_history
 
     def history_threshold(self, share: float) -> int:
-        """See :meth:`ranker.hybrid.HybridRecommender.history_threshold`."""
+        """See :meth:`avrec.ranker.hybrid.HybridRecommender.history_threshold`."""
         return self.hybrid.history_threshold(share)
 
     def rescore(self, explore: int, depth: int | None = None, min_history: int = 0
                 ) -> np.ndarray:
         """The last ``score`` call's answers re-ordered with ``explore`` slots for users with
         at least ``min_history`` events (the same
-        :func:`~ranker.hybrid_pipeline.served_order` the pipeline serves with)."""
+        :func:`~avrec.ranker.hybrid_pipeline.served_order` the pipeline serves with)."""
         assert self.pipeline is not None
         depth = depth or self.pipeline.config.depth
         answers = [served_order(a.columns, a.scores, a.cold,

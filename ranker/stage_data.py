@@ -1,8 +1,8 @@
 """An evaluation stage (validation or test) as dense ``[users, items]`` matrices.
 
-The harness (:mod:`ranker.evaluation`) and the exploration curve (:mod:`ranker.exploration`)
-read the same facts of a stage: who is evaluated, at which cut, what is relevant, what was
-already seen, which items had no fit interaction (new items).
+The harness (:mod:`avrec.ranker.evaluation`) and the exploration curve
+(:mod:`avrec.ranker.exploration`) read the same facts of a stage: who is evaluated, at which cut,
+what is relevant, what was already seen, which items had no fit interaction (new items).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from ranker import metrics
-from ranker.recommender import Recommender
-from ranker.splits import Stage
+from avrec.ranker import metrics
+from avrec.ranker.recommender import Recommender
+from avrec.ranker.splits import Stage
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ the latest 10% of labels and writes ``DATA/models/ranker/<version>/``:
 * ``manifest.json``: data window, seed, training config, item-vector source and its
   embedding / encoder versions, the feature service, losses, ONNX parity,
 * ``ranker/`` (``ranker.onnx`` + ``contract.json``) and the retrieval pair ``user_tower/`` and
-  ``item_tower/`` (:mod:`ranker.export`), each checked against torch on real rows;
-* ``hybrid/``: the hybrid ranker (:mod:`ranker.hybrid_job`: generators and exploration slots
+  ``item_tower/`` (:mod:`avrec.ranker.export`), each checked against torch on real rows;
+* ``hybrid/``: the hybrid ranker (:mod:`avrec.ranker.hybrid_job`: generators and exploration slots
   chosen on a validation split of the window), which the server prefers for ``Recommend`` and
   ``Rank``.
 
@@ -36,10 +36,9 @@ import torch
 from avrec import behaviour_features, commands, config, tables
 from avrec.commands import Subparsers, parse_time
 from avrec.names import ITEM_EMBEDDINGS_TABLE
-from avrec.training_set import Sampling
-from ranker.contract import TRAINING_SERVICE, ranker_contract
-from ranker.deep_ranker import DeepRanker
-from ranker.export import (
+from avrec.ranker.contract import TRAINING_SERVICE, ranker_contract
+from avrec.ranker.deep_ranker import DeepRanker
+from avrec.ranker.export import (
     LATEST,
     Exported,
     export_item_tower,
@@ -47,17 +46,18 @@ from ranker.export import (
     export_ranker,
     export_user_tower,
 )
-from ranker.features import ItemVectors
-from ranker.report import describe_exploration
-from ranker.training import (
+from avrec.ranker.features import ItemVectors
+from avrec.ranker.report import describe_exploration
+from avrec.ranker.training import (
     Loss,
     TrainConfig,
     model_inputs,
     save_curves,
     torch_threads,
 )
-from ranker.two_tower import TwoTowerRecommender
-from ranker.two_tower_training import TwoTowerConfig, encode_rows, positive_rows
+from avrec.ranker.two_tower import TwoTowerRecommender
+from avrec.ranker.two_tower_training import TwoTowerConfig, encode_rows, positive_rows
+from avrec.training_set import Sampling
 
 PARITY_ROWS = 4096
 PARITY_BATCHES = (1, 7, 256, 1024, 2808)
@@ -193,7 +193,7 @@ def train(
 ) -> Path:
     """Train one ranker (and the retrieval towers, and the hybrid) and write its directory;
     returns it. ``train_config``: the deep ranker's training, negatives and their sampling
-    included (default: the shipped training, :class:`ranker.training.TrainConfig`)."""
+    included (default: the shipped training, :class:`avrec.ranker.training.TrainConfig`)."""
     from avrec.feature_store import get_store
 
     started = time.perf_counter()
@@ -245,7 +245,7 @@ def train(
             manifest["retrieval_losses"] = towers.pop("losses")
             manifest["onnx"] |= towers
     if hybrid:
-        from ranker.hybrid_job import train_hybrid
+        from avrec.ranker.hybrid_job import train_hybrid
 
         manifest["hybrid"] = train_hybrid(window, items, item_vectors, out / "hybrid",
                                           hybrid_quick, train_config.seed)
@@ -332,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``avrec train`` from ``argv`` (tests, ``python -m ranker.train_job``)."""
+    """``avrec train`` from ``argv`` (tests, ``python -m avrec.ranker.train_job``)."""
     return commands.main(register, argv)
 
 

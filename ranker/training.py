@@ -1,7 +1,7 @@
 """Train the deep ranker on point-in-time rows: seeded, early-stopped, with curves.
 
-``fit_ranker`` takes encoded arrays (see :mod:`ranker.features`) and trains
-:class:`ranker.model.Ranker` with one of two losses (``TrainConfig.loss``):
+``fit_ranker`` takes encoded arrays (see :mod:`avrec.ranker.features`) and trains
+:class:`avrec.ranker.model.Ranker` with one of two losses (``TrainConfig.loss``):
 
 * ``bce``: pointwise binary cross-entropy over positives, explicit and sampled negatives;
 * ``softmax`` (the default): sampled softmax. Each positive is scored against the negatives
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from avrec.ranker.model import Ranker
 from avrec.training_set import Sampling
-from ranker.model import Ranker
 
 Loss = Literal["bce", "softmax"]
 

@@ -1,5 +1,5 @@
 """The retrieval pair: a user tower and an item tower trained with in-batch sampled softmax
-(training: :mod:`ranker.two_tower_training`).
+(training: :mod:`avrec.ranker.two_tower_training`).
 
 Training rows are the positive (user, item) labels of the fit interactions (rating >= 4),
 each with the user's and the item's behaviour features as of the label time, read through
@@ -28,18 +28,18 @@ import polars as pl
 import torch
 
 from avrec.pit_join import join_features_duckdb
-from ranker.contract import (
+from avrec.ranker.contract import (
     ITEM_SERVICE,
     USER_SERVICE,
     ModelContract,
     item_tower_contract,
     user_tower_contract,
 )
-from ranker.features import FeatureEncoder, ItemVectors
-from ranker.model import ItemTower, UserTower
-from ranker.recommender import Recommender
-from ranker.training import torch_threads
-from ranker.two_tower_training import (
+from avrec.ranker.features import FeatureEncoder, ItemVectors
+from avrec.ranker.model import ItemTower, UserTower
+from avrec.ranker.recommender import Recommender
+from avrec.ranker.training import torch_threads
+from avrec.ranker.two_tower_training import (
     TwoTowerConfig,
     TwoTowerHistory,
     encode_rows,
@@ -181,7 +181,7 @@ class TwoTowerRecommender(Recommender):
         return out
 
     def contract(self) -> ModelContract:
-        """The contract under which :attr:`user_tower` is exported (:mod:`ranker.export`)."""
+        """The contract under which :attr:`user_tower` is exported (:mod:`avrec.ranker.export`)."""
         return user_tower_contract(
             self.encoder,
             self.vectors.dim,

@@ -1,7 +1,7 @@
 """Training the retrieval towers: positive rows with behaviour features as of each label, their
 encoding, the in-batch sampled softmax (``log q``-corrected, duplicates masked) and the fit,
 early-stopped on the latest labels' loss. The recommender over the trained pair is
-:class:`ranker.two_tower.TwoTowerRecommender`."""
+:class:`avrec.ranker.two_tower.TwoTowerRecommender`."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from avrec import training_set
 from avrec.pit_join import join_features_duckdb
-from ranker.contract import TRAINING_SERVICE
-from ranker.features import FeatureEncoder, ItemVectors
-from ranker.model import ItemTower, UserTower
-from ranker.training import model_inputs, torch_threads
+from avrec.ranker.contract import TRAINING_SERVICE
+from avrec.ranker.features import FeatureEncoder, ItemVectors
+from avrec.ranker.model import ItemTower, UserTower
+from avrec.ranker.training import model_inputs, torch_threads
 
 if TYPE_CHECKING:
     from feast import FeatureStore

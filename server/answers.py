@@ -9,8 +9,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from server.feature_reader import OnlineRow
-from server.item_snapshot import ItemSnapshot
+from avrec.server.feature_reader import OnlineRow
+from avrec.server.item_snapshot import ItemSnapshot
 
 
 class Scored(NamedTuple):

@@ -25,20 +25,20 @@ from grpc_reflection.v1alpha import reflection
 from avrec import commands, tables
 from avrec import config as avrec_config
 from avrec.commands import Subparsers
+from avrec.ranker.contract import ITEM_SERVICE, USER_SERVICE, service_fields
+from avrec.ranker.export import latest_model_dir
 from avrec.redis_client import connect
-from ranker.contract import ITEM_SERVICE, USER_SERVICE, service_fields
-from ranker.export import latest_model_dir
-from server import metrics
-from server.blas_threads import limit_blas_threads
-from server.clock import Clock
-from server.config import ServeConfig, load_config
-from server.engine import RankingEngine
-from server.event_log import EventLog
-from server.hot_swap import ModelWatcher
-from server.malformed import MalformedRequestInterceptor
-from server.models import load_serving_models
-from server.protocol import SERVICE_NAME, ranking_pb2_grpc
-from server.service import BearerTokenInterceptor, RankingServicer
+from avrec.server import metrics
+from avrec.server.blas_threads import limit_blas_threads
+from avrec.server.clock import Clock
+from avrec.server.config import ServeConfig, load_config
+from avrec.server.engine import RankingEngine
+from avrec.server.event_log import EventLog
+from avrec.server.hot_swap import ModelWatcher
+from avrec.server.malformed import MalformedRequestInterceptor
+from avrec.server.models import load_serving_models
+from avrec.server.protocol import SERVICE_NAME, ranking_pb2_grpc
+from avrec.server.service import BearerTokenInterceptor, RankingServicer
 
 log = logging.getLogger("avrec.server")
 @dataclass
@@ -205,14 +205,14 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in settings and v is not None}
     config = load_config(args.config, overrides)
     if args.replicas > 1:
-        from server import replicas
+        from avrec.server import replicas
 
         return replicas.run(config, args.replicas, replicas.replica_options(args.config, overrides))
     return serve(config)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``avrec serve`` from ``argv`` (tests, ``python -m server.app``, each replica)."""
+    """``avrec serve`` from ``argv`` (tests, ``python -m avrec.server.app``, each replica)."""
     return commands.main(register, argv)
 
 

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from avrec import commands
 from avrec.commands import Subparsers
-from server.protocol import SERVICE_NAME, ranking_pb2, ranking_pb2_grpc
+from avrec.server.protocol import SERVICE_NAME, ranking_pb2, ranking_pb2_grpc
 
 # Reads are retried on UNAVAILABLE (a replica gone or going away: the next attempt is picked
 # by round_robin among the ones still connected). LogEvents is not: its duplicates are
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``avrec recommend`` from ``argv`` (tests, ``python -m server.client``)."""
+    """``avrec recommend`` from ``argv`` (tests, ``python -m avrec.server.client``)."""
     return commands.main(register, argv)
 
 

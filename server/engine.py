@@ -2,12 +2,13 @@
 
 Per request the engine makes one Redis round trip: the user's ``user_behaviour`` hash and the
 materialization counter, in one pipeline. Candidates' features come from the in-process
-:class:`server.item_snapshot.ItemSnapshot`, reloaded when the counter moves or the snapshot
+:class:`avrec.server.item_snapshot.ItemSnapshot`, reloaded when the counter moves or the snapshot
 expires (with the retrieval index rebuilt from it). The user's inputs are encoded with the
-model's own :class:`ranker.features.FeatureEncoder`, and the ranker scores all candidates in one
-ONNX run. Requests are checked by :mod:`server.request_checks` (errors a caller can fix raise
-:class:`~server.request_checks.RequestError`) and answers assembled by :mod:`server.answers`;
-Redis failures raise :class:`StoreUnavailableError`.
+model's own :class:`avrec.ranker.features.FeatureEncoder`, and the ranker scores all candidates in
+one ONNX run. Requests are checked by :mod:`avrec.server.request_checks` (errors a caller can fix
+raise
+:class:`~avrec.server.request_checks.RequestError`) and answers assembled by
+:mod:`avrec.server.answers`; Redis failures raise :class:`StoreUnavailableError`.
 """
 
 from __future__ import annotations
@@ -27,31 +28,31 @@ from avrec.feature_store import materialization_key
 from avrec.names import USER_BEHAVIOUR, USER_HISTORY
 from avrec.online_features import MixedVersionsError
 from avrec.pit_join import DERIVED_AGES
+from avrec.ranker.contract import ContractError
+from avrec.ranker.features import ItemVectors
+from avrec.ranker.hybrid_pipeline import HybridPipeline, ServedUser, item_stats
 from avrec.redis_client import STORE_ERRORS, Client
-from ranker.contract import ContractError
-from ranker.features import ItemVectors
-from ranker.hybrid_pipeline import HybridPipeline, ServedUser, item_stats
-from server import metrics
-from server.answers import Ranked, assemble, history_rows, mmr, sigmoid
-from server.clock import Clock
-from server.feature_reader import OnlineRow, ViewReader
-from server.item_snapshot import (
+from avrec.server import metrics
+from avrec.server.answers import Ranked, assemble, history_rows, mmr, sigmoid
+from avrec.server.clock import Clock
+from avrec.server.feature_reader import OnlineRow, ViewReader
+from avrec.server.item_snapshot import (
     BEHAVIOUR_VIEW,
     EMBEDDING_VIEW,
     ItemSnapshot,
     age_days,
     load_snapshot,
 )
-from server.models import ServingModels, UserInputs
-from server.request_checks import RequestError, candidate_rows, check_request
-from server.retrieval import CandidateIndex
+from avrec.server.models import ServingModels, UserInputs
+from avrec.server.request_checks import RequestError, candidate_rows, check_request
+from avrec.server.retrieval import CandidateIndex
 
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-    from server.config import ServeConfig
+    from avrec.server.config import ServeConfig
 
 USER_VIEW = USER_BEHAVIOUR
 HISTORY_VIEW = USER_HISTORY
@@ -288,7 +289,7 @@ class RankingEngine:
     # -- requests ----------------------------------------------------------------------------
 
     def candidate_rows(self, item_ids: Sequence[int], loaded: _Loaded) -> np.ndarray:
-        """Snapshot rows of the candidates (:func:`server.request_checks.candidate_rows`)."""
+        """Snapshot rows of the candidates (:func:`avrec.server.request_checks.candidate_rows`)."""
         return candidate_rows(item_ids, loaded.snapshot, self.config.max_candidates)
 
     def _check(self, user_id: int, top_k: int, lam: float) -> None:
@@ -313,7 +314,7 @@ class RankingEngine:
         now: datetime, candidates: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(snapshot rows, probabilities) the hybrid serves, best first (see
-        :meth:`ranker.hybrid_pipeline.HybridPipeline.recommend`); MMR re-orders when asked."""
+        :meth:`avrec.ranker.hybrid_pipeline.HybridPipeline.recommend`); MMR re-orders when asked."""
         assert loaded.pipeline is not None and loaded.stats is not None
         values = history.values if history is not None and history.fresh else {}
         stamp = history.event_timestamp if values and history is not None else None
@@ -333,7 +334,7 @@ class RankingEngine:
         self, chosen: np.ndarray, scores: np.ndarray, row: OnlineRow, loaded: _Loaded,
         explain: bool, now: datetime,
     ) -> Ranked:
-        """The chosen snapshot rows as an answer (:func:`server.answers.assemble`)."""
+        """The chosen snapshot rows as an answer (:func:`avrec.server.answers.assemble`)."""
         return assemble(chosen, scores, row, loaded.snapshot, loaded.unit, explain, now,
                         loaded.models.version)
 

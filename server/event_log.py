@@ -6,7 +6,7 @@ for later training). Then the online rows, so the next ``Rank`` sees them:
 
 * incremental (the default, ``incremental_events``): each touched user's ``user_behaviour``
   and ``user_history`` rows and each touched item's ``item_behaviour`` row are updated from a
-  per-entity state in Redis, in one pipelined batch (:mod:`server.incremental`; equal to the
+  per-entity state in Redis, in one pipelined batch (:mod:`avrec.server.incremental`; equal to the
   offline code, property-tested);
 * recompute (``incremental_events: false``, the former path, kept for comparison): each
   touched user's rows are recomputed from that user's whole history (offline events + logged
@@ -14,7 +14,7 @@ for later training). Then the online rows, so the next ``Rank`` sees them:
   (:func:`avrec.behaviour_features.user_features`, :func:`~avrec.behaviour_features.user_history`)
   and written through Feast's ``write_to_online_store``; item rows wait for materialization.
 
-Concurrent calls share the durable write (group commit, :mod:`server.group_commit`): the
+Concurrent calls share the durable write (group commit, :mod:`avrec.server.group_commit`): the
 batches queued while one write runs go into the next file together, one fsync of the file
 and one of the directory for all of them, and each call answers only once the file holding
 its events is durable. The online updates run after, one at a time, outside that write.
@@ -43,9 +43,9 @@ import polars as pl
 from avrec import behaviour_features, tables
 from avrec.errors import InputError, StoreUnavailableError
 from avrec.names import USER_BEHAVIOUR, USER_HISTORY
-from server.config import ServeConfig
-from server.group_commit import GroupCommit
-from server.incremental import OnlineUpdater
+from avrec.server.config import ServeConfig
+from avrec.server.group_commit import GroupCommit
+from avrec.server.incremental import OnlineUpdater
 
 if TYPE_CHECKING:
     from feast import FeatureStore

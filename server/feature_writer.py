@@ -1,6 +1,6 @@
 """Rows written where Feast's Redis store keeps them, without Feast's writer.
 
-The mirror of :class:`server.feature_reader.ViewReader`: one hash per entity, a serialized
+The mirror of :class:`avrec.server.feature_reader.ViewReader`: one hash per entity, a serialized
 ``ValueProto`` per feature and the row's stamp in ``_ts:<view>``. The values are built as
 Feast's ``python_values_to_proto_values`` builds them (checked byte for byte in
 ``tests/server/test_incremental.py``); that function costs 0.5-0.7 ms for one 1,000-long
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from feast.protos.feast.types.Value_pb2 import FloatList, Int64List, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from server.feature_reader import ViewReader
+from avrec.server.feature_reader import ViewReader
 
 if TYPE_CHECKING:
     from collections.abc import Callable

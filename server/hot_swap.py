@@ -3,10 +3,10 @@
 A server started without a fixed ``model_dir`` serves the run that the models root's ``LATEST``
 file names (``avrec train`` rewrites it after a run). :class:`ModelWatcher` reads that pointer
 every ``model_watch_seconds`` (and at once on SIGHUP); when it names another run, a background
-thread loads it with every check a start makes (:func:`server.models.load_serving_models`:
+thread loads it with every check a start makes (:func:`avrec.server.models.load_serving_models`:
 graphs, contracts against the feature services, the one-user graph's parity, the hybrid), binds
 it to a fresh item snapshot (embedding version) and swaps the pair in with one reference
-assignment (:meth:`server.engine.RankingEngine.swap_models`). Requests in flight finish with
+assignment (:meth:`avrec.server.engine.RankingEngine.swap_models`). Requests in flight finish with
 the pair they started with, so each answer is the old model's or the new one's.
 
 A run that fails any check (corrupt ONNX, contract mismatch, missing files) is refused: one
@@ -21,14 +21,14 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ranker.contract import ITEM_SERVICE, USER_SERVICE, service_fields
-from ranker.export import LATEST
-from server import metrics
-from server.models import load_serving_models
+from avrec.ranker.contract import ITEM_SERVICE, USER_SERVICE, service_fields
+from avrec.ranker.export import LATEST
+from avrec.server import metrics
+from avrec.server.models import load_serving_models
 
 if TYPE_CHECKING:
-    from server.config import ServeConfig
-    from server.engine import RankingEngine
+    from avrec.server.config import ServeConfig
+    from avrec.server.engine import RankingEngine
 
 log = logging.getLogger("avrec.server.hot_swap")
 

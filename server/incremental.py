@@ -4,12 +4,12 @@ a small per-entity state instead of recomputing the whole history.
 The rows are exactly those of the offline code (:mod:`avrec.behaviour_features`) as of the
 server's clock: ``tests/server/test_incremental.py`` proves it on random event sequences
 (window exits, ties in time, out-of-order events, ratings and other events). What a row
-needs that the row itself does not keep is the **state** (:mod:`server.incremental_state`:
+needs that the row itself does not keep is the **state** (:mod:`avrec.server.incremental_state`:
 what it holds, how it is updated and packed), stored in the entity's own Feast hash (field
 ``_avrec_state:<view>``, beside Feast's ``_ts:<view>``; Feast reads and writes only its own
 fields).
 
-A state is rebuilt from the server's event history (:mod:`server.incremental_replay`) when it
+A state is rebuilt from the server's event history (:mod:`avrec.server.incremental_replay`) when it
 is missing or when the Feast row no longer carries the stamp the state last wrote (``avrec
 materialize`` wrote a newer row), or when the clock went back past the state's events (a
 replay clock restarted; the rebuilt rows then leave out events after the clock, as the
@@ -18,11 +18,11 @@ Each batch reads all states and row stamps in one round trip (one HMGET per enti
 writes each entity's rows and state in one HSET, all in one ``MULTI/EXEC`` under ``WATCH``
 of the touched hashes (another writer in between: the batch is redone). A Redis Cluster
 cannot watch keys of several slots: there each entity's HSET is a compare-and-set on the
-state and stamp it read (:mod:`server.compare_and_set`), redone for that entity alone; each
+state and stamp it read (:mod:`avrec.server.compare_and_set`), redone for that entity alone; each
 entity changes atomically, the batch not as a whole. Rows are written
 unconditionally (Feast's own writer skips a row whose stamp is not newer, which loses a
 second event at the same instant). The row values are encoded by
-:mod:`server.feature_writer`, as Feast encodes them.
+:mod:`avrec.server.feature_writer`, as Feast encodes them.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from avrec.names import ITEM_BEHAVIOUR, USER_BEHAVIOUR, USER_HISTORY
-from server import compare_and_set
-from server.feature_writer import ViewWriter, stamp_us
-from server.incremental_replay import event_rows, genre_index, replay
-from server.incremental_state import ItemState, UserState, micros
+from avrec.server import compare_and_set
+from avrec.server.feature_writer import ViewWriter, stamp_us
+from avrec.server.incremental_replay import event_rows, genre_index, replay
+from avrec.server.incremental_state import ItemState, UserState, micros
 
 if TYPE_CHECKING:
     import redis
@@ -117,7 +117,7 @@ class OnlineUpdater:
                         events: list[tuple[int, int, bool, float | None, int]],
                         now: int) -> None:
         """The cluster form of :meth:`update`: one read pipeline, then one compare-and-set
-        per entity hash (:mod:`server.compare_and_set`: written only if its state and row
+        per entity hash (:mod:`avrec.server.compare_and_set`: written only if its state and row
         stamp still hold what was read); the entities another writer changed meanwhile are
         read and applied again, alone. Each entity's rows and state change atomically; the
         batch as a whole does not (readers may see one user's rows before another's)."""
@@ -138,7 +138,8 @@ class OnlineUpdater:
                 return
             self.redone += 1
             users = [u for u in users if self.key(self.user, u) not in done]
-            items = [i for i in items if self.key(self.item, i) not in done]  # type: ignore[arg-type]
+            items = [i for i in items if self.key(self.item, i) not in done]  # type:
+                                                                              # ignore[arg-type]
         raise RuntimeError(f"online rows of {len(users) + len(items)} entities changed under "
                            f"{MAX_REDOS} tries in a row; the events are logged offline")
 

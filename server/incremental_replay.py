@@ -1,7 +1,7 @@
 """States rebuilt from the event history: when an entity's state is missing or stale.
 
-:func:`replay` builds :class:`~server.incremental_state.UserState` and
-:class:`~server.incremental_state.ItemState` from the events at or before a clock: counts and
+:func:`replay` builds :class:`~avrec.server.incremental_state.UserState` and
+:class:`~avrec.server.incremental_state.ItemState` from the events at or before a clock: counts and
 windows in one polars group-by, a user's genres, recent items and history by replaying their
 events in the offline order (time, item id). The rows they give equal the offline code's
 (:mod:`avrec.behaviour_features`) at that clock.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from avrec.behaviour_features import POSITIVE_RATING
-from server.incremental_state import LONGEST_US, ItemState, Tally, UserState, micros
+from avrec.server.incremental_state import LONGEST_US, ItemState, Tally, UserState, micros
 
 
 def genre_index(items: pl.DataFrame, genres: list[str]) -> dict[int, tuple[int, ...]]:

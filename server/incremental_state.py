@@ -1,6 +1,6 @@
 """The per-entity state behind an incremental online row, and its pure update maths.
 
-A row's **state** is what the row itself does not keep (:mod:`server.incremental` stores it
+A row's **state** is what the row itself does not keep (:mod:`avrec.server.incremental` stores it
 in the entity's Feast hash, field ``_avrec_state:<view>``):
 
 * counts (events, ratings, rating sum, positive ratings), first and last event time;

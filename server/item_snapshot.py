@@ -27,12 +27,12 @@ import polars as pl
 from avrec.names import DAY_US, ITEM_BEHAVIOUR, ITEM_EMBEDDING
 from avrec.online_features import MixedVersionsError
 from avrec.pit_join import DERIVED_AGES
-from ranker.features import lookup_rows
-from server.feature_reader import OnlineRow, ViewReader
+from avrec.ranker.features import lookup_rows
+from avrec.server.feature_reader import OnlineRow, ViewReader
 
 if TYPE_CHECKING:
+    from avrec.ranker.features import FeatureEncoder
     from avrec.redis_client import Client
-    from ranker.features import FeatureEncoder
 
 BEHAVIOUR_VIEW = ITEM_BEHAVIOUR
 EMBEDDING_VIEW = ITEM_EMBEDDING

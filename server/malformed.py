@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from server import metrics
+from avrec.server import metrics
 
 log = logging.getLogger("avrec.server")
 

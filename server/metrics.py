@@ -7,7 +7,7 @@
   failed, the old snapshot kept serving),
 * ``avrec_item_snapshot_age_seconds``: how old the served item snapshot is,
 * ``avrec_model_swaps_total{result}``: model hot swaps (``swapped``; ``refused``: a new run
-  that failed its checks, the old model kept serving; :mod:`server.hot_swap`).
+  that failed its checks, the old model kept serving; :mod:`avrec.server.hot_swap`).
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 A model directory written by ``avrec train`` holds ``ranker/`` and, optionally, the retrieval
 pair ``user_tower/`` and ``item_tower/`` and the hybrid ranker ``hybrid/``
-(:mod:`ranker.hybrid_pipeline`), which serves ``Recommend`` and ``Rank`` when present.
+(:mod:`avrec.ranker.hybrid_pipeline`), which serves ``Recommend`` and ``Rank`` when present.
 :func:`load_serving_models` loads each through
-:func:`ranker.export.load_model`, which refuses a model whose graph, contract or required
+:func:`avrec.ranker.export.load_model`, which refuses a model whose graph, contract or required
 feature-service fields disagree with what this feature store serves; the three must also share
 one feature layout (dense feature names, history length, item vectors). The ranker and the
 towers were fitted apart, so each side keeps its own encoder (rating centre).
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from avrec.onnx_runtime import OnnxModel
-from ranker.contract import ContractError, ModelContract
-from ranker.export import HASH_KEY, KIND_KEY, ONE_USER, LoadedModel, load_model, one_user_path
-from ranker.features import FeatureEncoder
-from ranker.hybrid_pipeline import PipelineError, SavedPipeline
+from avrec.ranker.contract import ContractError, ModelContract
+from avrec.ranker.export import HASH_KEY, KIND_KEY, ONE_USER, LoadedModel, load_model, one_user_path
+from avrec.ranker.features import FeatureEncoder
+from avrec.ranker.hybrid_pipeline import PipelineError, SavedPipeline
 
 GENRE_PREFIX = "genre_affinity["
 VECTOR_FIELDS = {"mixed": "embedding", "asum": "embedding_asum"}

@@ -5,7 +5,7 @@ older than the ``.proto`` files, importing this module raises :class:`avrec.erro
 Clients import this module alone: it pulls in grpc and protobuf, not the serving engine.
 """
 
-from server.stubs import require_stubs
+from avrec.server.stubs import require_stubs
 
 require_stubs()
 from avrec.v1 import ranking_pb2, ranking_pb2_grpc  # noqa: E402

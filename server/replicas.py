@@ -1,11 +1,11 @@
 """``avrec serve --replicas N``: N identical, stateless ``avrec serve`` processes.
 
-Each replica is ``python -m server.app`` with the same settings (model, Redis, clock...) on
+Each replica is ``python -m avrec.server.app`` with the same settings (model, Redis, clock...) on
 its own port: consecutive from ``port`` (``--port 0``: free ports), and with
 ``--metrics-port M`` consecutive metrics ports from M. The replicas share nothing but the
 online store and the data directory, so any of them may answer any call; clients spread
 their calls with gRPC's client-side ``round_robin`` over the target this prints
-(``ipv4:127.0.0.1:50051,127.0.0.1:50052``; ``server.client.RankingClient`` sets the service
+(``ipv4:127.0.0.1:50051,127.0.0.1:50052``; ``avrec.server.client.RankingClient`` sets the service
 config). With a replay clock (``--clock``) every
 replica is given one ``clock_anchor`` (the wall time at which the clock reads ``--clock``),
 so they agree on the time: a row one replica stamps is never "in the future" for another
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.config import ServeConfig
+from avrec.server.config import ServeConfig
 
 STARTUP_SECONDS = 600.0
 
@@ -110,9 +110,9 @@ def replica_options(config_file: Path | None, overrides: Mapping[str, Any]) -> l
 
 
 def replica_command(argv: list[str], port: int, metrics_port: int | None) -> list[str]:
-    """``python -m server.app`` with ``argv`` (the caller's flags minus ``--replicas``) and
+    """``python -m avrec.server.app`` with ``argv`` (the caller's flags minus ``--replicas``) and
     this replica's ports (later flags win in argparse)."""
-    command = [sys.executable, "-m", "server.app", *argv, "--port", str(port)]
+    command = [sys.executable, "-m", "avrec.server.app", *argv, "--port", str(port)]
     if metrics_port:
         command += ["--metrics-port", str(metrics_port)]
     return command
@@ -121,7 +121,7 @@ def replica_command(argv: list[str], port: int, metrics_port: int | None) -> lis
 def start(config: ServeConfig, n: int, argv: list[str],
           startup_seconds: float = STARTUP_SECONDS) -> Replicas:
     """Start ``n`` replicas and wait until each one's health says SERVING."""
-    from server.client import RankingClient
+    from avrec.server.client import RankingClient
 
     ports = ports_for(n, config.port, config.host)
     metrics = ports_for(n, config.metrics_port, config.host) if config.metrics_port else []

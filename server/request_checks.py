@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from avrec.errors import InputError
-from server.item_snapshot import ItemSnapshot
+from avrec.server.item_snapshot import ItemSnapshot
 
 
 class RequestError(InputError):

@@ -1,6 +1,6 @@
 """Candidates from the whole catalogue: an ANN index over the item tower's vectors (faiss HNSW).
 
-:class:`CandidateIndex` is built from an :class:`server.item_snapshot.ItemSnapshot` (the item
+:class:`CandidateIndex` is built from an :class:`avrec.server.item_snapshot.ItemSnapshot` (the item
 tower runs over every item's vector and behaviour features), so it is rebuilt whenever the
 snapshot is, i.e. whenever embeddings or item features are re-materialized. A query is the user
 tower's unit vector; the score is the inner product.
@@ -24,8 +24,8 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines te
 import faiss  # noqa: E402
 
 if TYPE_CHECKING:
-    from server.item_snapshot import ItemSnapshot
-    from server.models import ServingModels
+    from avrec.server.item_snapshot import ItemSnapshot
+    from avrec.server.models import ServingModels
 
 HNSW_NEIGHBOURS = 32
 EF_CONSTRUCTION = 80

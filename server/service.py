@@ -5,7 +5,7 @@ UNAVAILABLE when Redis cannot be read (the process stays up and recovers when Re
 health turns NOT_SERVING meanwhile), DEADLINE_EXCEEDED when the caller's deadline passed before
 scoring, FAILED_PRECONDITION when the online embeddings no longer match the model,
 UNAUTHENTICATED without the configured bearer token, INTERNAL for anything else (logged).
-Every call is counted and timed in Prometheus metrics (:mod:`server.metrics`).
+Every call is counted and timed in Prometheus metrics (:mod:`avrec.server.metrics`).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from grpc_health.v1 import health, health_pb2
 from avrec.errors import AvrecError, StoreUnavailableError
 from avrec.names import USER_BEHAVIOUR
 from avrec.online_features import MixedVersionsError
-from server import metrics
-from server.answers import Ranked
-from server.engine import RankingEngine
-from server.event_log import EventError, EventLog, EventLogUnavailableError, LoggedEvent
-from server.protocol import SERVICE_NAME, ranking_pb2, ranking_pb2_grpc
-from server.request_checks import RequestError
+from avrec.server import metrics
+from avrec.server.answers import Ranked
+from avrec.server.engine import RankingEngine
+from avrec.server.event_log import EventError, EventLog, EventLogUnavailableError, LoggedEvent
+from avrec.server.protocol import SERVICE_NAME, ranking_pb2, ranking_pb2_grpc
+from avrec.server.request_checks import RequestError
 
 if TYPE_CHECKING:
     from feast import FeatureStore

@@ -1,9 +1,9 @@
 """Python stubs of ``proto/avrec/v1/*.proto``, generated at build time, never committed.
 
-The setup step (``make setup``, or ``python -m server.stubs``) is the one place that writes
+The setup step (``make setup``, or ``python -m avrec.server.stubs``) is the one place that writes
 them: :func:`ensure_stubs` regenerates them when missing or older than the ``.proto`` files (a
 stamp holds the protos' hash). Importing them never does; :func:`require_stubs` (called by
-:mod:`server.protocol`) raises :class:`avrec.errors.SetupError` instead. The stubs land in
+:mod:`avrec.server.protocol`) raises :class:`avrec.errors.SetupError` instead. The stubs land in
 ``avrec/v1/`` so their module names (``avrec.v1.ranking_pb2``) match the protobuf package
 ``avrec.v1``.
 """
@@ -75,7 +75,7 @@ def require_stubs() -> None:
     """Raise :class:`SetupError` unless the stubs are present and current."""
     problem = stubs_problem()
     if problem is not None:
-        raise SetupError(f"{problem}: run `make setup` (or `python -m server.stubs`)")
+        raise SetupError(f"{problem}: run `make setup` (or `python -m avrec.server.stubs`)")
 
 
 if __name__ == "__main__":

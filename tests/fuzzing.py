@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 from hypothesis import strategies as st
 
-from server.protocol import SERVICE_NAME, ranking_pb2
+from avrec.server.protocol import SERVICE_NAME, ranking_pb2
 
 INT64 = (-(2**63), 2**63 - 1)
 INT32 = (-(2**31), 2**31 - 1)

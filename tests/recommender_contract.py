@@ -1,4 +1,4 @@
-"""The contract every :class:`~ranker.recommender.Recommender` keeps, as a reusable mixin.
+"""The contract every :class:`~avrec.ranker.recommender.Recommender` keeps, as a reusable mixin.
 
 Not a test module (pytest does not collect it): a test class applies the contract by deriving
 from :class:`RecommenderContract` and implementing ``make``. It runs in two tiers, on two
@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ranker.recommender import Recommender
+from avrec.ranker.recommender import Recommender
 
 UNKNOWN_USER = 10**9
 

@@ -65,8 +65,8 @@ def genre_embeddings(items: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
 def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Data, online store and a trained model, under their own AVREC_DATA_DIR and Redis db 1."""
     from avrec import feature_store
-    from ranker import train_job
-    from ranker.training import TrainConfig
+    from avrec.ranker import train_job
+    from avrec.ranker.training import TrainConfig
 
     data_dir = tmp_path_factory.mktemp("serving")
     url = redis_url.rsplit("/", 1)[0] + "/1"
@@ -128,7 +128,7 @@ def stack_env(stack: Stack, redis_url: str | None = None) -> Iterator[None]:
 
 def serve_config(stack: Stack, **overrides: object):
     """The test service's settings: free port, replay clock, the stack's model and Redis."""
-    from server.config import load_config
+    from avrec.server.config import load_config
 
     settings = {
         "port": 0, "clock": CLOCK.isoformat(), "model_dir": str(stack.model_dir),

@@ -36,7 +36,7 @@ import numpy as np
 import polars as pl
 
 from avrec import behaviour_features, tables
-from ranker.features import ItemVectors
+from avrec.ranker.features import ItemVectors
 from tests.recommender_contract import ContractData, PlantedAnswer
 
 if TYPE_CHECKING:

@@ -71,7 +71,7 @@ def test_global_options_hold_for_job_subcommands(monkeypatch: pytest.MonkeyPatch
 
 def test_a_job_subcommand_gets_the_global_options_and_the_one_error_path(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    from web import serve
+    from avrec.web import serve
 
     monkeypatch.delenv("REDIS_URL", raising=False)
     url = "redis://127.0.0.1:1/0"
@@ -106,8 +106,8 @@ def test_the_serve_subcommand_keeps_its_own_redis_url() -> None:
 
 
 def test_the_train_subcommand_defaults_to_the_shipped_training() -> None:
-    from ranker.train_job import requested_training
-    from ranker.training import TrainConfig
+    from avrec.ranker.train_job import requested_training
+    from avrec.ranker.training import TrainConfig
 
     assert requested_training(cli.build_parser("train").parse_args(["train"])) == TrainConfig()
     assert TrainConfig().loss == "softmax" and TrainConfig().item_dropout > 0
@@ -134,7 +134,8 @@ def test_the_training_set_subcommand_and_the_api_share_one_engine_default() -> N
 def test_help_imports_no_job_module() -> None:
     code = ("import sys; from avrec import cli\n"
             "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'feast', 'ranker', 'encoders', 'server') "
+            "heavy = [m for m in ('torch', 'feast', 'avrec.ranker', 'avrec.encoders', "
+            "'avrec.server') "
             "if m in sys.modules]\n"
             "assert not heavy, heavy")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -8,7 +8,7 @@ import pkgutil
 
 import pytest
 
-PACKAGES = ("avrec", "encoders", "ranker", "server", "web")
+PACKAGES = ("avrec", "avrec.encoders", "avrec.ranker", "avrec.server", "avrec.web")
 SKIP = {"avrec.v1"}  # generated gRPC stubs
 
 

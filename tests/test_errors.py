@@ -10,7 +10,7 @@ import pkgutil
 from avrec import cli, data_commands
 from avrec.errors import AvrecError, StoreUnavailableError
 
-PACKAGES = ("avrec", "encoders", "ranker", "server", "web")
+PACKAGES = ("avrec", "avrec.encoders", "avrec.ranker", "avrec.server", "avrec.web")
 
 
 def _defined_exceptions() -> list[type[BaseException]]:
@@ -41,7 +41,7 @@ def test_every_error_class_is_in_the_family() -> None:
 
 def test_one_store_unavailable_error() -> None:
     from avrec import redis_server
-    from server import engine, event_log
+    from avrec.server import engine, event_log
 
     assert redis_server.StoreUnavailableError is engine.StoreUnavailableError
     assert issubclass(event_log.EventLogUnavailableError, StoreUnavailableError)

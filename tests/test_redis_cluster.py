@@ -9,7 +9,7 @@ import redis
 from avrec import redis_server
 from avrec.errors import StoreUnavailableError
 from avrec.redis_client import STORE_ERRORS, connect, is_cluster, parse_cluster_url
-from server import compare_and_set
+from avrec.server import compare_and_set
 
 from .conftest import free_port
 

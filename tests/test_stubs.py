@@ -1,4 +1,4 @@
-"""The gRPC stubs are built by the setup step only: importing :mod:`server.protocol` with
+"""The gRPC stubs are built by the setup step only: importing :mod:`avrec.server.protocol` with
 missing or stale stubs raises :class:`avrec.errors.SetupError` naming ``make setup``."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from avrec.errors import SetupError
-from server import stubs
+from avrec.server import stubs
 
 
 def _stubs_in(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
@@ -33,10 +33,10 @@ def test_missing_then_stale_stubs_raise_until_the_setup_step_builds_them(
 
 
 def test_importing_the_protocol_never_generates(tmp_path: Path) -> None:
-    code = ("from pathlib import Path\nimport server.stubs as s\n"
+    code = ("from pathlib import Path\nimport avrec.server.stubs as s\n"
             f"s.STAMP = Path({str(tmp_path / '.proto-hash')!r})\n"
             "s.generate = None  # importing must not call it\n"
-            "import server.protocol\n")
+            "import avrec.server.protocol\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode != 0

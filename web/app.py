@@ -27,12 +27,12 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from avrec import config
-from web import report
-from web.cards import answer_cards
-from web.catalogue import Catalogue
-from web.gateway import Gateway, ServiceError, Timings
-from web.posters import placeholder_svg, poster_file
-from web.similar import Similar, VectorTables
+from avrec.web import report
+from avrec.web.cards import answer_cards
+from avrec.web.catalogue import Catalogue
+from avrec.web.gateway import Gateway, ServiceError, Timings
+from avrec.web.posters import placeholder_svg, poster_file
+from avrec.web.similar import Similar, VectorTables
 
 HERE = Path(__file__).parent
 MAX_TOP_K = 50

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC
 
-from server.protocol import ranking_pb2
-from web.catalogue import Catalogue, ItemFacts
+from avrec.server.protocol import ranking_pb2
+from avrec.web.catalogue import Catalogue, ItemFacts
 
 
 @dataclass(frozen=True)

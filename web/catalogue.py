@@ -11,8 +11,8 @@ from pathlib import Path
 import polars as pl
 
 from avrec import tables
+from avrec.encoders.item_text import display_title
 from avrec.names import ITEM_BEHAVIOUR
-from encoders.item_text import display_title
 
 
 @dataclass(frozen=True)

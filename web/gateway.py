@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from avrec.errors import AvrecError
-from server.client import RankingClient
-from server.protocol import ranking_pb2
+from avrec.server.client import RankingClient
+from avrec.server.protocol import ranking_pb2
 
 DOWN_CODES = {
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -9,7 +9,7 @@ import textwrap
 from html import escape
 from pathlib import Path
 
-from web.catalogue import ItemFacts
+from avrec.web.catalogue import ItemFacts
 
 IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
                ".webp": "image/webp", ".gif": "image/gif"}

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from avrec.errors import InputError
-from web.charts import Bar, bar_chart
+from avrec.web.charts import Bar, bar_chart
 
 FIGURES = ("report.png", "tradeoff.png", "training.png")
 ABLATION_SUFFIXES = ("-mixed", "-asum", "-text", "-image", "-id")

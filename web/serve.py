@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``avrec web`` with its parsed options."""
     import uvicorn
 
-    from web.app import WebSettings, create_app
+    from avrec.web.app import WebSettings, create_app
 
     settings = WebSettings(
         target=args.target, top_k=args.top_k, timeout=args.timeout, items=args.items,
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``avrec web`` from ``argv`` (``python -m web.serve``)."""
+    """``avrec web`` from ``argv`` (``python -m avrec.web.serve``)."""
     return commands.main(register, argv)
 
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from avrec import tables
+from avrec.encoders.neighbours import EmbeddingIndex, EmbeddingSource
 from avrec.names import ITEM_EMBEDDINGS_TABLE
-from encoders.neighbours import EmbeddingIndex, EmbeddingSource
 
 KINDS = ("text", "image", "mixed")
 

@@ -73,7 +73,7 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def text_onnx(model_cache_dir: Path) -> Path:
     """all-MiniLM-L6-v2 exported once per session (the export checks parity itself)."""
-    from encoders import text_encoder
+    from avrec.encoders import text_encoder
 
     return text_encoder.onnx_path(model_cache_dir)
 
@@ -81,21 +81,21 @@ def text_onnx(model_cache_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def image_onnx(model_cache_dir: Path) -> Path:
     """EfficientNet-Lite0 exported once per session."""
-    from encoders import image_encoder
+    from avrec.encoders import image_encoder
 
     return image_encoder.onnx_path(model_cache_dir)
 
 
 @pytest.fixture(scope="session")
 def text_torch():
-    from encoders.onnx_export import torch_text_model
+    from avrec.encoders.onnx_export import torch_text_model
 
     return torch_text_model()
 
 
 @pytest.fixture(scope="session")
 def image_torch():
-    from encoders.onnx_export import torch_image_model
+    from avrec.encoders.onnx_export import torch_image_model
 
     return torch_image_model()
 

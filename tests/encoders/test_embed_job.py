@@ -10,11 +10,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from encoders import embed_job, item_text
-from encoders.embed_job import ITEM_ENCODINGS_SCHEMA, run_embed
-from encoders.image_encoder import ImageEncoder
-from encoders.onnx_export import MIN_COSINE, compare
-from encoders.text_encoder import TextEncoder
+from avrec.encoders import embed_job, item_text
+from avrec.encoders.embed_job import ITEM_ENCODINGS_SCHEMA, run_embed
+from avrec.encoders.image_encoder import ImageEncoder
+from avrec.encoders.onnx_export import MIN_COSINE, compare
+from avrec.encoders.text_encoder import TextEncoder
 
 from .conftest import MOVIELENS, POSTERS, movielens_items
 

@@ -1,7 +1,8 @@
 """Mixed embeddings: modules, ONNX parity, masking, seeding, the job's table, real neighbours.
 
 The real-data fixtures ingest MovieLens into a temporary directory, embed its first
-``SUBSET`` items with the real encoders (``encoders.embed_job``) and run ``avrec fuse`` on them.
+``SUBSET`` items with the real encoders (``avrec.encoders.embed_job``) and run ``avrec fuse`` on
+them.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from avrec.encoders import co_consumption, fusion, fusion_fit, fusion_training, mixed_job
+from avrec.encoders.embed_job import run_embed
+from avrec.encoders.fusion import ItemFusionModel
+from avrec.encoders.neighbours import EmbeddingIndex
+from avrec.encoders.onnx_export import MIN_COSINE
 from avrec.ingest_movielens import ingest_movielens
 from avrec.onnx_runtime import CPU_EP, OnnxModel
-from encoders import co_consumption, fusion, fusion_fit, fusion_training, mixed_job
-from encoders.embed_job import run_embed
-from encoders.fusion import ItemFusionModel
-from encoders.neighbours import EmbeddingIndex
-from encoders.onnx_export import MIN_COSINE
 
 from .conftest import MOVIELENS, POSTERS
 

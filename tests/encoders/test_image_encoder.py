@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from encoders import image_encoder, model_cache
-from encoders.image_encoder import ImageEncoder, UnreadableImageError
-from encoders.onnx_export import MIN_COSINE, compare
+from avrec.encoders import image_encoder, model_cache
+from avrec.encoders.image_encoder import ImageEncoder, UnreadableImageError
+from avrec.encoders.onnx_export import MIN_COSINE, compare
 
 from .conftest import poster_paths
 
@@ -95,7 +95,7 @@ def test_unreadable_images_are_reported_not_fatal(
     text.write_text("hello")
     missing = tmp_path / "missing.jpg"
     paths = [posters[0], corrupt, truncated, posters[1], empty, text, missing]
-    with caplog.at_level(logging.WARNING, logger="encoders.image_encoder"):
+    with caplog.at_level(logging.WARNING, logger="avrec.encoders.image_encoder"):
         result = encoder.encode_files(paths, batch_size=3)
     assert sorted(result.failures) == [1, 2, 4, 5, 6]
     assert [e is None for e in result.embeddings] == [False, True, True, False, True, True, True]

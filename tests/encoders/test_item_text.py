@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from encoders import item_text
+from avrec.encoders import item_text
 
 from .conftest import movielens_items
 

@@ -8,10 +8,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from encoders import item_text
-from encoders.embed_job import run_embed
-from encoders.multilingual import E5TextEncoder
-from encoders.text_encoder import TextEncoder
+from avrec.encoders import item_text
+from avrec.encoders.embed_job import run_embed
+from avrec.encoders.multilingual import E5TextEncoder
+from avrec.encoders.text_encoder import TextEncoder
 
 from .conftest import movielens_items
 

@@ -8,9 +8,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from encoders import neighbours
-from encoders.embed_job import run_embed
-from encoders.neighbours import EmbeddingIndex, EmbeddingSource, genre_agreement
+from avrec.encoders import neighbours
+from avrec.encoders.embed_job import run_embed
+from avrec.encoders.neighbours import EmbeddingIndex, EmbeddingSource, genre_agreement
 
 from .conftest import movielens_items
 

@@ -12,9 +12,9 @@ import polars as pl
 import pytest
 import torch
 
-from encoders import item_text, model_cache, text_encoder
-from encoders.onnx_export import MIN_COSINE, compare
-from encoders.text_encoder import TextEncoder
+from avrec.encoders import item_text, model_cache, text_encoder
+from avrec.encoders.onnx_export import MIN_COSINE, compare
+from avrec.encoders.text_encoder import TextEncoder
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,7 +98,7 @@ def test_cache_hit_does_not_reexport(text_onnx: Path, model_cache_dir: Path) -> 
 def test_onnx_text_inference_needs_no_torch(text_onnx: Path) -> None:
     code = (
         "import sys\n"
-        "from encoders.text_encoder import TextEncoder\n"
+        "from avrec.encoders.text_encoder import TextEncoder\n"
         f"v = TextEncoder.load({str(text_onnx.parents[1])!r}).encode(['Heat', 'Alien'])\n"
         "assert v.shape == (2, 384), v.shape\n"
         "bad = [m for m in ('torch', 'transformers', 'torchvision') if m in sys.modules]\n"

@@ -9,7 +9,7 @@ import pytest
 
 from avrec import config, tables
 from avrec.ingest_movielens import ingest_movielens
-from ranker.splits import Split, per_user_split
+from avrec.ranker.splits import Split, per_user_split
 from tests.recommender_contract import ContractData, contract_slice
 
 MOVIELENS = config.datasets_dir() / "ml-latest-small"

@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 from scipy import sparse
 
-from ranker import baselines
-from ranker.recommender import InteractionMatrix
+from avrec.ranker import baselines
+from avrec.ranker.recommender import InteractionMatrix
 
 T = datetime(2020, 1, 1, tzinfo=UTC)
 A, B, C, D = 1, 2, 3, 4

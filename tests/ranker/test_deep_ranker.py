@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from avrec import behaviour_features, tables
-from ranker.deep_ranker import DeepRanker
-from ranker.features import HISTORY, FeatureEncoder, ItemVectors
-from ranker.model import Ranker, TargetAttention
-from ranker.training import TrainConfig
+from avrec.ranker.deep_ranker import DeepRanker
+from avrec.ranker.features import HISTORY, FeatureEncoder, ItemVectors
+from avrec.ranker.model import Ranker, TargetAttention
+from avrec.ranker.training import TrainConfig
 
 CUT = datetime(2016, 1, 1, tzinfo=UTC)
 

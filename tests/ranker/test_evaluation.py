@@ -9,10 +9,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ranker import baselines, evaluate_job, evaluation, exploration, model_registry
-from ranker.exploration import EXPLORE_SHARES, EXPLORE_SLOTS
-from ranker.recommender import InteractionMatrix, Recommender
-from ranker.splits import Split, per_user_split
+from avrec.ranker import baselines, evaluate_job, evaluation, exploration, model_registry
+from avrec.ranker.exploration import EXPLORE_SHARES, EXPLORE_SLOTS
+from avrec.ranker.recommender import InteractionMatrix, Recommender
+from avrec.ranker.splits import Split, per_user_split
 
 RANKING = ["recall@10", "recall@20", "ndcg@10", "ndcg@20", "mrr"]
 

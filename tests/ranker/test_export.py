@@ -16,7 +16,7 @@ import torch
 
 from avrec import behaviour_features, tables
 from avrec.onnx_runtime import OnnxModel
-from ranker.contract import (
+from avrec.ranker.contract import (
     ContractError,
     ModelContract,
     TensorSpec,
@@ -25,8 +25,8 @@ from ranker.contract import (
     ranker_contract,
     service_fields,
 )
-from ranker.deep_ranker import DeepRanker
-from ranker.export import (
+from avrec.ranker.deep_ranker import DeepRanker
+from avrec.ranker.export import (
     HASH_KEY,
     KIND_KEY,
     USER_INPUTS,
@@ -38,11 +38,11 @@ from ranker.export import (
     model_path,
     one_user_batch,
 )
-from ranker.features import ItemVectors
-from ranker.splits import Split
-from ranker.training import TrainConfig, model_inputs, torch_threads
-from ranker.two_tower import TwoTowerRecommender
-from ranker.two_tower_training import TwoTowerConfig, encode_rows, positive_rows
+from avrec.ranker.features import ItemVectors
+from avrec.ranker.splits import Split
+from avrec.ranker.training import TrainConfig, model_inputs, torch_threads
+from avrec.ranker.two_tower import TwoTowerRecommender
+from avrec.ranker.two_tower_training import TwoTowerConfig, encode_rows, positive_rows
 from tests.ranker.test_two_tower import genre_vectors
 
 VERSION = "genre-projection-v1"
@@ -310,7 +310,8 @@ def test_edited_contract_file_is_refused(tower_export, tmp_path: Path) -> None:
 
 def test_contract_and_loader_import_without_torch() -> None:
     code = (
-        "import sys, ranker.contract, ranker.export; sys.exit(1 if 'torch' in sys.modules else 0)"
+        "import sys, avrec.ranker.contract, avrec.ranker.export; sys.exit(1 if 'torch' in "
+        "sys.modules else 0)"
     )
     root = Path(__file__).resolve().parents[2]
     assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0

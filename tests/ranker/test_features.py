@@ -9,7 +9,7 @@ import polars as pl
 
 from avrec import behaviour_features, tables
 from avrec.pit_join import join_features_duckdb
-from ranker.features import FeatureEncoder, ItemVectors
+from avrec.ranker.features import FeatureEncoder, ItemVectors
 
 
 def test_record_encoding_equals_frame_encoding(movielens_offline, feature_store) -> None:

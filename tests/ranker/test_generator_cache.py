@@ -7,9 +7,9 @@ import functools
 import numpy as np
 import polars as pl
 
-from ranker.baselines import ContentKNN, ItemKNN
-from ranker.generator_cache import GeneratorCache
-from ranker.history_scorers import History
+from avrec.ranker.baselines import ContentKNN, ItemKNN
+from avrec.ranker.generator_cache import GeneratorCache
+from avrec.ranker.history_scorers import History
 from tests.recommender_contract import ContractData
 
 

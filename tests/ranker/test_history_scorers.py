@@ -12,8 +12,8 @@ import pytest
 from implicit.cpu.als import AlternatingLeastSquares
 from scipy import sparse
 
-from ranker import baselines
-from ranker.history_scorers import (
+from avrec.ranker import baselines
+from avrec.ranker.history_scorers import (
     ContentProfileScorer,
     FactorFoldIn,
     History,

@@ -12,18 +12,18 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ranker import baselines
-from ranker.features import ItemVectors
-from ranker.generator_cache import GeneratorCache
-from ranker.history_scorers import History
-from ranker.hybrid import (
+from avrec.ranker import baselines
+from avrec.ranker.features import ItemVectors
+from avrec.ranker.generator_cache import GeneratorCache
+from avrec.ranker.history_scorers import History
+from avrec.ranker.hybrid import (
     ContentGenerator,
     HybridConfig,
     HybridRecommender,
     inner_split,
     item_stats,
 )
-from ranker.hybrid_features import (
+from avrec.ranker.hybrid_features import (
     TRENDING,
     CandidateFeatures,
     UserContext,
@@ -36,9 +36,9 @@ from ranker.hybrid_features import (
     user_context,
     with_exploration_slots,
 )
-from ranker.hybrid_pipeline import HybridPipeline, PipelineError, ServedUser
-from ranker.item_history import ItemTimeline
-from ranker.recommender import Recommender
+from avrec.ranker.hybrid_pipeline import HybridPipeline, PipelineError, ServedUser
+from avrec.ranker.item_history import ItemTimeline
+from avrec.ranker.recommender import Recommender
 from tests.recommender_contract import ContractData, RecommenderContract
 
 T0 = datetime(2020, 1, 1, tzinfo=UTC)

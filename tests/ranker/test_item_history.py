@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from ranker.item_history import ItemTimeline, naive_utc
-from ranker.recommender import catalogue
+from avrec.ranker.item_history import ItemTimeline, naive_utc
+from avrec.ranker.recommender import catalogue
 
 
 def test_item_timeline_matches_a_brute_force_filter(

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ranker import metrics
+from avrec.ranker import metrics
 
 LOG2_3 = math.log2(3)
 

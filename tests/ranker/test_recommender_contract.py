@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ranker import baselines
-from ranker.recommender import Recommender
+from avrec.ranker import baselines
+from avrec.ranker.recommender import Recommender
 from tests.recommender_contract import ContractData, RecommenderContract
 
 

@@ -7,17 +7,17 @@ import numpy as np
 import polars as pl
 import torch
 
-from ranker import baselines
-from ranker.features import ItemVectors
-from ranker.recommender import Recommender
-from ranker.sequence_data import (
+from avrec.ranker import baselines
+from avrec.ranker.features import ItemVectors
+from avrec.ranker.recommender import Recommender
+from avrec.ranker.sequence_data import (
     UserSequences,
     holdout_sizes,
     left_pad,
     rating_buckets,
     training_windows,
 )
-from ranker.sequential import SequentialConfig, SequentialRecommender
+from avrec.ranker.sequential import SequentialConfig, SequentialRecommender
 from tests.recommender_contract import ContractData, RecommenderContract
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import polars as pl
 
 from avrec import behaviour_features
-from ranker.hybrid_pipeline import item_stats
-from ranker.item_history import ItemTimeline
-from ranker.served import ItemRowsAsOf, ServedRecommender
+from avrec.ranker.hybrid_pipeline import item_stats
+from avrec.ranker.item_history import ItemTimeline
+from avrec.ranker.served import ItemRowsAsOf, ServedRecommender
 from tests.ranker.test_hybrid import _hybrid
 from tests.recommender_contract import ContractData
 

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from avrec import tables
-from ranker.splits import Split, global_split, per_user_split
+from avrec.ranker.splits import Split, global_split, per_user_split
 
 T0 = datetime(2020, 1, 1, tzinfo=UTC)
 

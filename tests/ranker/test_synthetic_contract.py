@@ -19,15 +19,15 @@ import pytest
 from avrec import behaviour_features, tables
 from avrec.names import USER_FEATURES
 from avrec.pit_join import plan_views
-from ranker import baselines
-from ranker.deep_ranker import DeepRanker
-from ranker.hybrid import ContentGenerator, HybridRecommender
-from ranker.recommender import Recommender
-from ranker.sequential import SequentialConfig, SequentialRecommender
-from ranker.served import ServedRecommender
-from ranker.training import TrainConfig
-from ranker.two_tower import TwoTowerRecommender
-from ranker.two_tower_training import TwoTowerConfig
+from avrec.ranker import baselines
+from avrec.ranker.deep_ranker import DeepRanker
+from avrec.ranker.hybrid import ContentGenerator, HybridRecommender
+from avrec.ranker.recommender import Recommender
+from avrec.ranker.sequential import SequentialConfig, SequentialRecommender
+from avrec.ranker.served import ServedRecommender
+from avrec.ranker.training import TrainConfig
+from avrec.ranker.two_tower import TwoTowerRecommender
+from avrec.ranker.two_tower_training import TwoTowerConfig
 from tests.ranker.test_hybrid import _hybrid as hybrid_of
 from tests.recommender_contract import UNKNOWN_USER, ContractData, PlantedAnswerContract
 from tests.synthetic_catalogue import (

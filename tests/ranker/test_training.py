@@ -7,11 +7,10 @@ import polars as pl
 import pytest
 import torch
 
-from avrec.training_set import TrainingSetSpec
-from ranker.deep_ranker import sampling_log_q
-from ranker.features import FeatureEncoder
-from ranker.model import Ranker
-from ranker.training import (
+from avrec.ranker.deep_ranker import sampling_log_q
+from avrec.ranker.features import FeatureEncoder
+from avrec.ranker.model import Ranker
+from avrec.ranker.training import (
     TrainConfig,
     _inputs,
     _Objective,
@@ -19,6 +18,7 @@ from ranker.training import (
     fit_ranker,
     torch_threads,
 )
+from avrec.training_set import TrainingSetSpec
 
 
 def test_candidate_lists_pair_each_positive_with_its_group() -> None:

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from avrec import behaviour_features, tables
-from ranker import metrics
-from ranker.features import ItemVectors
-from ranker.recommender import Recommender
-from ranker.splits import Split
-from ranker.stage_data import stage_data
-from ranker.two_tower import TwoTowerRecommender
-from ranker.two_tower_training import (
+from avrec.ranker import metrics
+from avrec.ranker.features import ItemVectors
+from avrec.ranker.recommender import Recommender
+from avrec.ranker.splits import Split
+from avrec.ranker.stage_data import stage_data
+from avrec.ranker.two_tower import TwoTowerRecommender
+from avrec.ranker.two_tower_training import (
     TwoTowerConfig,
     encode_rows,
     fit_two_tower,

@@ -14,7 +14,7 @@ __all__ = ["CLOCK", "current_snapshot", "env_of", "serve_config", "stack_env"]
 
 def running(stack: Stack, **overrides: object) -> Iterator[object]:
     """A started service on ``stack`` (env patched while it starts), stopped afterwards."""
-    from server.app import start
+    from avrec.server.app import start
 
     with stack_env(stack):
         service = start(serve_config(stack, **overrides))
@@ -79,7 +79,7 @@ def online_hybrid(request: pytest.FixtureRequest) -> tuple[Stack, object]:
 
 @pytest.fixture()
 def client(service) -> Iterator[object]:
-    from server.client import RankingClient
+    from avrec.server.client import RankingClient
 
     with RankingClient(f"127.0.0.1:{service.port}") as c:
         yield c

@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from server.blas_threads import limit_blas_threads
-from server.config import ServeConfig
+from avrec.server.blas_threads import limit_blas_threads
+from avrec.server.config import ServeConfig
 
 PROBE = """
 import json, sys
 import numpy
 from threadpoolctl import threadpool_info
-from server.blas_threads import limit_blas_threads
+from avrec.server.blas_threads import limit_blas_threads
 limit_blas_threads(int(sys.argv[1]))
 print(json.dumps([p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]))
 """

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2
 
 from avrec import tables
 from avrec.redis_client import connect
-from server.client import RankingClient
+from avrec.server.client import RankingClient
 from tests.server.conftest import CLOCK, serve_config, stack_env
 from tests.server.test_faults import Load
 from tests.server.test_robustness import USER, health_status
@@ -76,7 +76,7 @@ def wait_promoted(cluster, replica: int, timeout: float = 30.0) -> None:
 def test_a_killed_master_fails_over_under_load_without_a_restart(
         cluster_stack, redis_cluster) -> None:
     from avrec.redis_cluster import restart_node
-    from server.app import start
+    from avrec.server.app import start
 
     # a day after the stack's clock: rows other tests' LogEvents stamped after it are served
     clock = (CLOCK + timedelta(days=1)).isoformat()

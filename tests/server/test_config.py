@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ServeConfig, load_config
+from avrec.server.config import ServeConfig, load_config
 
 
 def test_precedence_file_env_flags(tmp_path: Path) -> None:

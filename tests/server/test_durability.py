@@ -53,7 +53,7 @@ def batch(user: int, n: int = 3) -> pl.DataFrame:
 
 
 def test_append_fsyncs_the_file_and_the_directory_before_returning(tmp_path, monkeypatch):
-    from server.event_log import EventLog
+    from avrec.server.event_log import EventLog
 
     offline = tiny_offline(tmp_path)
     log = EventLog(offline, np.array([1, 2]))
@@ -76,7 +76,7 @@ def test_append_fsyncs_the_file_and_the_directory_before_returning(tmp_path, mon
 
 
 def test_readers_skip_unfinished_truncated_and_garbage_files_with_a_warning(tmp_path, caplog):
-    from server.event_log import EventLog
+    from avrec.server.event_log import EventLog
 
     offline = tiny_offline(tmp_path)
     log = EventLog(offline, np.array([1, 2]))
@@ -115,7 +115,7 @@ def test_readers_skip_unfinished_truncated_and_garbage_files_with_a_warning(tmp_
 def test_features_build_reads_past_a_torn_event_log(tmp_path, caplog):
     """``avrec features`` (``behaviour_features.build``) over a log with a torn file."""
     from avrec import behaviour_features
-    from server.event_log import EventLog
+    from avrec.server.event_log import EventLog
 
     offline = tiny_offline(tmp_path)
     EventLog(offline, np.array([1, 2])).append(batch(7), NOW)
@@ -145,9 +145,9 @@ def interactions(stack, user: int) -> int | None:
 def test_a_retried_batch_counts_once_even_after_a_restart(stack, service, client) -> None:
     """The same batch sent twice: the online rows change once and the log holds it once; a
     retry after a server restart (the ids read back from the event log) is dropped too."""
-    from server.app import start
-    from server.client import RankingClient
-    from server.protocol import ranking_pb2
+    from avrec.server.app import start
+    from avrec.server.client import RankingClient
+    from avrec.server.protocol import ranking_pb2
     from tests.server.conftest import serve_config, stack_env
 
     # a user of its own, and items no raw-read-versus-Feast oracle compares (an item row
@@ -205,7 +205,7 @@ class EventLoad(Load):  # its threads started and joined as Rank's in test_fault
         self.threads = [threading.Thread(target=self.run, args=(t,)) for t in range(threads)]
 
     def batch(self, thread: int, n: int) -> list[object]:
-        from server.protocol import ranking_pb2
+        from avrec.server.protocol import ranking_pb2
 
         user = 42_000_000 + thread  # users of their own
         return [ranking_pb2.Event(user_id=user, item_id=self.items[(n * self.size + k) % len(
@@ -213,7 +213,7 @@ class EventLoad(Load):  # its threads started and joined as Rank's in test_fault
             event_id=f"kill-{thread}-{n}-{k}") for k in range(self.size)]
 
     def run(self, thread: int) -> None:
-        from server.client import RankingClient
+        from avrec.server.client import RankingClient
 
         with RankingClient(self.target, timeout=10) as client:
             n = 0
@@ -235,13 +235,13 @@ class EventLoad(Load):  # its threads started and joined as Rank's in test_fault
 
 def start_server(data_dir: Path, stack, url: str, log_path: Path) -> tuple[subprocess.Popen, str]:
     """``avrec serve`` in a process of its own over ``data_dir``, serving when it returns."""
-    from server.client import RankingClient
+    from avrec.server.client import RankingClient
     from tests.conftest import free_port
     from tests.server.conftest import CLOCK, env_of
 
     port = free_port()
     env = env_of(stack) | {"AVREC_DATA_DIR": str(data_dir), "REDIS_URL": url}
-    command = [sys.executable, "-m", "server.app", "--port", str(port), "--clock",
+    command = [sys.executable, "-m", "avrec.server.app", "--port", str(port), "--clock",
                CLOCK.isoformat(), "--model-dir", str(stack.model_dir), "--redis-url", url]
     with log_path.open("w") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -262,7 +262,7 @@ def test_sigkill_under_load_loses_no_acknowledged_event(stack, tmp_path, caplog)
     a torn file); retrying every batch then logs nothing twice."""
     from avrec import feature_store
     from avrec.redis_server import start_embedded
-    from server.client import RankingClient
+    from avrec.server.client import RankingClient
     from tests.conftest import free_port
     from tests.server.conftest import CLOCK, stack_env
 

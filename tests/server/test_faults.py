@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from avrec import tables
-from server.client import RankingClient
+from avrec.server.client import RankingClient
 from tests.conftest import free_port
 from tests.server.conftest import CLOCK, serve_config, stack_env
 from tests.server.test_robustness import USER, health_status
@@ -66,7 +66,7 @@ class Load:
 def test_redis_killed_under_load_recovers(stack, tmp_path: Path) -> None:
     from avrec import feature_store
     from avrec.redis_server import start_embedded
-    from server.app import start
+    from avrec.server.app import start
 
     url = f"redis://127.0.0.1:{free_port()}/0"
     pid = start_embedded(url, workdir=tmp_path / "redis")

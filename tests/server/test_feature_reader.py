@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from avrec.redis_client import connect
-from server.feature_reader import ViewReader
+from avrec.server.feature_reader import ViewReader
 from tests.server.conftest import CLOCK
 
 VIEWS = {"user_behaviour": "user_id", "item_behaviour": "item_id", "item_embedding": "item_id"}

@@ -15,8 +15,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, given, settings
 
 from avrec import tables
-from server.client import RankingClient
-from server.protocol import ranking_pb2
+from avrec.server.client import RankingClient
+from avrec.server.protocol import ranking_pb2
 from tests.fuzzing import ALLOWED, RPCS, call, cases
 
 EXAMPLES = 200

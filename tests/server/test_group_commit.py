@@ -15,8 +15,8 @@ import polars as pl
 import pytest
 
 from avrec import tables
-from server.event_log import EventLog, EventLogUnavailableError, RecentIds
-from server.group_commit import GroupCommit
+from avrec.server.event_log import EventLog, EventLogUnavailableError, RecentIds
+from avrec.server.group_commit import GroupCommit
 from tests.server.test_durability import NOW, batch, tiny_offline
 
 ITEMS = np.array([1, 2])

@@ -31,7 +31,7 @@ class Calls(Load):  # its threads started and joined as Rank's in test_faults
         self.threads = [threading.Thread(target=self.run) for _ in range(threads)]
 
     def run(self) -> None:
-        from server.client import RankingClient
+        from avrec.server.client import RankingClient
 
         with RankingClient(self.target, timeout=30) as client:
             n = 0
@@ -58,8 +58,8 @@ def retrained_on(run: Path, embedding_version: str) -> None:
     and the graphs re-stamped, as an export would have written them."""
     import onnx
 
-    from ranker.contract import ModelContract
-    from ranker.export import HASH_KEY
+    from avrec.ranker.contract import ModelContract
+    from avrec.ranker.export import HASH_KEY
 
     for kind in ("ranker", "user_tower", "item_tower"):
         file = run / kind / "contract.json"
@@ -90,8 +90,8 @@ def swaps(result: str) -> float:
 
 
 def test_a_new_run_goes_live_under_load_and_bad_runs_are_refused(stack, tmp_path, caplog):
-    from server.app import start
-    from server.client import RankingClient
+    from avrec.server.app import start
+    from avrec.server.client import RankingClient
 
     root = tmp_path / "models"
     root.mkdir()
@@ -160,7 +160,7 @@ def test_a_new_run_goes_live_under_load_and_bad_runs_are_refused(stack, tmp_path
 
 
 def test_a_fixed_model_dir_is_not_followed(stack) -> None:
-    from server.app import start
+    from avrec.server.app import start
 
     with stack_env(stack):
         service = start(serve_config(stack))
@@ -172,7 +172,7 @@ def test_a_fixed_model_dir_is_not_followed(stack) -> None:
 
 @pytest.mark.parametrize("content", ["", "run-missing"])
 def test_a_pointer_being_written_or_to_nothing_keeps_the_model(stack, tmp_path, content):
-    from server.hot_swap import ModelWatcher
+    from avrec.server.hot_swap import ModelWatcher
 
     root = tmp_path / "models"
     root.mkdir()
@@ -192,7 +192,7 @@ def test_sighup_swaps_at_once_in_avrec_serve(stack, tmp_path) -> None:
     import subprocess
     import sys
 
-    from server.client import RankingClient
+    from avrec.server.client import RankingClient
     from tests.conftest import free_port
     from tests.server.conftest import CLOCK, env_of
 
@@ -203,7 +203,7 @@ def test_sighup_swaps_at_once_in_avrec_serve(stack, tmp_path) -> None:
     point(root, "run-a")
     port = free_port()
     log = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "server.app", "--port", str(port), "--clock",
+    command = [sys.executable, "-m", "avrec.server.app", "--port", str(port), "--clock",
                CLOCK.isoformat(), "--model-root", str(root), "--model-watch-seconds", "0",
                "--redis-url", stack.redis_url]
     with log.open("w") as out:

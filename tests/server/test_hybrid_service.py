@@ -3,7 +3,7 @@
 The oracle reads the user's ``user_history`` row and every item's ``item_behaviour`` and
 ``item_embedding`` rows through Feast (provider reads with the views' TTLs, not the server's raw
 Redis path), binds the saved pipeline to that catalogue and runs
-:meth:`ranker.hybrid_pipeline.HybridPipeline.recommend`: the served answer must be the same.
+:meth:`avrec.ranker.hybrid_pipeline.HybridPipeline.recommend`: the served answer must be the same.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import polars as pl
 import pytest
 
 from avrec import online_features, tables
-from ranker.hybrid_pipeline import (
+from avrec.ranker.hybrid_pipeline import (
     AGE_COLUMN,
     ITEM_PREFIX,
     SavedPipeline,
     ServedUser,
     item_stats,
 )
-from server.protocol import ranking_pb2
+from avrec.server.protocol import ranking_pb2
 from tests.server.conftest import current_snapshot
 
 USER = 599  # rates until 2017-06: fresh at the replay clock, not touched by other tests
@@ -75,7 +75,7 @@ def _served(answer) -> tuple[list[int], np.ndarray]:
 
 @pytest.fixture()
 def hybrid_client(hybrid_service):
-    from server.client import RankingClient
+    from avrec.server.client import RankingClient
 
     with RankingClient(f"127.0.0.1:{hybrid_service.port}") as c:
         yield c
@@ -83,7 +83,7 @@ def hybrid_client(hybrid_service):
 
 def test_recommend_serves_what_the_pipeline_computes_from_feast_reads(online_hybrid) -> None:
     """On a single Redis and on the Redis Cluster."""
-    from server.client import RankingClient
+    from avrec.server.client import RankingClient
 
     stack, hybrid_service = online_hybrid
     current_snapshot(hybrid_service)  # item rows logged by earlier tests

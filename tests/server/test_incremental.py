@@ -1,4 +1,4 @@
-"""Incremental online rows (``server.incremental``) equal the offline recomputation
+"""Incremental online rows (``avrec.server.incremental``) equal the offline recomputation
 (``avrec.behaviour_features``) after random event sequences: batches at a moving clock,
 window exits (times on a 6-hour grid so events leave 1/7/30-day windows exactly at other
 events' times), ties in time, out-of-order events, ratings and non-rating events, states
@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from avrec import behaviour_features, tables
-from server import feature_writer, incremental, incremental_state
-from server.incremental_replay import genre_index, replay
-from server.incremental_state import ItemState, UserState, from_micros, micros
+from avrec.server import feature_writer, incremental, incremental_state
+from avrec.server.incremental_replay import genre_index, replay
+from avrec.server.incremental_state import ItemState, UserState, from_micros, micros
 
 START = datetime(2018, 1, 1, tzinfo=UTC)
 GRID = timedelta(hours=6)
@@ -205,8 +205,8 @@ def test_logged_events_leave_the_offline_rows_online(online_service) -> None:
     """Through the running service: Feast's reads of the touched users' and items' rows
     equal the offline code on every event the server holds, as of its clock. On a single
     Redis (one WATCH/MULTI batch) and on the Redis Cluster (a compare-and-set per entity)."""
+    from avrec.server.client import RankingClient
     from avrec.v1 import ranking_pb2
-    from server.client import RankingClient
 
     stack, service = online_service
 
@@ -234,7 +234,7 @@ def test_a_concurrent_write_makes_the_batch_redo(online_service) -> None:
     """A write to a touched entity between the reads and the write (another server process)
     fails the MULTI/EXEC under WATCH (on the cluster: that entity's compare-and-set); the
     batch (that entity) is redone on the new state."""
-    from server.event_log import EventLog, LoggedEvent
+    from avrec.server.event_log import EventLog, LoggedEvent
 
     stack, service = online_service
     offline = stack.data_dir / "offline"

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import pytest
 
 from avrec.redis_server import embedded_server_binary, ping
-from server.client import RankingClient
+from avrec.server.client import RankingClient
 from tests.conftest import free_port
 from tests.server.conftest import CLOCK, serve_config, stack_env
 from tests.server.test_faults import EPOCH
@@ -64,7 +64,7 @@ def guarded_redis(request, tmp_path: Path):
 
 def test_acl_user_and_password_reach_feast_and_the_server(stack, guarded_redis) -> None:
     from avrec import feature_store
-    from server.app import start
+    from avrec.server.app import start
 
     bare, url = guarded_redis
     assert not ping(bare)  # no credentials

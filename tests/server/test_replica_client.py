@@ -12,8 +12,8 @@ from concurrent import futures
 import grpc
 import pytest
 
-from server.client import RETRIED_METHODS, RankingClient, service_config
-from server.protocol import ranking_pb2, ranking_pb2_grpc
+from avrec.server.client import RETRIED_METHODS, RankingClient, service_config
+from avrec.server.protocol import ranking_pb2, ranking_pb2_grpc
 
 
 class Replica(ranking_pb2_grpc.RankingServiceServicer):
@@ -94,7 +94,7 @@ def test_unavailable_is_retried_on_reads_and_not_on_log_events(two) -> None:
 
 
 def test_replica_ports_targets_and_argv() -> None:
-    from server.replicas import ports_for, replica_command, replica_options, target_of
+    from avrec.server.replicas import ports_for, replica_command, replica_options, target_of
 
     assert ports_for(3, 50051) == [50051, 50052, 50053]
     assert len(set(ports_for(4, 0))) == 4
@@ -111,7 +111,7 @@ def test_replay_clocks_with_one_anchor_agree() -> None:
     import time
     from datetime import UTC, datetime
 
-    from server.clock import Clock
+    from avrec.server.clock import Clock
 
     start, anchor = datetime(2018, 9, 25, tzinfo=UTC), time.time()
     first, plain = Clock(start, anchor), Clock(start)

@@ -1,6 +1,6 @@
 """Stateless replicas: ``avrec serve --replicas 2`` as a process of its own,
 its two servers reached through one channel with ``round_robin`` and retries
-(``server.client.RankingClient``), over real loopback gRPC. Slow: the session's ``stack``."""
+(``avrec.server.client.RankingClient``), over real loopback gRPC. Slow: the session's ``stack``."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import grpc
 import pytest
 
 from avrec import tables
-from server.client import RankingClient
+from avrec.server.client import RankingClient
 from tests.server.conftest import CLOCK, env_of
 from tests.server.test_robustness import USER
 
@@ -59,10 +59,11 @@ def consecutive_free_ports(n: int) -> int:
 
 @pytest.fixture(scope="module")
 def replicas(stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    """``python -m server.app --replicas 2`` on free ports, metrics on two consecutive ones."""
+    """``python -m avrec.server.app --replicas 2`` on free ports, metrics on two consecutive
+    ones."""
     log_path = tmp_path_factory.mktemp("replicas") / "serve.log"
     metrics = consecutive_free_ports(2)
-    command = [sys.executable, "-m", "server.app", "--replicas", "2", "--port", "0",
+    command = [sys.executable, "-m", "avrec.server.app", "--replicas", "2", "--port", "0",
                "--metrics-port", str(metrics), "--clock", CLOCK.isoformat(),
                "--model-dir", str(stack.model_dir), "--redis-url", stack.redis_url]
     with log_path.open("w") as out:
@@ -110,7 +111,7 @@ def test_events_logged_through_one_replica_are_seen_through_the_other_at_once(
 ) -> None:
     """LogEvents through replica A, then Recommend and Rank through replica B at once: B
     serves the user's new rows (no longer cold, their history left out), as A does."""
-    from server.protocol import ranking_pb2
+    from avrec.server.protocol import ranking_pb2
 
     user, run = 43_000_000 + random.randint(0, 99_999), uuid.uuid4().hex[:8]
     first, second = replicas.addresses

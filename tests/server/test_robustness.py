@@ -18,8 +18,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from avrec.online_features import MixedVersionsError
-from server.client import RankingClient
-from server.protocol import SERVICE_NAME
+from avrec.server.client import RankingClient
+from avrec.server.protocol import SERVICE_NAME
 from tests.conftest import free_port
 from tests.server.conftest import CLOCK, env_of, serve_config, stack_env
 
@@ -35,7 +35,7 @@ def health_status(port: int) -> int:
 def test_redis_down_gives_unavailable_then_recovers(stack, tmp_path: Path) -> None:
     from avrec import feature_store
     from avrec.redis_server import start_embedded
-    from server.app import start
+    from avrec.server.app import start
 
     url = f"redis://127.0.0.1:{free_port()}/0"
     pid = start_embedded(url, workdir=tmp_path / "redis")
@@ -77,7 +77,7 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 
 
 def test_tls_and_bearer_token(stack, tmp_path: Path) -> None:
-    from server.app import start
+    from avrec.server.app import start
 
     key, cert = self_signed(tmp_path)
     token_file = tmp_path / "token"
@@ -117,7 +117,7 @@ BLOCKED_MAIN = textwrap.dedent("""
             return None
 
     sys.meta_path.insert(0, Blocked())
-    from server.app import main
+    from avrec.server.app import main
     rc = main(sys.argv[1:])
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
     print("heavy modules:", heavy, flush=True)
@@ -148,7 +148,7 @@ def test_serves_without_torch_and_stops_gracefully(stack) -> None:
 
 
 def test_refuses_to_start_when_online_embeddings_do_not_match_the_model(stack) -> None:
-    from server.app import start
+    from avrec.server.app import start
 
     empty_db = stack.redis_url.rsplit("/", 1)[0] + "/2"
     with stack_env(stack, empty_db), pytest.raises(MixedVersionsError) as caught:

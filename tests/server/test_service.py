@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from avrec import online_features, tables
-from server.models import encoder_from_contract
-from server.protocol import SERVICE_NAME, ranking_pb2
+from avrec.server.models import encoder_from_contract
+from avrec.server.protocol import SERVICE_NAME, ranking_pb2
 from tests.server.conftest import CLOCK, current_snapshot
 
 USER = 414  # active until 2018: fresh at the replay clock
@@ -84,7 +84,7 @@ def oracle_scores(stack, service, user_id: int, items: list[int], now) -> np.nda
 
 def test_rank_equals_the_feast_sdk_oracle(online_service) -> None:
     """On a single Redis and on the Redis Cluster."""
-    from server.client import RankingClient
+    from avrec.server.client import RankingClient
 
     stack, service = online_service
     current_snapshot(service)  # item rows logged by earlier tests

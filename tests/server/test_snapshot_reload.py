@@ -23,7 +23,7 @@ CANDIDATES = [1, 2, 3, 50, 260]
 
 @pytest.fixture()
 def engine(stack) -> Iterator[object]:
-    from server.app import build_engine
+    from avrec.server.app import build_engine
 
     with stack_env(stack):
         built, _ = build_engine(serve_config(stack, hybrid=False))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from server.client import RankingClient
-from server.protocol import ranking_pb2
+from avrec.server.client import RankingClient
+from avrec.server.protocol import ranking_pb2
 from tests.server.conftest import serve_config, stack_env
 from tests.server.test_robustness import USER
 
@@ -24,7 +24,7 @@ def code_of(call) -> str:
 
 @pytest.mark.parametrize("read_token", ["reader", None])
 def test_log_events_need_the_write_token(stack, read_token) -> None:
-    from server.app import start
+    from avrec.server.app import start
 
     with stack_env(stack):
         service = start(serve_config(stack, auth_token=read_token, write_token="writer"))

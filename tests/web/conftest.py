@@ -54,7 +54,7 @@ def web_files(stack: server.Stack, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="session")
 def web_service(stack: server.Stack) -> Iterator[object]:
     """The gRPC service serving the stack's hybrid, for the web tests alone."""
-    from server.app import start
+    from avrec.server.app import start
 
     with server.stack_env(stack):
         running = start(server.serve_config(stack))
@@ -63,7 +63,7 @@ def web_service(stack: server.Stack) -> Iterator[object]:
 
 
 def web_settings(files: WebFiles, target: str, reports: list[Path] | None = None):
-    from web.app import WebSettings
+    from avrec.web.app import WebSettings
 
     # a generous deadline: the shared test box can be slow, and a slow answer is not the
     # "service down" these tests look for

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from encoders.item_text import display_title
-from server.client import RankingClient
+from avrec.encoders.item_text import display_title
+from avrec.server.client import RankingClient
+from avrec.web.app import create_app
 from tests.conftest import free_port
 from tests.web.conftest import MISSING_POSTER_ITEM, web_settings
 from tests.web.reports import write_report
-from web.app import create_app
 
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 READER = 610  # read only

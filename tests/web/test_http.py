@@ -10,12 +10,12 @@ import re
 import pytest
 from starlette.testclient import TestClient
 
-from server.client import RankingClient
+from avrec.server.client import RankingClient
+from avrec.web.app import create_app
 from tests import serving_stack as server
 from tests.conftest import POSTERS, free_port
 from tests.web.conftest import MISSING_POSTER_ITEM, web_settings
 from tests.web.reports import write_report
-from web.app import create_app
 
 READER = 610  # read only
 LIKER = 605  # logs events in these tests (no other suite touches this user)
@@ -133,7 +133,7 @@ def test_bad_input_is_a_400_with_a_message(web, method, path, body, message) -> 
 
 
 def test_a_stopped_service_is_a_503_banner(stack, web_files) -> None:
-    from server.app import start
+    from avrec.server.app import start
 
     with server.stack_env(stack):
         running = start(server.serve_config(stack))

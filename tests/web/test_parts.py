@@ -9,13 +9,13 @@ import os
 import polars as pl
 import pytest
 
+from avrec.web import report
+from avrec.web.cards import movement
+from avrec.web.catalogue import Catalogue, ItemFacts
+from avrec.web.charts import Bar, bar_chart
+from avrec.web.posters import placeholder_svg, poster_file
+from avrec.web.serve import parse_args
 from tests.web.reports import write_report
-from web import report
-from web.cards import movement
-from web.catalogue import Catalogue, ItemFacts
-from web.charts import Bar, bar_chart
-from web.posters import placeholder_svg, poster_file
-from web.serve import parse_args
 
 
 def test_movement_against_the_previous_list() -> None:
