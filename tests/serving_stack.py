@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +25,9 @@ from avrec import behaviour_features, config, tables
 from avrec.ingest_movielens import ingest_movielens
 
 CLOCK = datetime(2018, 9, 25, tzinfo=UTC)
+# The wall time at which every test server's replay clock reads CLOCK: the servers of one session
+# share one replay timeline, so a row one of them writes is never "from the future" to another.
+CLOCK_ANCHOR = time.time()
 EMBEDDING_VERSION = "test-genre-v1"
 VECTOR_DIM = 24
 
@@ -131,7 +135,8 @@ def serve_config(stack: Stack, **overrides: object):
     from avrec.server.config import load_config
 
     settings = {
-        "port": 0, "clock": CLOCK.isoformat(), "model_dir": str(stack.model_dir),
+        "port": 0, "clock": CLOCK.isoformat(), "clock_anchor": CLOCK_ANCHOR,
+        "model_dir": str(stack.model_dir),
         "redis_url": stack.redis_url, "max_candidates": 1200,
     }
     return load_config(None, settings | overrides, environ={})
