@@ -34,8 +34,9 @@ import numpy as np
 import polars as pl
 
 from avrec import tables
+from avrec.ranker.candidate_pool import candidate_pool, new_item_ranks, ranks
 from avrec.ranker.history_scorers import History
-from avrec.ranker.hybrid_features import CONTENT, RECENT, candidate_pool, new_item_ranks, ranks
+from avrec.ranker.hybrid_features import CONTENT, RECENT
 from avrec.ranker.hybrid_pipeline import ServedUser, served_order
 from avrec.server.app import build_engine
 from avrec.server.blas_threads import limit_blas_threads

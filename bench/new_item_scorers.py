@@ -10,9 +10,9 @@ what the pool's reserved new-item places (20) and the exploration slots (a few) 
 
 * ``profile``: cosine to the mean of the user's positives (the content generator's score);
 * ``neighbours-k``: mean of the k best cosines to the user's history items
-  (:func:`avrec.ranker.hybrid_features.neighbour_similarity`);
+  (:func:`avrec.ranker.candidate_pool.neighbour_similarity`);
 * ``profile+neighbours-5``: their reciprocal-rank fusion, the order the served pool's
-  new-item reserve uses (:func:`avrec.ranker.hybrid_features.new_item_neighbour_ranks`).
+  new-item reserve uses (:func:`avrec.ranker.candidate_pool.new_item_neighbour_ranks`).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import numpy as np
 import polars as pl
 
 from avrec import tables
-from avrec.ranker.history_scorers import History
-from avrec.ranker.hybrid_features import (
+from avrec.ranker.candidate_pool import (
     neighbour_similarity,
     new_item_neighbour_ranks,
     ranks,
     unit_rows,
 )
+from avrec.ranker.history_scorers import History
 from avrec.ranker.model_registry import FusedVectors
 from avrec.ranker.splits import Split, per_user_split
 from avrec.ranker.stage_data import stage_data

@@ -8,7 +8,7 @@ served pool as :meth:`~avrec.ranker.hybrid_pipeline.HybridPipeline.recommend` sc
 scores, new-item flags, features). Then it re-orders the same pools with the new items of
 each ordering below in the last ``n`` places of the top 20 and prints NDCG@20 and new-item
 Recall@20 per slot count: the pool scorer (what ships), the pool's own order of the new items
-(content rank fused with 30-day popularity, :func:`~avrec.ranker.hybrid_features.new_item_ranks`),
+(content rank fused with 30-day popularity, :func:`~avrec.ranker.candidate_pool.new_item_ranks`),
 and single features (cosine to the user's profile, 30-day popularity, genre match).
 """
 

@@ -32,22 +32,24 @@ import polars as pl
 
 from avrec.errors import ModelError
 from avrec.names import ITEM_BEHAVIOUR
+from avrec.ranker.candidate_pool import (
+    RRF_K,
+    ItemStats,
+    candidate_pool,
+    new_item_neighbour_ranks,
+    new_item_ranks,
+    ranks,
+)
 from avrec.ranker.features import lookup_rows
 from avrec.ranker.history_scorers import History, HistoryScorer, load_scorer, save_scorer
 from avrec.ranker.hybrid_features import (
     CONTENT,
     ITEM_STATS,
     RECENT,
-    RRF_K,
     CandidateFeatures,
     CatalogueFacts,
-    ItemStats,
     ScoredPool,
     UserContext,
-    candidate_pool,
-    new_item_neighbour_ranks,
-    new_item_ranks,
-    ranks,
     with_exploration_slots,
 )
 

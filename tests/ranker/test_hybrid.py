@@ -13,6 +13,15 @@ import polars as pl
 import pytest
 
 from avrec.ranker import baselines
+from avrec.ranker.candidate_pool import (
+    TRENDING,
+    candidate_pool,
+    neighbour_similarity,
+    new_item_neighbour_ranks,
+    new_item_ranks,
+    ranks,
+    unit_rows,
+)
 from avrec.ranker.features import ItemVectors
 from avrec.ranker.generator_cache import GeneratorCache
 from avrec.ranker.history_scorers import History
@@ -24,15 +33,8 @@ from avrec.ranker.hybrid import (
     item_stats,
 )
 from avrec.ranker.hybrid_features import (
-    TRENDING,
     CandidateFeatures,
     UserContext,
-    candidate_pool,
-    neighbour_similarity,
-    new_item_neighbour_ranks,
-    new_item_ranks,
-    ranks,
-    unit_rows,
     user_context,
     with_exploration_slots,
 )
