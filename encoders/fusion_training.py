@@ -105,6 +105,45 @@ def fit_gated_fusion(
     return fit("gated", features, pair_rows(before, features), config)[0]
 
 
+def choose_a(
+    features: ItemFeatures, train_part: np.ndarray, val_part: np.ndarray,
+    a_grid: Sequence[float], config: TrainConfig,
+) -> tuple[float, dict[float, dict[int, float]], dict[str, np.ndarray]]:
+    """The weighted sum's ``a``: each grid value fitted on ``train_part`` and scored by
+    Recall@50 on ``val_part`` (ties to the value nearest 0.5); with every value's recalls and
+    validation vectors."""
+    grid: dict[float, dict[int, float]] = {}
+    val_vectors: dict[str, np.ndarray] = {}
+    for a in a_grid:
+        model, _ = fit("asum", features, train_part, config, a)
+        vectors = embed(model, features)
+        grid[float(a)] = recall_at_k(unit(vectors), val_part)
+        val_vectors[f"a-sum (a={a})"] = vectors
+    best_a = max(grid, key=lambda a: (np.nan_to_num(grid[a][50], nan=-1.0), -abs(a - 0.5)))
+    return best_a, grid, val_vectors
+
+
+def fit_asum_fusion(
+    events: pl.DataFrame,
+    features: ItemFeatures,
+    cutoff: datetime,
+    *,
+    a_grid: Sequence[float] = A_GRID,
+    config: TrainConfig = DEFAULT_TRAIN,
+    pair_config: PairConfig = DEFAULT_PAIRS,
+    val_fraction: float = 0.1,
+) -> ItemFusionModel:
+    """The weighted-sum fusion alone, ``a`` chosen on validation pairs: bit for bit the
+    ``asum`` model :func:`train_fusion` returns, without the gated fits or any scoring beyond
+    the choice of ``a``."""
+    _, before = pairs_before(events, cutoff, pair_config)
+    validation_start = before["second_at"].quantile(1.0 - val_fraction, "lower")
+    train_part = pair_rows(between(before, end=validation_start), features)
+    val_part = pair_rows(between(before, start=validation_start), features)
+    best_a, _, _ = choose_a(features, train_part, val_part, a_grid, config)
+    return fit("asum", features, pair_rows(before, features), config, best_a)[0]
+
+
 def train_fusion(
     events: pl.DataFrame,
     features: ItemFeatures,
@@ -146,14 +185,7 @@ def train_fusion(
     raw = {TEXT_RAW: features.text, IMAGE_RAW: features.image}
     notes: list[str] = []
 
-    grid: dict[float, dict[int, float]] = {}
-    val_vectors: dict[str, np.ndarray] = {}
-    for a in a_grid:
-        model, _ = fit("asum", features, train_part, config, a)
-        vectors = embed(model, features)
-        grid[float(a)] = recall_at_k(unit(vectors), val_part)
-        val_vectors[f"a-sum (a={a})"] = vectors
-    best_a = max(grid, key=lambda a: (np.nan_to_num(grid[a][50], nan=-1.0), -abs(a - 0.5)))
+    best_a, grid, val_vectors = choose_a(features, train_part, val_part, a_grid, config)
     gated_val, _ = fit("gated", features, train_part, config)
     val_vectors["gated"] = embed(gated_val, features)
     validation = evaluate(

@@ -196,8 +196,8 @@ class FusedVectors:
     ``deep-mixed``, ``deep-asum``, ``two-tower`` and the hybrids' inner folds fit on the same
     interactions: each fusion is trained once and reused. ``mixed`` alone trains only the
     gated fusion (:func:`avrec.encoders.fusion_training.fit_gated_fusion`, the same weights);
-    ``asum`` runs the whole :func:`~avrec.encoders.fusion_training.train_fusion` (its ``a`` is
-    chosen on validation pairs).
+    ``asum`` only the weighted sum (:func:`avrec.encoders.fusion_training.fit_asum_fusion`, its
+    ``a`` chosen on validation pairs, the same weights).
     """
 
     def __init__(self, frame: pl.DataFrame) -> None:
@@ -222,8 +222,7 @@ class FusedVectors:
             features = ItemFeatures.from_encodings(self.frame)
             cutoff = last + timedelta(microseconds=1)
             model = (ft.fit_gated_fusion(interactions, features, cutoff) if kind == "mixed"
-                     else ft.train_fusion(interactions, features, items, cutoff,
-                                          ablations=False).asum)
+                     else ft.fit_asum_fusion(interactions, features, cutoff))
             fitted[kind] = ItemVectors(features.item_ids, embed(model, features), kind)
         return fitted[kind]
 

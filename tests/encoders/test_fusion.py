@@ -213,6 +213,20 @@ def test_the_gated_fusion_alone_is_the_one_train_fusion_returns(
         assert torch.equal(value, alone.state_dict()[name]), name
 
 
+def test_the_weighted_sum_alone_is_the_one_train_fusion_returns(
+    offline: Path, features: fusion_fit.ItemFeatures
+) -> None:
+    events = pl.read_parquet(offline / "events.parquet")
+    items = pl.read_parquet(offline / "items.parquet")
+    grid = (0.25, 0.75)
+    run = fusion_training.train_fusion(events, features, items, CUTOFF, a_grid=grid,
+                                       config=SMALL, ablations=False)
+    alone = fusion_training.fit_asum_fusion(events, features, CUTOFF, a_grid=grid, config=SMALL)
+    assert float(alone.a) == pytest.approx(run.a)
+    for name, value in run.asum.state_dict().items():
+        assert torch.equal(value, alone.state_dict()[name]), name
+
+
 def test_job_writes_the_table(fused: dict, encodings_path: Path) -> None:
     table = pl.read_parquet(fused["out"])
     assert table.schema == pl.Schema(mixed_job.ITEM_EMBEDDINGS_SCHEMA)
