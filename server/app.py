@@ -41,6 +41,7 @@ from avrec.server.protocol import SERVICE_NAME, ranking_pb2_grpc
 from avrec.server.service import BearerTokenInterceptor, RankingServicer
 
 log = logging.getLogger("avrec.server")
+RELOAD_EXIT_SECONDS = 60.0  # how long a stop waits for a running snapshot reload
 @dataclass
 class Service:
     """A running server and what it serves."""
@@ -57,6 +58,10 @@ class Service:
         if self.watcher is not None:
             self.watcher.stop()
         self.server.stop(grace).wait()
+        # A snapshot reload runs on a daemon thread inside numpy and onnxruntime; killed there
+        # by the interpreter's exit, the process aborts. Let it finish (seconds) first.
+        if not self.engine.wait_for_reload(RELOAD_EXIT_SECONDS):
+            log.warning("a snapshot reload still runs at stop (waited %s s)", RELOAD_EXIT_SECONDS)
 
 
 def model_root(config: ServeConfig) -> Path:
