@@ -105,6 +105,16 @@ def fit_gated_fusion(
     return fit("gated", features, pair_rows(before, features), config)[0]
 
 
+def split_in_time(
+    before: pl.DataFrame, features: ItemFeatures, val_fraction: float
+) -> tuple[datetime, np.ndarray, np.ndarray]:
+    """Pre-cutoff pairs split at the ``1 - val_fraction`` quantile of their second event:
+    (that instant, the earlier pairs' rows, the later pairs' rows)."""
+    validation_start = before["second_at"].quantile(1.0 - val_fraction, "lower")
+    return (validation_start, pair_rows(between(before, end=validation_start), features),
+            pair_rows(between(before, start=validation_start), features))
+
+
 def choose_a(
     features: ItemFeatures, train_part: np.ndarray, val_part: np.ndarray,
     a_grid: Sequence[float], config: TrainConfig,
@@ -137,9 +147,7 @@ def fit_asum_fusion(
     ``asum`` model :func:`train_fusion` returns, without the gated fits or any scoring beyond
     the choice of ``a``."""
     _, before = pairs_before(events, cutoff, pair_config)
-    validation_start = before["second_at"].quantile(1.0 - val_fraction, "lower")
-    train_part = pair_rows(between(before, end=validation_start), features)
-    val_part = pair_rows(between(before, start=validation_start), features)
+    _, train_part, val_part = split_in_time(before, features, val_fraction)
     best_a, _, _ = choose_a(features, train_part, val_part, a_grid, config)
     return fit("asum", features, pair_rows(before, features), config, best_a)[0]
 
@@ -170,9 +178,7 @@ def train_fusion(
         for i, g in zip(items["item_id"].to_list(), items["genres"].to_list(), strict=True)
     }
     pairs, before = pairs_before(events, cutoff, pair_config)
-    validation_start = before["second_at"].quantile(1.0 - val_fraction, "lower")
-    train_part = pair_rows(between(before, end=validation_start), features)
-    val_part = pair_rows(between(before, start=validation_start), features)
+    validation_start, train_part, val_part = split_in_time(before, features, val_fraction)
     fit_all = pair_rows(before, features)
     test_part = pair_rows(between(pairs, start=cutoff), features)
     counts = {
