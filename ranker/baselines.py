@@ -29,6 +29,7 @@ from scipy import sparse
 from scipy.linalg import lapack
 from threadpoolctl import threadpool_limits
 
+from avrec.ranker.cpu_share import usable_cpus
 from avrec.ranker.history_scorers import (
     NO_VECTOR_SCORE,
     ContentProfileScorer,
@@ -175,13 +176,15 @@ class BPR(_FactorModel):
 
 
 class ALS(_FactorModel):
-    """Implicit-feedback alternating least squares (implicit, CPU, two threads)."""
+    """Implicit-feedback alternating least squares (implicit, CPU, up to two threads: as many
+    as the process may run on)."""
 
     name = "als"
 
     def _model(self) -> Any:
         return AlternatingLeastSquares(
-            num_threads=2, random_state=self.seed, calculate_training_loss=False, **self.params
+            num_threads=min(2, usable_cpus()), random_state=self.seed,
+            calculate_training_loss=False, **self.params
         )
 
     def history_scorer(self) -> HistoryScorer:

@@ -8,6 +8,7 @@ report.md and the charts (:mod:`avrec.ranker.report`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,11 +24,13 @@ from avrec.ranker.model_registry import (
     ALL_MODELS,
     DEEP_MODELS,
     HYBRID_MODELS,
+    SECOND_PROCESS_MODELS,
     SEQUENTIAL_MODELS,
     SERVED,
     model_specs,
     with_generators,
 )
+from avrec.ranker.second_process import SecondProcess, SpecArgs
 from avrec.ranker.splits import Split, global_split, per_user_split
 
 
@@ -59,6 +62,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--explore-tolerance", type=float, default=EXPLORE_TOLERANCE,
                         help="share of validation NDCG@max(k) the hybrid may spend on "
                         "exploration slots for new items (the operating point)")
+    parser.add_argument("--processes", type=int, choices=[1, 2],
+                        default=min(2, os.cpu_count() or 1),
+                        help="2: the sequential and deep models run in a second process beside "
+                        "the others (default: 2 where there are two cores or more)")
     parser.set_defaults(func=run)
     return parser
 
@@ -99,6 +106,18 @@ def check_preconditions(names: Sequence[str], offline: Path) -> None:
                                     f"at {registry}; run `avrec features && avrec apply` first")
 
 
+def split_processes(
+    names: Sequence[str], processes: int, spec_args: SpecArgs
+) -> tuple[list[str], SecondProcess | None]:
+    """The models this process evaluates, and a :class:`SecondProcess` for the others (None
+    with one process, or when one side would be empty)."""
+    aside = [n for n in names if n in SECOND_PROCESS_MODELS]
+    here = [n for n in names if n not in SECOND_PROCESS_MODELS]
+    if processes < 2 or not aside or not here:
+        return list(names), None
+    return here, SecondProcess(aside, spec_args)
+
+
 def run(args: argparse.Namespace) -> int:
     """``avrec evaluate``: evaluate the baselines, write report.json / report.md / report.png."""
     from avrec.ranker import report as report_io
@@ -118,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
     check_preconditions(names, offline)
     events = tables.read_table("events", offline)
     items = tables.read_table("items", offline)
-    specs = model_specs(names, args.quick, args.positive_threshold, encodings, offline)
+    spec_args = SpecArgs(args.quick, args.positive_threshold, encodings, offline)
+    main_names, second = split_processes(names, args.processes, spec_args)
+    specs = model_specs(main_names, args.quick, args.positive_threshold, encodings, offline)
     out = args.out or config.data_dir() / "evaluation"
     report: dict[str, Any] = {
         "seed": args.seed,
@@ -134,10 +155,12 @@ def run(args: argparse.Namespace) -> int:
         report_io.write_json(report, out)
 
     for split in build_splits(events, args):
-        print(f"==> evaluating {len(specs)} models on the {split.kind} split", flush=True)
+        beside = f" ({', '.join(second.names)} in a second process)" if second else ""
+        print(f"==> evaluating {len(specs)} models on the {split.kind} split{beside}",
+              flush=True)
         report["splits"][split.kind] = evaluate(specs, split, items, args.k, args.seed,
                                                 args.short_history, partial,
-                                                args.explore_tolerance)
+                                                args.explore_tolerance, second)
     for path in report_io.write_report(report, out):
         print(f"wrote {path}")
     print(report_io.markdown(report))

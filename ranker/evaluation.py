@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -23,6 +23,9 @@ from avrec.ranker.exploration import EXPLORE_TOLERANCE, choose_exploration, expl
 from avrec.ranker.recommender import Recommender, catalogue
 from avrec.ranker.splits import Split
 from avrec.ranker.stage_data import StageData, cold_item_recall, stage_data, stage_scores
+
+if TYPE_CHECKING:
+    from avrec.ranker.second_process import SecondProcess
 
 SHORT_HISTORY = 20
 PAIRED_METRICS = ("recall", "ndcg", "mrr")
@@ -222,11 +225,13 @@ def evaluate(
     short_history: int = SHORT_HISTORY,
     on_model: Callable[[str, dict[str, Any]], None] | None = None,
     explore_tolerance: float = EXPLORE_TOLERANCE,
+    second: SecondProcess | None = None,
 ) -> dict[str, Any]:
     """Tune, fit and evaluate every model on ``split``; the report as a JSON-ready dict.
 
     ``on_model(split kind, reports so far)`` runs after each model, so a caller can write
-    results as they come (a late failure loses nothing).
+    results as they come (a late failure loses nothing). ``second``: more models, evaluated
+    in a second process meanwhile (their reports follow ``models``' in the report).
     """
     started = time.perf_counter()
     ks = sorted(set(k))
@@ -239,13 +244,32 @@ def evaluate(
             f"{split.kind} split: {validation.users.size} validation and {test.users.size} test "
             "users with a positive to find; nothing to tune or evaluate"
         )
-    runs = []
-    for spec in specs:
-        print(f"    {split.kind}: {spec.name}", flush=True)
-        runs.append(run_model(spec, validation, test, items, ks, seed, short_history,
-                              explore_tolerance))
-        if on_model is not None:
+    runs: list[ModelRun] = []
+    order = [spec.name for spec in specs] + list(second.names if second else ())
+
+    def arrived(new: list[ModelRun]) -> None:
+        runs.extend(new)
+        runs.sort(key=lambda run: order.index(run.name))
+        if on_model is not None and new:
             on_model(split.kind, {run.name: run.report for run in runs})
+
+    if second is not None:
+        from avrec.ranker.second_process import HarnessArgs
+
+        second.start(split, items, HarnessArgs(tuple(ks), seed, short_history,
+                                               explore_tolerance))
+    try:
+        for spec in specs:
+            print(f"    {split.kind}: {spec.name}", flush=True)
+            arrived([run_model(spec, validation, test, items, ks, seed, short_history,
+                                explore_tolerance)])
+            if second is not None:
+                arrived(second.finished())
+        if second is not None:
+            arrived(second.wait())
+    finally:
+        if second is not None:
+            second.close()
     report = {
         "split": split.kind,
         "params": split.params,

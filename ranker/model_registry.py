@@ -99,6 +99,9 @@ ALL_MODELS = (
 DEEP_MODELS = ("deep-mixed", "deep-asum", "deep-text", "deep-image", "two-tower")
 HYBRID_MODELS = ("hybrid-mixed", "hybrid-asum", "hybrid-text", "hybrid-image", "hybrid-id")
 SEQUENTIAL_MODELS = ("sequential-mixed", "sequential-id")
+# Models that read nothing of the run's shared state and train single-threaded: `avrec
+# evaluate --processes 2` runs them in a second process (avrec.ranker.second_process).
+SECOND_PROCESS_MODELS = (*SEQUENTIAL_MODELS, *DEEP_MODELS)
 # The hybrid's candidate generators: tuned baselines (run first when not asked for).
 HYBRID_GENERATORS = ("ease", "als", "itemknn")
 SERVED = "served"  # the served pipeline (avrec.ranker.served), as `avrec train` ships it

@@ -1,0 +1,56 @@
+"""``avrec evaluate --processes 2``: the models of the second process give the inline numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from avrec.errors import ModelError
+from avrec.ranker import evaluate_job, evaluation, model_registry
+from avrec.ranker.second_process import SecondProcess, SpecArgs
+from avrec.ranker.splits import per_user_split
+from tests.synthetic_catalogue import synthetic_catalogue
+
+MODELS = ["popularity", "sequential-id"]
+
+
+def _without_seconds(report: dict[str, Any]) -> str:
+    """The report as JSON without its timings (NaN, e.g. a slice without users, equals NaN)."""
+    report.pop("seconds")
+    for result in report["models"].values():
+        result.pop("seconds")
+    return json.dumps(report, sort_keys=True)
+
+
+def test_the_second_process_gives_the_inline_numbers() -> None:
+    data = synthetic_catalogue()
+    split = per_user_split(data.events)
+    inline = evaluation.evaluate(model_registry.model_specs(MODELS, quick=True), split,
+                                 data.items, seed=3)
+    here, second = evaluate_job.split_processes(MODELS, 2, SpecArgs(quick=True))
+    assert here == ["popularity"] and second is not None and second.names == ("sequential-id",)
+    seen: list[list[str]] = []
+    beside = evaluation.evaluate(model_registry.model_specs(here, quick=True), split,
+                                 data.items, seed=3, second=second,
+                                 on_model=lambda kind, models: seen.append(list(models)))
+    assert seen[-1] == MODELS  # each report as it arrives, in the asked order at the end
+    assert _without_seconds(beside) == _without_seconds(inline)
+
+
+def test_one_process_or_one_side_runs_inline() -> None:
+    assert evaluate_job.split_processes(MODELS, 1, SpecArgs()) == (MODELS, None)
+    assert evaluate_job.split_processes(["sequential-id"], 2, SpecArgs()) == (
+        ["sequential-id"], None)
+    assert evaluate_job.split_processes(["ease", "als"], 2, SpecArgs()) == (["ease", "als"], None)
+
+
+def test_a_failure_in_the_second_process_is_an_error_here(tmp_path: Path) -> None:
+    data = synthetic_catalogue()
+    split = per_user_split(data.events)
+    second = SecondProcess(["sequential-mixed"], SpecArgs(encodings=tmp_path / "none.parquet"))
+    specs = model_registry.model_specs(["popularity"], quick=True)
+    with pytest.raises(ModelError, match="needs item encodings"):
+        evaluation.evaluate(specs, split, data.items, second=second)
