@@ -2,11 +2,11 @@
 
 Two processes that each start thread pools for every core (numpy's BLAS, OpenMP in implicit,
 torch) fight over a two-core machine: spinning pool threads take each other's time slices
-and everything slows (measured: an ``avrec evaluate`` with a second process went from 20.5 to
-30 minutes, EASE 57 -> 110 s). So a process that shares the machine runs on its own CPUs with
-pools of that size: :func:`pin` sets the CPU affinity and caps the BLAS/OpenMP pools (and torch,
-when loaded) at that many threads; :func:`usable_cpus` tells code that sizes its own pools
-(implicit's ALS) how many it has.
+and everything slows (measured: all 17 models of ``avrec evaluate`` took 26.5 minutes in one
+process and 30 with an unpinned second one, EASE 71 -> 111 s). So a process that shares the
+machine runs on its own CPUs with pools of that size: :func:`pin` sets the CPU affinity and
+caps the BLAS/OpenMP pools (and torch, when loaded) at that many threads; :func:`usable_cpus`
+tells code that sizes its own pools (implicit's ALS) how many it has.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ report.md and the charts (:mod:`avrec.ranker.report`).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ import polars as pl
 
 from avrec import config, tables
 from avrec.names import ITEM_BEHAVIOUR
+from avrec.ranker.cpu_share import usable_cpus
 from avrec.ranker.evaluation import SHORT_HISTORY, evaluate
 from avrec.ranker.exploration import EXPLORE_TOLERANCE
 from avrec.ranker.model_registry import (
@@ -63,9 +63,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         help="share of validation NDCG@max(k) the hybrid may spend on "
                         "exploration slots for new items (the operating point)")
     parser.add_argument("--processes", type=int, choices=[1, 2],
-                        default=min(2, os.cpu_count() or 1),
+                        default=min(2, usable_cpus()),
                         help="2: the sequential and deep models run in a second process beside "
-                        "the others (default: 2 where there are two cores or more)")
+                        "the others (default: 2 where this process may use two CPUs or more)")
     parser.set_defaults(func=run)
     return parser
 
@@ -139,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
     items = tables.read_table("items", offline)
     spec_args = SpecArgs(args.quick, args.positive_threshold, encodings, offline)
     main_names, second = split_processes(names, args.processes, spec_args)
-    specs = model_specs(main_names, args.quick, args.positive_threshold, encodings, offline)
+    specs = model_specs(main_names, spec_args.quick, spec_args.positive_threshold,
+                        spec_args.encodings, spec_args.offline)
     out = args.out or config.data_dir() / "evaluation"
     report: dict[str, Any] = {
         "seed": args.seed,

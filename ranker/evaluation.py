@@ -253,12 +253,12 @@ def evaluate(
         if on_model is not None and new:
             on_model(split.kind, {run.name: run.report for run in runs})
 
-    if second is not None:
-        from avrec.ranker.second_process import HarnessArgs
-
-        second.start(split, items, HarnessArgs(tuple(ks), seed, short_history,
-                                               explore_tolerance))
     try:
+        if second is not None:
+            from avrec.ranker.second_process import HarnessArgs
+
+            second.start(split, items, HarnessArgs(tuple(ks), seed, short_history,
+                                                   explore_tolerance))
         for spec in specs:
             print(f"    {split.kind}: {spec.name}", flush=True)
             arrived([run_model(spec, validation, test, items, ks, seed, short_history,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from avrec.errors import ModelError
-from avrec.ranker import evaluate_job, evaluation, model_registry
+from avrec.ranker import cpu_share, evaluate_job, evaluation, model_registry
 from avrec.ranker.second_process import SecondProcess, SpecArgs
 from avrec.ranker.splits import per_user_split
 from tests.synthetic_catalogue import synthetic_catalogue
@@ -33,10 +33,12 @@ def test_the_second_process_gives_the_inline_numbers() -> None:
     here, second = evaluate_job.split_processes(MODELS, 2, SpecArgs(quick=True))
     assert here == ["popularity"] and second is not None and second.names == ("sequential-id",)
     seen: list[list[str]] = []
+    cpus = cpu_share.usable_cpus()
     beside = evaluation.evaluate(model_registry.model_specs(here, quick=True), split,
                                  data.items, seed=3, second=second,
                                  on_model=lambda kind, models: seen.append(list(models)))
     assert seen[-1] == MODELS  # each report as it arrives, in the asked order at the end
+    assert cpu_share.usable_cpus() == cpus  # every CPU is this process's again
     assert _without_seconds(beside) == _without_seconds(inline)
 
 
