@@ -121,7 +121,23 @@ class ItemItemScorer(HistoryScorer):
         return cls(item_ids, matrix, fallback, min_value)
 
     def _score(self, columns: np.ndarray) -> np.ndarray:
-        return np.asarray(self.weights[columns].sum(axis=0), dtype=np.float64).ravel()
+        """The history's rows of ``W`` summed in float64: their stored entries gathered
+        straight from the CSR arrays and added up by target column (``np.bincount``), which
+        for one user costs a fraction of scipy's row slicing and summing (``bench/
+        hybrid_latency.py``)."""
+        w = self.weights
+        starts = w.indptr[columns]
+        lengths = w.indptr[columns + 1] - starts
+        filled = lengths > 0
+        starts, lengths = starts[filled].astype(np.int64), lengths[filled].astype(np.int64)
+        if not starts.size:
+            return np.zeros(w.shape[1])
+        # positions of the rows' entries: +1 within a row, a jump to the next row's start
+        steps = np.ones(int(lengths.sum()), dtype=np.int64)
+        steps[0] = starts[0]
+        steps[np.cumsum(lengths)[:-1]] = starts[1:] - (starts[:-1] + lengths[:-1]) + 1
+        entries = np.cumsum(steps)
+        return np.bincount(w.indices[entries], weights=w.data[entries], minlength=w.shape[1])
 
     def arrays(self) -> dict[str, np.ndarray]:
         w = self.weights

@@ -96,14 +96,29 @@ def user_context(
                                       positive_threshold)
 
 
-def pool_z_scores(scores: np.ndarray, seen: np.ndarray, pool: np.ndarray) -> np.ndarray:
-    """Each pool item's score as a z-score over the user's unseen catalogue (clipped)."""
-    valid = ~seen
-    count = np.maximum(valid.sum(axis=1, keepdims=True), 1)
-    mean = np.where(valid, scores, 0.0).sum(axis=1, keepdims=True) / count
-    std = np.sqrt(np.where(valid, (scores - mean) ** 2, 0.0).sum(axis=1, keepdims=True) / count)
-    z = (np.take_along_axis(scores, pool, 1) - mean) / np.where(std > 0, std, 1.0)
-    return np.clip(np.nan_to_num(z), -10, 50)
+class UnseenCatalogue:
+    """Each user's unseen catalogue items, the population a generator's z-score is taken over;
+    built once per batch and shared by every generator's :meth:`z_scores`.
+
+    >>> unseen = UnseenCatalogue(np.array([[True, False, False, False]]))
+    >>> unseen.z_scores(np.array([[9.0, 1.0, 2.0, 3.0]]), np.array([[3, 1]])).tolist()
+    [[1.224744871391589, -1.224744871391589]]
+    """
+
+    def __init__(self, seen: np.ndarray) -> None:
+        self.unseen = ~seen
+        self.count = np.maximum(np.count_nonzero(self.unseen, axis=1), 1)[:, None]
+
+    def z_scores(self, scores: np.ndarray, pool: np.ndarray) -> np.ndarray:
+        """Each pool item's score as a z-score over the user's unseen items, clipped to
+        [-10, 50] (NaN: 0)."""
+        mean = np.where(self.unseen, scores, 0.0).sum(axis=1, keepdims=True) / self.count
+        deviation = np.where(self.unseen, scores - mean, 0.0)
+        std = np.sqrt(np.einsum("ui,ui->u", deviation, deviation)[:, None] / self.count)
+        z = (np.take_along_axis(scores, pool, 1) - mean) / np.where(std > 0, std, 1.0)
+        z = np.clip(z, -10, 50)  # +-inf to the bounds
+        z[np.isnan(z)] = 0.0
+        return z
 
 
 @dataclass(frozen=True)
@@ -135,13 +150,19 @@ class CatalogueFacts:
         profile = unit_rows(np.stack([self.genres[p].sum(0) for p in context.positives])
                             if context.positives else np.zeros((0, self.genres.shape[1])))
         match = np.einsum("upg,ug->up", self.genres[pool], profile)
-        recent_year = np.array([np.nanmean(self.years[p[-RECENT:]])
-                                if np.isfinite(self.years[p[-RECENT:]]).any() else np.nan
+        recent_year = np.array([_known_mean(self.years[p[-RECENT:]])
                                 for p in context.positives])
         offset = (self.years[pool] - recent_year[:, None]) / 10.0
         missing = np.isnan(offset)
         offset = np.nan_to_num(offset)
         return [match, offset, np.abs(offset), missing.astype(np.float64)]
+
+
+def _known_mean(values: np.ndarray) -> float:
+    """The mean of the finite ``values`` (NaN when none is): ``np.nanmean`` without its
+    warning and its cost for one short row."""
+    known = values[np.isfinite(values)]
+    return float(known.mean()) if known.size else np.nan
 
 
 class CandidateFeatures:
@@ -180,10 +201,11 @@ class CandidateFeatures:
         catalogue as of user ``u``'s cut."""
         size = pool.shape[1]
         columns: list[np.ndarray] = []
+        unseen = UnseenCatalogue(context.seen)
         for scores, rank in zip(generator_scores, generator_ranks, strict=True):
-            z = pool_z_scores(scores, context.seen, pool)
-            columns += [z, 1.0 / np.log2(2.0 + np.take_along_axis(rank, pool, 1))]
-        columns += [pool_z_scores(scores, context.seen, pool) for scores in query_scores]
+            columns += [unseen.z_scores(scores, pool),
+                        1.0 / np.log2(2.0 + np.take_along_axis(rank, pool, 1))]
+        columns += [unseen.z_scores(scores, pool) for scores in query_scores]
         stack = {name: np.stack([np.asarray(stats[name], dtype=np.float64)[pool[row]]
                                  for row, stats in enumerate(item_stats)])
                  for name in ITEM_STATS}

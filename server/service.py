@@ -48,25 +48,13 @@ def timestamp(value: datetime | None) -> Timestamp | None:
 def to_proto(answer: Ranked, model_version: str | None = None) -> ranking_pb2.RankResponse:
     """A :class:`Ranked` answer as a ``RankResponse`` (the version of the models that
     answered unless ``model_version`` is given)."""
-    items = []
-    for item in answer.items:
-        scored = ranking_pb2.ScoredItem(
-            item_id=item.item_id, score=item.score, title=item.title,
-            missing_features=item.missing_features,
-        )
-        if item.explanation is not None:
-            history_id, similarity, title = item.explanation
-            scored.explanation.CopyFrom(ranking_pb2.Explanation(
-                history_item_id=history_id, similarity=similarity, history_title=title))
-        items.append(scored)
     row = answer.user_row
     freshness = [ranking_pb2.FeatureFreshness(
         feature_view=USER_BEHAVIOUR, event_timestamp=timestamp(row.event_timestamp),
         expired=row.expired, after_clock=row.future)]
     freshness += [ranking_pb2.FeatureFreshness(feature_view=view, event_timestamp=timestamp(ts))
                   for view, ts in answer.item_freshness.items()]
-    return ranking_pb2.RankResponse(
-        items=items,
+    response = ranking_pb2.RankResponse(
         model_version=model_version or answer.model_version,
         embedding_version=answer.embedding_version or "",
         cold_start_user=answer.cold_start_user,
@@ -74,6 +62,16 @@ def to_proto(answer: Ranked, model_version: str | None = None) -> ranking_pb2.Ra
         served_at=timestamp(answer.served_at),
         items_missing_features=sum(i.missing_features for i in answer.items),
     )
+    add = response.items.add  # built in place: half the cost of messages copied in
+    for item in answer.items:
+        scored = add(item_id=item.item_id, score=item.score, title=item.title,
+                     missing_features=item.missing_features)
+        if item.explanation is not None:
+            history_id, similarity, title = item.explanation
+            scored.explanation.history_item_id = history_id
+            scored.explanation.similarity = similarity
+            scored.explanation.history_title = title
+    return response
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):

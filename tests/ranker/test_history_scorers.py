@@ -129,3 +129,17 @@ def test_a_loaded_content_scorer_uses_the_served_vectors(tmp_path) -> None:
     bound = load_scorer(tmp_path / "c.npz").on(np.array([1, 2, 3, 4]), served)
     got = bound.score([History(np.array([0]), np.array([5.0]))])[0]
     assert got[3] > got[2] > got[1]
+
+
+def test_item_item_sum_gathers_the_rows_of_the_dense_matrix() -> None:
+    rng = np.random.default_rng(7)
+    dense = rng.normal(size=(40, 30)) * (rng.random((40, 30)) < 0.2)
+    dense[[0, 5, 6, 39]] = 0.0  # empty rows: first, inside a run, last
+    scorer = ItemItemScorer(np.arange(40), sparse.csr_matrix(dense), np.zeros(30))
+    for size in (1, 2, 7, 40):
+        for _ in range(20):
+            cols = np.sort(rng.choice(40, size, replace=False))
+            np.testing.assert_allclose(scorer.score([History(cols, np.ones(size))])[0],
+                                       dense.astype(np.float32)[cols].sum(0), atol=1e-6)
+    empty_rows = History(np.array([0, 5]), np.ones(2))
+    np.testing.assert_array_equal(scorer.score([empty_rows])[0], np.zeros(30))

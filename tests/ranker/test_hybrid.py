@@ -34,6 +34,7 @@ from avrec.ranker.hybrid import (
 )
 from avrec.ranker.hybrid_features import (
     CandidateFeatures,
+    UnseenCatalogue,
     UserContext,
     user_context,
     with_exploration_slots,
@@ -195,6 +196,22 @@ def test_ranks_are_the_sorted_order_down_to_the_depth() -> None:
         order = unexcluded[np.argsort(-scores[row, unexcluded])]
         assert got[row, order[:50]].tolist() == list(range(50))
         assert (np.delete(got[row], order[:50]) == 50).all()
+
+
+def test_z_scores_are_over_each_users_unseen_items() -> None:
+    rng = np.random.default_rng(5)
+    scores = rng.normal(size=(5, 300)) * 40 + 7
+    seen = rng.random((5, 300)) < 0.3
+    seen[3] = False  # nothing seen
+    scores[4] = 2.5  # no spread: z = 0
+    pool = rng.integers(0, 300, size=(5, 20))
+    got = UnseenCatalogue(seen).z_scores(scores, pool)
+    for row in range(5):  # oracle: numpy's mean and std of the unseen scores
+        unseen = scores[row, ~seen[row]]
+        std = unseen.std() if unseen.std() > 0 else 1.0
+        want = np.clip((scores[row, pool[row]] - unseen.mean()) / std, -10, 50)
+        np.testing.assert_allclose(got[row], want, atol=1e-12)
+    assert (got[4] == 0).all()
 
 
 def test_feature_names_match_the_feature_columns(contract_data: ContractData) -> None:

@@ -5,6 +5,7 @@ never on LogEvents; the pure parts of ``avrec serve --replicas``."""
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
@@ -67,8 +68,11 @@ def test_service_config_names_round_robin_and_the_retried_methods() -> None:
 def test_round_robin_spreads_calls_over_the_target(two) -> None:
     replicas, target = two
     with RankingClient(target) as client:
-        client.rank(1, [1])
-        client.rank(1, [1])  # both subchannels up
+        # round_robin alternates over the *ready* subchannels: call until both have answered
+        # (on a loaded machine the second one may still be connecting after two calls)
+        deadline = time.monotonic() + 10.0
+        while not all(r.calls for r in replicas) and time.monotonic() < deadline:
+            client.rank(1, [1])
         for replica in replicas:
             replica.calls.clear()
         answers = Counter(client.rank(1, [1]).model_version for _ in range(20))
