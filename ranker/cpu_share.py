@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 
 def usable_cpus() -> int:
@@ -45,6 +45,7 @@ def pin(cpus: set[int] | None) -> Iterator[None]:
     before = os.sched_getaffinity(0) if cpus else None
     torch = sys.modules.get("torch")
     torch_threads = torch.get_num_threads() if torch is not None else None
+    loaded = _pool_libraries()
     if cpus:
         os.sched_setaffinity(0, cpus)
     limits = threadpool_limits(threads)
@@ -58,3 +59,22 @@ def pin(cpus: set[int] | None) -> Iterator[None]:
             torch.set_num_threads(torch_threads)
         if before is not None:
             os.sched_setaffinity(0, before)
+            _widen_pools_loaded_since(loaded, torch is not None, len(before))
+
+
+def _pool_libraries() -> set[str]:
+    """The thread-pool libraries (BLAS, OpenMP) loaded now, by file."""
+    return {lib.filepath for lib in ThreadpoolController().lib_controllers}
+
+
+def _widen_pools_loaded_since(loaded: set[str], had_torch: bool, threads: int) -> None:
+    """Give ``threads`` threads to the pools first loaded while pinned, and to torch when it
+    was first imported then: each sized itself to the CPUs it saw at load and would keep that
+    after they came back (seen: torch and an OpenMP pool imported in a block pinned to one
+    CPU stayed at one thread, so the models after the second process trained on one core)."""
+    controller = ThreadpoolController()
+    new = [lib.filepath for lib in controller.lib_controllers if lib.filepath not in loaded]
+    if new:
+        controller.select(filepath=new).limit(limits=threads)
+    if not had_torch and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)

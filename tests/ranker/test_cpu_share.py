@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -37,3 +39,24 @@ def test_no_cpus_given_keeps_the_affinity() -> None:
     before = cpu_share.usable_cpus()
     with cpu_share.pin(None):
         assert cpu_share.usable_cpus() == before
+
+
+PINNED_IMPORT = """
+import os, sys
+from threadpoolctl import threadpool_info
+from avrec.ranker import cpu_share
+assert "torch" not in sys.modules
+with cpu_share.pin({max(os.sched_getaffinity(0))}):
+    import torch
+    inside = torch.get_num_threads()
+print(inside, torch.get_num_threads(), min(p["num_threads"] for p in threadpool_info()))
+"""
+
+
+@needs_affinity
+def test_pools_first_loaded_while_pinned_get_every_cpu_after() -> None:
+    done = subprocess.run([sys.executable, "-c", PINNED_IMPORT], capture_output=True,
+                          text=True, timeout=300, check=True)
+    inside, torch_after, smallest_pool = (int(x) for x in done.stdout.split())
+    cpus = len(os.sched_getaffinity(0))
+    assert (inside, torch_after, smallest_pool) == (1, cpus, cpus)
