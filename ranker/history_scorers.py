@@ -122,9 +122,9 @@ class ItemItemScorer(HistoryScorer):
 
     def _score(self, columns: np.ndarray) -> np.ndarray:
         """The history's rows of ``W`` summed in float64: their stored entries gathered
-        straight from the CSR arrays and added up by target column (``np.bincount``), which
-        for one user costs a fraction of scipy's row slicing and summing (``bench/
-        hybrid_latency.py``)."""
+        straight from the CSR arrays and added up by target column (``np.bincount``),
+        without the fixed cost of scipy's row slicing and summing (~0.3 ms a call; README,
+        session 12)."""
         w = self.weights
         starts = w.indptr[columns]
         lengths = w.indptr[columns + 1] - starts
