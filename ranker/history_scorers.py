@@ -120,11 +120,14 @@ class ItemItemScorer(HistoryScorer):
                                    shape=dense.shape)
         return cls(item_ids, matrix, fallback, min_value)
 
+    GATHER_LIMIT = 16_384  # stored entries up to which the rows are summed by bincount
+
     def _score(self, columns: np.ndarray) -> np.ndarray:
-        """The history's rows of ``W`` summed in float64: their stored entries gathered
-        straight from the CSR arrays and added up by target column (``np.bincount``),
-        without the fixed cost of scipy's row slicing and summing (~0.3 ms a call; README,
-        session 12)."""
+        """The history's rows of ``W`` summed in float64. Up to :attr:`GATHER_LIMIT` stored
+        entries they are gathered straight from the CSR arrays and added up by target column
+        (``np.bincount``), without the fixed ~0.3 ms of scipy's row slicing; above it
+        (long histories of a dense ``W``, where the gather measured several times slower)
+        scipy slices and sums (README, session 12)."""
         w = self.weights
         starts = w.indptr[columns]
         lengths = w.indptr[columns + 1] - starts
@@ -132,8 +135,11 @@ class ItemItemScorer(HistoryScorer):
         starts, lengths = starts[filled].astype(np.int64), lengths[filled].astype(np.int64)
         if not starts.size:
             return np.zeros(w.shape[1])
+        total = int(lengths.sum())
+        if total > self.GATHER_LIMIT:
+            return np.asarray(w[columns].sum(axis=0, dtype=np.float64)).ravel()
         # positions of the rows' entries: +1 within a row, a jump to the next row's start
-        steps = np.ones(int(lengths.sum()), dtype=np.int64)
+        steps = np.ones(total, dtype=np.int64)
         steps[0] = starts[0]
         steps[np.cumsum(lengths)[:-1]] = starts[1:] - (starts[:-1] + lengths[:-1]) + 1
         entries = np.cumsum(steps)

@@ -131,11 +131,13 @@ def test_a_loaded_content_scorer_uses_the_served_vectors(tmp_path) -> None:
     assert got[3] > got[2] > got[1]
 
 
-def test_item_item_sum_gathers_the_rows_of_the_dense_matrix() -> None:
+@pytest.mark.parametrize("gather_limit", [10**6, 8])  # by bincount; by scipy above 8
+def test_item_item_sum_gathers_the_rows_of_the_dense_matrix(gather_limit: int) -> None:
     rng = np.random.default_rng(7)
     dense = rng.normal(size=(40, 30)) * (rng.random((40, 30)) < 0.2)
     dense[[0, 5, 6, 39]] = 0.0  # empty rows: first, inside a run, last
     scorer = ItemItemScorer(np.arange(40), sparse.csr_matrix(dense), np.zeros(30))
+    scorer.GATHER_LIMIT = gather_limit
     for size in (1, 2, 7, 40):
         for _ in range(20):
             cols = np.sort(rng.choice(40, size, replace=False))
