@@ -27,7 +27,9 @@ from avrec.ranker.model_registry import (
     SECOND_PROCESS_MODELS,
     SEQUENTIAL_MODELS,
     SERVED,
+    RunState,
     model_specs,
+    shareable,
     with_generators,
 )
 from avrec.ranker.second_process import SecondProcess, SpecArgs
@@ -107,15 +109,17 @@ def check_preconditions(names: Sequence[str], offline: Path) -> None:
 
 
 def split_processes(
-    names: Sequence[str], processes: int, spec_args: SpecArgs
+    names: Sequence[str], processes: int, spec_args: SpecArgs, state: RunState | None = None
 ) -> tuple[list[str], SecondProcess | None]:
-    """The models this process evaluates, and a :class:`SecondProcess` for the others (None
-    with one process, or when one side would be empty)."""
+    """The models this process evaluates, and a :class:`SecondProcess` for the others and
+    for a share of the hybrid ablations (None with one process, or when there is nothing to
+    give it). ``state``: this process's run state, which the second process continues."""
     aside = [n for n in names if n in SECOND_PROCESS_MODELS]
     here = [n for n in names if n not in SECOND_PROCESS_MODELS]
-    if processes < 2 or not aside or not here:
+    shared = shareable(here)
+    if processes < 2 or not (aside or shared) or not here:
         return list(names), None
-    return here, SecondProcess(aside, spec_args)
+    return here, SecondProcess(aside, spec_args, shared, state)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,9 +142,10 @@ def run(args: argparse.Namespace) -> int:
     events = tables.read_table("events", offline)
     items = tables.read_table("items", offline)
     spec_args = SpecArgs(args.quick, args.positive_threshold, encodings, offline)
-    main_names, second = split_processes(names, args.processes, spec_args)
+    state = RunState()
+    main_names, second = split_processes(names, args.processes, spec_args, state)
     specs = model_specs(main_names, spec_args.quick, spec_args.positive_threshold,
-                        spec_args.encodings, spec_args.offline)
+                        spec_args.encodings, spec_args.offline, state)
     out = args.out or config.data_dir() / "evaluation"
     report: dict[str, Any] = {
         "seed": args.seed,

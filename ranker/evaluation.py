@@ -231,7 +231,9 @@ def evaluate(
 
     ``on_model(split kind, reports so far)`` runs after each model, so a caller can write
     results as they come (a late failure loses nothing). ``second``: more models, evaluated
-    in a second process meanwhile (their reports follow ``models``' in the report).
+    in a second process meanwhile (their reports follow ``models``' in the report); the
+    models of ``models`` it shares are run by whichever process is free first, once the
+    settings they keep are known.
     """
     started = time.perf_counter()
     ks = sorted(set(k))
@@ -259,13 +261,25 @@ def evaluate(
 
             second.start(split, items, HarnessArgs(tuple(ks), seed, short_history,
                                                    explore_tolerance))
-        for spec in specs:
+        shared = [spec for spec in specs if second is not None and spec.name in second.shared]
+
+        def run(spec: ModelSpec) -> None:
             print(f"    {split.kind}: {spec.name}", flush=True)
             arrived([run_model(spec, validation, test, items, ks, seed, short_history,
-                                explore_tolerance)])
+                               explore_tolerance)])
             if second is not None:
                 arrived(second.finished())
+                if _settings_known(shared, {run.name for run in runs}):
+                    second.share()
+
+        for spec in specs:
+            if spec not in shared:
+                run(spec)
         if second is not None:
+            second.share()
+            by_name = {spec.name: spec for spec in shared}
+            while (name := second.claim()) is not None:
+                run(by_name[name])
             arrived(second.wait())
     finally:
         if second is not None:
@@ -280,6 +294,11 @@ def evaluate(
     report.update(_comparisons(runs, validation, test, ks, short_history))
     report["seconds"] = time.perf_counter() - started
     return report
+
+
+def _settings_known(specs: Sequence[ModelSpec], done: set[str]) -> bool:
+    """Whether the models whose settings ``specs`` keep are ``done`` on this split."""
+    return all(s.settings_from is None or s.settings_from in done for s in specs)
 
 
 def _fixed(model: Recommender) -> ModelSpec:

@@ -86,6 +86,13 @@ class GeneratorCache:
             self.model_fits.popitem(last=False)
         return state
 
+    def fits_only(self) -> GeneratorCache:
+        """A cache holding this one's generator fits (the same objects) and no model states:
+        what a second process needs to continue the run (it pickles)."""
+        copy = GeneratorCache(self.size, self.models)
+        copy.entries = OrderedDict(self.entries)
+        return copy
+
     @staticmethod
     def key_of(factory: Callable[[], Any]) -> tuple[Any, ...] | None:
         """The factory's identity and settings, or None when it cannot be keyed."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +37,32 @@ BASELINE_FACTORIES: dict[str, Callable[..., Recommender]] = {
 }
 
 
+@dataclass
+class RunState:
+    """What the specs of one run share: every model's validation-chosen settings (the hybrids
+    read their generators' there) and the hybrids' generator fits. Both pickle: a second
+    process continues the run from a copy (:mod:`avrec.ranker.second_process`)."""
+
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cache: GeneratorCache = field(default_factory=GeneratorCache)
+
+
 def model_specs(
     names: Sequence[str],
     quick: bool = False,
     positive_threshold: float = 4.0,
     encodings: Path | None = None,
     offline: Path | None = None,
+    state: RunState | None = None,
 ) -> list[ModelSpec]:
     """The specs by name; ``text-knn`` / ``image-knn`` read ``encodings``. The specs of one
-    call share a run's state: the generator fits, the stage fusions and the baselines' tuned
-    settings (run the generators first: :func:`with_generators`)."""
+    call share a run's state (``state``, a fresh one by default): the generator fits, the
+    stage fusions and the baselines' tuned settings (run the generators first:
+    :func:`with_generators`)."""
     grids = baselines.QUICK_GRIDS if quick else baselines.GRIDS
     columns = {"text-knn": "text_embedding", "image-knn": "image_embedding"}
-    cache = GeneratorCache()  # the hybrids' generator fits, shared by all of them
-    tuned: dict[str, dict[str, Any]] = {}
+    state = RunState() if state is None else state
+    cache, tuned = state.cache, state.tuned  # shared by all the specs
     fused: dict[Path, FusedVectors] = {}
     specs = []
     for name in names:
@@ -109,6 +122,14 @@ CHOSEN_HYBRID = "hybrid-mixed"  # what `served` serves; the other hybrids are it
 QUICK_HYBRID = {"bag": 2, "inner_folds": 1}  # --quick: one label fold, two scorers
 HYBRID_GRID = [{"inner_folds": 2}, {"inner_folds": 3},
                {"inner_folds": 3, "hidden": 128, "lr": 1e-3}]
+
+
+def shareable(names: Sequence[str]) -> list[str]:
+    """The models of ``names`` that either of two processes may run once ``hybrid-mixed``
+    has: its ablations, which keep its settings and reuse its generator fits."""
+    if CHOSEN_HYBRID not in names:
+        return []
+    return [n for n in names if n in HYBRID_MODELS and n != CHOSEN_HYBRID]
 
 
 def with_generators(names: Sequence[str]) -> list[str]:
