@@ -149,28 +149,47 @@ def start(config: ServeConfig, engine_class: type[RankingEngine] = RankingEngine
     return Service(server, port, engine, health_servicer, watcher)
 
 
+SIGNAL_POLL_SECONDS = 0.25  # the longest a signal's handler waits for the main thread
+
+
 def serve(config: ServeConfig) -> int:
-    """Run until SIGTERM / SIGINT, then stop gracefully."""
+    """Run until SIGTERM / SIGINT, then stop gracefully; SIGHUP: look at LATEST now.
+
+    The handlers are in place before the service reports SERVING: a SIGHUP sent as soon as
+    a client sees it serve is handled, not the signal's default action. Python runs them in
+    the main thread, between bytecodes: when the kernel hands a signal to one of gRPC's
+    threads, a main thread blocked in an untimed wait would not run the handler until it
+    woke for another reason, so it waits in short slices."""
     limit_blas_threads(config.blas_threads)
-    service = start(config)
-    models = service.engine.models
-    snapshot = service.engine.ensure_snapshot(None, service.engine.clock.now()).snapshot
-    print(f"avrec serve: listening on {config.host}:{service.port} "
-          f"(model {models.version}, {len(snapshot)} items, embeddings "
-          f"{snapshot.embedding_version}, ONNX {models.ranker.model.providers[0]}, "
-          f"clock {service.engine.clock.now().isoformat()})", flush=True)
-    stopped = threading.Event()
+    stopped, hangup = threading.Event(), threading.Event()
+    watcher: list[ModelWatcher] = []  # once the service has started
 
     def stop(signum, _frame) -> None:
         print(f"avrec serve: signal {signum}, stopping (grace {config.grace_seconds} s)",
               flush=True)
         stopped.set()
 
+    def wake(_signum, _frame) -> None:
+        hangup.set()
+        if watcher:
+            watcher[0].wake()
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    if service.watcher is not None:  # SIGHUP: look at LATEST now
-        signal.signal(signal.SIGHUP, lambda _signum, _frame: service.watcher.wake())
-    stopped.wait()
+    signal.signal(signal.SIGHUP, wake)
+    service = start(config)
+    if service.watcher is not None:
+        watcher.append(service.watcher)
+        if hangup.is_set():  # it came while the service started
+            service.watcher.wake()
+    models = service.engine.models
+    snapshot = service.engine.ensure_snapshot(None, service.engine.clock.now()).snapshot
+    print(f"avrec serve: listening on {config.host}:{service.port} "
+          f"(model {models.version}, {len(snapshot)} items, embeddings "
+          f"{snapshot.embedding_version}, ONNX {models.ranker.model.providers[0]}, "
+          f"clock {service.engine.clock.now().isoformat()})", flush=True)
+    while not stopped.wait(SIGNAL_POLL_SECONDS):
+        pass
     service.stop(config.grace_seconds)
     return 0
 
