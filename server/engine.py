@@ -112,6 +112,7 @@ class RankingEngine:
         self._reloader: threading.Thread | None = None
         self.reloads = 0
         self.snapshot_errors = 0
+        self._scoring = threading.BoundedSemaphore(config.scoring_slots())  # compute_slots
 
     # -- item snapshot ---------------------------------------------------------------------
 
@@ -322,8 +323,9 @@ class RankingEngine:
                           np.asarray(values.get("history_ratings") or [], dtype=np.float64),
                           utc_datetime64(stamp) if stamp is not None else None)
         diverse = 0.0 < lam < 1.0
-        answer = loaded.pipeline.recommend(user, loaded.stats, utc_datetime64(now),
-                                           0 if diverse else top_k, candidates)
+        with self._scoring:
+            answer = loaded.pipeline.recommend(user, loaded.stats, utc_datetime64(now),
+                                               0 if diverse else top_k, candidates)
         if not diverse:
             return answer.columns, answer.probability
         k = len(answer.columns) if top_k == 0 else min(top_k, len(answer.columns))

@@ -34,6 +34,7 @@ def test_token_from_file(tmp_path: Path) -> None:
         ("prot: 1\n", "unknown settings ['prot']"),
         ("tls_cert: a.pem\n", "tls_cert and tls_key go together"),
         ("max_candidates: 0\n", "max_candidates must be positive"),
+        ("compute_slots: -1\n", "compute_slots must be >= 0"),
         ("clock: yesterday\n", "clock"),
     ],
 )

@@ -141,3 +141,53 @@ def test_a_logged_rating_leaves_the_next_recommendations(stack, hybrid_client) -
     assert history["history_items"][0][-1] == first[0]
     second = _served(hybrid_client.recommend(user, top_k=10))[0]
     assert first[0] not in second
+
+
+class Overlap:
+    """Wraps a function: counts how many calls run it at once (each held ``hold`` seconds)."""
+
+    def __init__(self, function, hold: float) -> None:
+        import threading
+
+        self.function, self.hold = function, hold
+        self.inside = self.most = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        import time
+
+        with self.lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        try:
+            time.sleep(self.hold)
+            return self.function(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_at_most_compute_slots_requests_score_at_once(stack, slots: int) -> None:
+    """16 concurrent ``Rank`` calls on 8 workers: no more than ``compute_slots`` of them run
+    the pipeline at a time (each run is held 20 ms, so unbounded calls would overlap), and
+    every answer is the one a lone call gets."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from avrec.server.client import RankingClient
+    from tests.server.conftest import running
+
+    candidates = list(range(1, 33))
+    started = running(stack, compute_slots=slots, workers=8)
+    service = next(started)
+    try:
+        pipeline = service.engine.ensure_snapshot(None, service.engine.clock.now()).pipeline
+        with RankingClient(f"127.0.0.1:{service.port}") as client:
+            alone = [(i.item_id, i.score) for i in client.rank(USER, candidates).items]
+            pipeline.recommend = overlap = Overlap(pipeline.recommend, 0.02)
+            with ThreadPoolExecutor(16) as pool:
+                answers = list(pool.map(lambda _: client.rank(USER, candidates), range(32)))
+    finally:
+        started.close()
+    assert overlap.most == slots
+    assert all([(i.item_id, i.score) for i in a.items] == alone for a in answers)
