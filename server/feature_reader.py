@@ -94,23 +94,35 @@ class ViewReader:
 
     def decode_one(self, entity_id: int, raw: Sequence[bytes | None], now: datetime) -> OnlineRow:
         """One HMGET reply as an :class:`OnlineRow` at ``now``."""
+        return self.row_at(entity_id, *self.parse(raw), now)
+
+    def parse(self, raw: Sequence[bytes | None]) -> tuple[datetime | None, dict[str, Any]]:
+        """One HMGET reply as (event time, decoded values), whatever the clock; (None, {})
+        when the entity has no row."""
         *values, ts_raw = raw
         if ts_raw is None and not any(values):
-            return OnlineRow(entity_id, None, fresh=False, expired=False)
+            return None, {}
         stamp = Timestamp()
         stamp.ParseFromString(ts_raw or b"")
         event_ts = datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, tz=UTC)
-        if event_ts > now:
-            return OnlineRow(entity_id, event_ts, fresh=False, expired=False, future=True)
-        if self.ttl is not None and now - event_ts > self.ttl:
-            return OnlineRow(entity_id, event_ts, fresh=False, expired=True)
         decoded = {}
         for name, blob in zip(self.features, values, strict=True):
             value = Value()
             if blob:
                 value.ParseFromString(blob)
             decoded[name] = feast_value_type_to_python_type(value) if blob else None
-        return OnlineRow(entity_id, event_ts, fresh=True, expired=False, values=decoded)
+        return event_ts, decoded
+
+    def row_at(self, entity_id: int, event_ts: datetime | None, values: dict[str, Any],
+               now: datetime) -> OnlineRow:
+        """A parsed row as served at ``now``: values withheld when expired or in the future."""
+        if event_ts is None:
+            return OnlineRow(entity_id, None, fresh=False, expired=False)
+        if event_ts > now:
+            return OnlineRow(entity_id, event_ts, fresh=False, expired=False, future=True)
+        if self.ttl is not None and now - event_ts > self.ttl:
+            return OnlineRow(entity_id, event_ts, fresh=False, expired=True)
+        return OnlineRow(entity_id, event_ts, fresh=True, expired=False, values=values)
 
     def decode(
         self, ids: Sequence[int], replies: Sequence[Sequence[bytes | None]], now: datetime

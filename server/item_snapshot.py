@@ -94,16 +94,47 @@ class ItemSnapshot:
         return self.vectors / np.maximum(norms, 1e-12)
 
 
-def _read_rows(
-    client: Client, reader: ViewReader, ids: np.ndarray, now: datetime
-) -> list[OnlineRow]:
-    rows: list[OnlineRow] = []
-    for start in range(0, len(ids), PIPELINE_CHUNK):
-        chunk = ids[start : start + PIPELINE_CHUNK]
-        with client.pipeline(transaction=False) as pipe:
-            reader.queue(pipe, chunk)
-            rows += reader.decode(chunk, pipe.execute(), now)
-    return rows
+class RowCache:
+    """The catalogue's rows of one view as last read, so that a reload parses only the rows
+    whose bytes changed.
+
+    A snapshot reload reads every item's hash; parsing them all again (~100,000 protobuf
+    values for 9,742 items, 0.7 s of Python) held the interpreter long enough to stall the
+    requests served meanwhile. Between two reloads most rows are byte for byte the same (the
+    embeddings always, behaviour rows until their item is rated), so each row's parse is kept
+    with the raw reply it came from and reused while the reply stays equal; whether a row is
+    served (TTL, a replay clock behind it) is decided again at every read. The hash keys are
+    computed once per item, too.
+    """
+
+    def __init__(self, reader: ViewReader) -> None:
+        self.reader = reader
+        self._keys: dict[int, bytes] = {}
+        self._parsed: dict[int, tuple[tuple[bytes | None, ...], Any]] = {}
+        self.parsed = 0  # rows parsed by the last read (the others were reused)
+
+    def read(self, client: Client, ids: np.ndarray, now: datetime) -> list[OnlineRow]:
+        """Every row of ``ids`` as served at ``now`` (pipelined, in chunks)."""
+        reader, keys, parsed = self.reader, self._keys, self._parsed
+        rows: list[OnlineRow] = []
+        self.parsed = 0
+        for start in range(0, len(ids), PIPELINE_CHUNK):
+            chunk = [int(i) for i in ids[start : start + PIPELINE_CHUNK]]
+            with client.pipeline(transaction=False) as pipe:
+                for entity_id in chunk:
+                    key = keys.get(entity_id)
+                    if key is None:
+                        key = keys[entity_id] = reader.key(entity_id)
+                    pipe.hmget(key, reader.fields)
+                replies = pipe.execute()
+            for entity_id, reply in zip(chunk, replies, strict=True):
+                raw = tuple(reply)
+                seen = parsed.get(entity_id)
+                if seen is None or seen[0] != raw:
+                    seen = parsed[entity_id] = (raw, reader.parse(raw))
+                    self.parsed += 1
+                rows.append(reader.row_at(entity_id, *seen[1], now))
+        return rows
 
 
 def _expiry(rows: list[OnlineRow], ttl: timedelta | None) -> datetime | None:
@@ -135,16 +166,19 @@ def load_snapshot(
     refresh: timedelta,
     vector_field: str = "embedding",
     materialization: bytes | None = None,
+    caches: tuple[RowCache, RowCache] | None = None,
 ) -> ItemSnapshot:
     """Read the whole catalogue's item rows from Redis (pipelined) into an :class:`ItemSnapshot`.
 
     ``catalogue``: ``item_id`` and ``title`` of every servable item (the offline items table).
     Item dense features are encoded with the model's own :class:`FeatureEncoder`, plus the
-    ``item_has_no_vector`` flag, exactly as in training.
+    ``item_has_no_vector`` flag, exactly as in training. ``caches``: the behaviour and
+    embedding :class:`RowCache` of earlier loads (default: fresh ones, every row parsed).
     """
     ids = catalogue["item_id"].to_numpy().astype(np.int64)
-    behaviour_rows = _read_rows(client, behaviour, ids, now)
-    embedding_rows = _read_rows(client, embedding, ids, now)
+    behaviour_cache, embedding_cache = caches or (RowCache(behaviour), RowCache(embedding))
+    behaviour_rows = behaviour_cache.read(client, ids, now)
+    embedding_rows = embedding_cache.read(client, ids, now)
     versions = {r.values.get("embedding_version") for r in embedding_rows if r.fresh}
     versions.discard(None)
     if len(versions) > 1:

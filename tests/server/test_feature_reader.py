@@ -121,3 +121,29 @@ def test_reset_online_rebuilds_the_state_as_of_an_earlier_end(stack) -> None:
         feature_store.materialize(start=epoch, end=earlier, redis_url=url)
         assert row_time(414) is not None and row_time(414) <= earlier < latest
     client.flushdb()
+
+
+@pytest.mark.parametrize("view", ["item_behaviour", "item_embedding"])
+def test_the_snapshots_row_cache_reads_what_a_fresh_decode_reads(stack, view: str) -> None:
+    """Rows reused from the last read equal a fresh parse; a row whose bytes differ from the
+    last read is parsed again; served-or-not follows the clock of each read."""
+    from avrec.server.item_snapshot import RowCache
+
+    reader = ViewReader.from_store(stack.store, view)
+    client = connect(stack.redis_url)
+    ids = np.array([1, 2, 3, 50, 318, 2571, 193609, 999999, 987654321])
+    with client.pipeline(transaction=False) as pipe:
+        reader.queue(pipe, ids.tolist())
+        fresh = reader.decode(ids.tolist(), pipe.execute(), CLOCK)
+    cache = RowCache(reader)
+    assert cache.read(client, ids, CLOCK) == fresh and cache.parsed == len(ids)
+    assert cache.read(client, ids, CLOCK) == fresh and cache.parsed == 0  # all reused
+    raw, parsed = cache._parsed[2]
+    cache._parsed[2] = ((b"other", *raw[1:]), parsed)  # as if item 2 had changed since
+    assert cache.read(client, ids, CLOCK) == fresh and cache.parsed == 1
+    later = CLOCK + timedelta(days=365 * 40)  # past any TTL: withheld, though cached
+    rows = cache.read(client, ids, later)
+    assert cache.parsed == 0
+    assert [r.fresh for r in rows] == [
+        r.fresh for r in reader.decode(ids.tolist(), [
+            (*c[0],) for c in (cache._parsed[int(i)] for i in ids)], later)]
