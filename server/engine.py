@@ -40,6 +40,7 @@ from avrec.server.feature_reader import OnlineRow, ViewReader
 from avrec.server.item_snapshot import (
     BEHAVIOUR_VIEW,
     EMBEDDING_VIEW,
+    YIELD_SECONDS,
     ItemSnapshot,
     RowCache,
     age_days,
@@ -135,13 +136,15 @@ class RankingEngine:
     # -- item snapshot ---------------------------------------------------------------------
 
     def _load(self, materialization: bytes | None, now: datetime,
-              models: ServingModels | None = None) -> _Loaded:
-        """A snapshot bound to ``models`` (default: the serving ones)."""
+              models: ServingModels | None = None, background: bool = False) -> _Loaded:
+        """A snapshot bound to ``models`` (default: the serving ones); ``background``: no
+        request waits for it, so it reads in pauses (:class:`RowCache`)."""
         models = models or self.models
         snapshot = load_snapshot(
             self.client, self.behaviour_reader, self.embedding_reader, self.catalogue,
             models.encoder, now, timedelta(seconds=self.config.snapshot_refresh_seconds),
             models.vector_field, materialization, self._row_caches,
+            YIELD_SECONDS if background else 0.0,
         )
         wanted = models.contract.embedding_version
         if snapshot.embedding_version != wanted:
@@ -213,13 +216,14 @@ class RankingEngine:
         return (loaded.snapshot.materialization == materialization
                 and now < loaded.snapshot.valid_until)
 
-    def _reload(self, materialization: bytes | None, now: datetime) -> _Loaded:
+    def _reload(self, materialization: bytes | None, now: datetime,
+                background: bool = False) -> _Loaded:
         """Load and swap in a new snapshot (the caller holds the reload lock)."""
         loaded = self._loaded
         if loaded is not None and self._current(loaded, materialization, now):
             return loaded
         try:
-            self._loaded = self._load(materialization, now)
+            self._loaded = self._load(materialization, now, background=background)
             keep_out_of_gc()
             self.reloads += 1
             metrics.SNAPSHOT.labels("reload").inc()
@@ -247,7 +251,7 @@ class RankingEngine:
     def _background_reload(self, materialization: bytes | None, now: datetime) -> None:
         try:
             with self._reload_lock:
-                self._reload(materialization, now)
+                self._reload(materialization, now, background=True)
         except Exception as exc:  # any failure: the old snapshot keeps serving
             self.snapshot_errors += 1
             metrics.SNAPSHOT.labels("failed").inc()

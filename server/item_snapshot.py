@@ -16,6 +16,7 @@ A snapshot whose vectors mix two embedding versions is refused
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -37,7 +38,8 @@ if TYPE_CHECKING:
 BEHAVIOUR_VIEW = ITEM_BEHAVIOUR
 EMBEDDING_VIEW = ITEM_EMBEDDING
 AGE = "item_age_days"
-PIPELINE_CHUNK = 2000
+PIPELINE_CHUNK = 250  # items per pipelined read; a reload pauses between chunks
+YIELD_SECONDS = 0.002  # the pause: requests run meanwhile without sharing the interpreter
 
 
 def age_days(now: datetime, stamps: Sequence[datetime | None]) -> list[float | None]:
@@ -105,6 +107,11 @@ class RowCache:
     with the raw reply it came from and reused while the reply stays equal; whether a row is
     served (TTL, a replay clock behind it) is decided again at every read. The hash keys are
     computed once per item, too.
+
+    A background reload reads in small chunks and sleeps a little after each: while it runs,
+    every request that gives up the interpreter (a Redis call, many numpy calls) waits up to
+    the switch interval to get it back, and a 1x200 ``Rank`` took up to 78 ms during one
+    read of the behaviour rows; during the pauses requests run alone.
     """
 
     def __init__(self, reader: ViewReader) -> None:
@@ -113,8 +120,10 @@ class RowCache:
         self._parsed: dict[int, tuple[tuple[bytes | None, ...], Any]] = {}
         self.parsed = 0  # rows parsed by the last read (the others were reused)
 
-    def read(self, client: Client, ids: np.ndarray, now: datetime) -> list[OnlineRow]:
-        """Every row of ``ids`` as served at ``now`` (pipelined, in chunks)."""
+    def read(self, client: Client, ids: np.ndarray, now: datetime, pause: float = 0.0
+             ) -> list[OnlineRow]:
+        """Every row of ``ids`` as served at ``now`` (pipelined, in chunks, sleeping
+        ``pause`` seconds after each)."""
         reader, keys, parsed = self.reader, self._keys, self._parsed
         rows: list[OnlineRow] = []
         self.parsed = 0
@@ -134,6 +143,8 @@ class RowCache:
                     seen = parsed[entity_id] = (raw, reader.parse(raw))
                     self.parsed += 1
                 rows.append(reader.row_at(entity_id, *seen[1], now))
+            if pause:
+                time.sleep(pause)
         return rows
 
 
@@ -150,7 +161,10 @@ def item_frame(reader: ViewReader, rows: list[OnlineRow], now: datetime) -> pl.D
     for row in rows:
         for name, value in reader.prefixed(row).items():
             records[name].append(value)
-    frame = pl.DataFrame(records, strict=False)
+    # one column at a time: each conversion of Python values holds the interpreter, and one
+    # call over every column held it for ~40 ms of a reload (requests waited meanwhile)
+    frame = pl.DataFrame([pl.Series(name, values, strict=False)
+                          for name, values in records.items()])
     first = DERIVED_AGES[AGE]
     ages = age_days(now, frame[first].to_list()) if first in frame.columns else []
     return frame.with_columns(pl.Series(AGE, ages, dtype=pl.Float64))
@@ -167,18 +181,20 @@ def load_snapshot(
     vector_field: str = "embedding",
     materialization: bytes | None = None,
     caches: tuple[RowCache, RowCache] | None = None,
+    pause: float = 0.0,
 ) -> ItemSnapshot:
     """Read the whole catalogue's item rows from Redis (pipelined) into an :class:`ItemSnapshot`.
 
     ``catalogue``: ``item_id`` and ``title`` of every servable item (the offline items table).
     Item dense features are encoded with the model's own :class:`FeatureEncoder`, plus the
     ``item_has_no_vector`` flag, exactly as in training. ``caches``: the behaviour and
-    embedding :class:`RowCache` of earlier loads (default: fresh ones, every row parsed).
+    embedding :class:`RowCache` of earlier loads (default: fresh ones, every row parsed);
+    ``pause``: seconds to sleep after each pipelined chunk (a background reload).
     """
     ids = catalogue["item_id"].to_numpy().astype(np.int64)
     behaviour_cache, embedding_cache = caches or (RowCache(behaviour), RowCache(embedding))
-    behaviour_rows = behaviour_cache.read(client, ids, now)
-    embedding_rows = embedding_cache.read(client, ids, now)
+    behaviour_rows = behaviour_cache.read(client, ids, now, pause)
+    embedding_rows = embedding_cache.read(client, ids, now, pause)
     versions = {r.values.get("embedding_version") for r in embedding_rows if r.fresh}
     versions.discard(None)
     if len(versions) > 1:

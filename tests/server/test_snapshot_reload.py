@@ -40,13 +40,13 @@ class Gate:
         self.open, self.entered = threading.Event(), threading.Event()
         self.calls = 0
 
-    def __call__(self, *args: object) -> object:
+    def __call__(self, *args: object, **kwargs: object) -> object:
         self.calls += 1
         self.entered.set()
         assert self.open.wait(60), "the test never opened the gate"
         if self.fail:
             raise redis.ConnectionError("Redis went away during the reload")
-        return self.load(*args)
+        return self.load(*args, **kwargs)
 
 
 def in_thread(call: Callable[[], object]) -> object:
