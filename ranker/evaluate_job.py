@@ -67,7 +67,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--processes", type=int, choices=[1, 2],
                         default=min(2, usable_cpus()),
                         help="2: the sequential and deep models run in a second process beside "
-                        "the others (default: 2 where this process may use two CPUs or more)")
+                        "the others, which then takes a share of the hybrid ablations "
+                        "(default: 2 where this process may use two CPUs or more)")
     parser.set_defaults(func=run)
     return parser
 
