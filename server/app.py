@@ -183,7 +183,8 @@ def serve(config: ServeConfig) -> int:
         if hangup.is_set():  # it came while the service started
             service.watcher.wake()
     models = service.engine.models
-    snapshot = service.engine.ensure_snapshot(None, service.engine.clock.now()).snapshot
+    engine = service.engine  # (the counter as requests read it: no reload for the print)
+    snapshot = engine.ensure_snapshot(engine.materialization(), engine.clock.now()).snapshot
     print(f"avrec serve: listening on {config.host}:{service.port} "
           f"(model {models.version}, {len(snapshot)} items, embeddings "
           f"{snapshot.embedding_version}, ONNX {models.ranker.model.providers[0]}, "

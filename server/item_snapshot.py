@@ -143,8 +143,7 @@ class RowCache:
                     seen = parsed[entity_id] = (raw, reader.parse(raw))
                     self.parsed += 1
                 rows.append(reader.row_at(entity_id, *seen[1], now))
-            if pause:
-                time.sleep(pause)
+            _rest(pause)
         return rows
 
 
@@ -155,16 +154,35 @@ def _expiry(rows: list[OnlineRow], ttl: timedelta | None) -> datetime | None:
     return min(stamps) + ttl
 
 
-def item_frame(reader: ViewReader, rows: list[OnlineRow], now: datetime) -> pl.DataFrame:
-    """Item behaviour rows as training-set columns (``item_behaviour__*`` + derived age)."""
+def _rest(pause: float) -> None:
+    """Sleep ``pause`` seconds (0: not at all): requests run meanwhile."""
+    if pause:
+        time.sleep(pause)
+
+
+def _pause_every(i: int, pause: float) -> None:
+    """:func:`_rest` after every :data:`PIPELINE_CHUNK`-th step ``i``."""
+    if i % PIPELINE_CHUNK == PIPELINE_CHUNK - 1:
+        _rest(pause)
+
+
+def item_frame(reader: ViewReader, rows: list[OnlineRow], now: datetime,
+               pause: float = 0.0) -> pl.DataFrame:
+    """Item behaviour rows as training-set columns (``item_behaviour__*`` + derived age);
+    ``pause``: seconds to sleep after each chunk of rows and each column (a background
+    reload)."""
     records: dict[str, list[Any]] = {f"{reader.view}__{f}": [] for f in reader.features}
-    for row in rows:
+    for i, row in enumerate(rows):
         for name, value in reader.prefixed(row).items():
             records[name].append(value)
+        _pause_every(i, pause)
     # one column at a time: each conversion of Python values holds the interpreter, and one
     # call over every column held it for ~40 ms of a reload (requests waited meanwhile)
-    frame = pl.DataFrame([pl.Series(name, values, strict=False)
-                          for name, values in records.items()])
+    columns = []
+    for name, values in records.items():
+        columns.append(pl.Series(name, values, strict=False))
+        _rest(pause)
+    frame = pl.DataFrame(columns)
     first = DERIVED_AGES[AGE]
     ages = age_days(now, frame[first].to_list()) if first in frame.columns else []
     return frame.with_columns(pl.Series(AGE, ages, dtype=pl.Float64))
@@ -206,7 +224,8 @@ def load_snapshot(
     for i, vector in enumerate(vectors_list):
         if vector:
             vectors[i], has_vector[i] = vector, True
-    frame = item_frame(behaviour, behaviour_rows, now)
+        _pause_every(i, pause)
+    frame = item_frame(behaviour, behaviour_rows, now, pause)
     fresh_behaviour = np.array([r.fresh for r in behaviour_rows], dtype=bool)
     expiries = [
         e for e in (_expiry(behaviour_rows, behaviour.ttl), _expiry(embedding_rows, embedding.ttl))
