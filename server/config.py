@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from avrec.ranker.cpu_share import usable_cpus
+
 ENV_PREFIX = "AVREC_SERVE_"
 
 
@@ -50,10 +52,10 @@ class ServeConfig:
     # products are small, and a second thread only contends (scale out with --replicas)
     blas_threads: int = 1
     workers: int = 8
-    # requests scoring at once (the hybrid pipeline, the deep ranker); the others wait their
-    # turn. Python threads that each release and retake the GIL around many short numpy calls
-    # queue behind one another (Rank 1x200 with 16 clients: 94 req/s with 8 scoring at once,
-    # 330 with 2 workers); 0: one per CPU this process may use
+    # requests running the hybrid pipeline at once; the others wait their turn. Python
+    # threads that each release and retake the GIL around many short numpy calls queue
+    # behind one another (hybrid Rank 1x200, 16 callers: 233 req/s unbounded, 309-330 with
+    # 2 slots); 0: one per CPU this process may use
     compute_slots: int = 0
     max_message_bytes: int = 4 * 1024 * 1024
     grace_seconds: float = 5.0
@@ -79,10 +81,7 @@ class ServeConfig:
 
     def scoring_slots(self) -> int:
         """How many requests may score at once (``compute_slots``; 0: one per usable CPU)."""
-        if self.compute_slots:
-            return self.compute_slots
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
+        return self.compute_slots or usable_cpus()
 
     def token(self) -> str | None:
         """The bearer token, from ``auth_token`` or the file ``auth_token_file``."""
