@@ -39,6 +39,7 @@ from avrec.server.malformed import MalformedRequestInterceptor
 from avrec.server.models import load_serving_models
 from avrec.server.protocol import SERVICE_NAME, ranking_pb2_grpc
 from avrec.server.service import BearerTokenInterceptor, RankingServicer
+from avrec.server.snapshot_process import SnapshotProcess
 
 log = logging.getLogger("avrec.server")
 RELOAD_EXIT_SECONDS = 60.0  # how long a stop waits for a running snapshot reload
@@ -62,6 +63,8 @@ class Service:
         # by the interpreter's exit, the process aborts. Let it finish (seconds) first.
         if not self.engine.wait_for_reload(RELOAD_EXIT_SECONDS):
             log.warning("a snapshot reload still runs at stop (waited %s s)", RELOAD_EXIT_SECONDS)
+        if self.engine.snapshot_process is not None:
+            self.engine.snapshot_process.close()
 
 
 def model_root(config: ServeConfig) -> Path:
@@ -104,6 +107,10 @@ def build_engine(
 def start(config: ServeConfig, engine_class: type[RankingEngine] = RankingEngine) -> Service:
     """Build and start the server (returns at once; the port is bound)."""
     engine, events = build_engine(config, engine_class)
+    if config.snapshot_process:
+        engine.snapshot_process = SnapshotProcess(
+            config.redis_url or avrec_config.redis_url(), config.redis_timeout_seconds,
+            engine.behaviour_reader, engine.embedding_reader, engine.catalogue)
     # what start loaded (Feast, onnxruntime, torch when installed, the snapshot) stays for
     # good: out of the cyclic GC, whose full passes over it cost tens of ms inside requests
     gc.collect()
@@ -184,6 +191,8 @@ def serve(config: ServeConfig) -> int:
             service.watcher.wake()
     models = service.engine.models
     engine = service.engine  # (the counter as requests read it: no reload for the print)
+    if engine.snapshot_process is not None:  # its start-up now, not at the first reload
+        engine.snapshot_process.start()
     snapshot = engine.ensure_snapshot(engine.materialization(), engine.clock.now()).snapshot
     print(f"avrec serve: listening on {config.host}:{service.port} "
           f"(model {models.version}, {len(snapshot)} items, embeddings "

@@ -46,6 +46,9 @@ class ServeConfig:
     max_top_k: int = 1000
     retrieval_candidates: int = 200
     snapshot_refresh_seconds: float = 60.0
+    # background snapshot reloads read Redis in a child process (server/snapshot_process.py);
+    # false: in the serving process, pausing between chunks
+    snapshot_process: bool = True
     redis_timeout_seconds: float = 1.0
     ort_threads: int = 1
     # numpy's BLAS threads in the serving process (server/blas_threads.py): a request's

@@ -49,6 +49,7 @@ from avrec.server.item_snapshot import (
 from avrec.server.models import ServingModels, UserInputs
 from avrec.server.request_checks import RequestError, candidate_rows, check_request
 from avrec.server.retrieval import CandidateIndex
+from avrec.server.snapshot_process import SnapshotProcess, SnapshotProcessError
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ class RankingEngine:
         self.reloads = 0
         self.snapshot_errors = 0
         self._scoring = threading.BoundedSemaphore(config.scoring_slots())  # compute_slots
+        # background reloads read Redis in this child process when set (`avrec serve` sets it)
+        self.snapshot_process: SnapshotProcess | None = None
 
     # -- item snapshot ---------------------------------------------------------------------
 
@@ -140,12 +143,7 @@ class RankingEngine:
         """A snapshot bound to ``models`` (default: the serving ones); ``background``: no
         request waits for it, so it reads in pauses (:class:`RowCache`)."""
         models = models or self.models
-        snapshot = load_snapshot(
-            self.client, self.behaviour_reader, self.embedding_reader, self.catalogue,
-            models.encoder, now, timedelta(seconds=self.config.snapshot_refresh_seconds),
-            models.vector_field, materialization, self._row_caches,
-            YIELD_SECONDS if background else 0.0,
-        )
+        snapshot = self._read_snapshot(models, materialization, now, background)
         wanted = models.contract.embedding_version
         if snapshot.embedding_version != wanted:
             raise MixedVersionsError(
@@ -160,11 +158,44 @@ class RankingEngine:
                  if models.user_tower is not None and models.hybrid is None else None)
         pipeline = stats = None
         if models.hybrid is not None:
-            pipeline = models.hybrid.bind(snapshot.item_ids, snapshot.vectors, self.catalogue)
+            pipeline = self._bound_pipeline(models, snapshot)
             stats = item_stats(snapshot.frame)
         return _Loaded(snapshot, vectors, snapshot.unit_vectors(),
                        np.argsort(-snapshot.popularity, kind="stable"), index, models,
                        pipeline, stats)
+
+    def _read_snapshot(self, models: ServingModels, materialization: bytes | None,
+                       now: datetime, background: bool) -> ItemSnapshot:
+        """The item rows from Redis: in the :attr:`snapshot_process` for a background reload
+        when there is one, else here (a background read pausing between chunks)."""
+        refresh = timedelta(seconds=self.config.snapshot_refresh_seconds)
+        if background and self.snapshot_process is not None:
+            try:
+                return self.snapshot_process.load(models.encoder, now, refresh,
+                                                  models.vector_field, materialization)
+            except SnapshotProcessError as exc:
+                logger.warning("snapshot process failed, reloading in process: %s", exc)
+        return load_snapshot(
+            self.client, self.behaviour_reader, self.embedding_reader, self.catalogue,
+            models.encoder, now, refresh, models.vector_field, materialization,
+            self._row_caches, YIELD_SECONDS if background else 0.0,
+        )
+
+    def _bound_pipeline(self, models: ServingModels, snapshot: ItemSnapshot) -> HybridPipeline:
+        """The hybrid bound to the snapshot's items and vectors: the serving one again when
+        neither changed since (a reload after a materialization mostly brings new behaviour
+        rows; item statistics are not part of the binding), else a new binding.
+
+        Binding re-indexes the history scorers' sparse weights (~30 ms holding the
+        interpreter): every request in flight during a background reload waited for it.
+        """
+        loaded = self._loaded
+        assert models.hybrid is not None
+        if (loaded is not None and loaded.pipeline is not None and loaded.models is models
+                and np.array_equal(loaded.snapshot.item_ids, snapshot.item_ids)
+                and np.array_equal(loaded.snapshot.vectors, snapshot.vectors)):
+            return loaded.pipeline
+        return models.hybrid.bind(snapshot.item_ids, snapshot.vectors, self.catalogue)
 
     def swap_models(self, models: ServingModels) -> None:
         """Serve ``models`` from the next request on (a model hot swap).

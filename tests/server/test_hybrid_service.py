@@ -195,3 +195,25 @@ def test_at_most_compute_slots_requests_score_at_once(stack, slots: int) -> None
         assert [i.item_id for i in answer.items] == [item for item, _ in alone]
         np.testing.assert_allclose([i.score for i in answer.items],
                                    [score for _, score in alone], rtol=1e-5, atol=1e-7)
+
+
+def test_a_reload_binds_the_hybrid_again_only_when_item_vectors_changed(
+    stack, hybrid_service
+) -> None:
+    """A reload that brings new behaviour rows keeps the pipeline bound to the same items and
+    vectors (binding re-indexes every history scorer: it stalled requests); one whose vectors
+    differ from the serving snapshot's binds anew, to the vectors Redis serves now."""
+    engine = hybrid_service.engine
+    current_snapshot(hybrid_service)
+    bound = engine._loaded.pipeline
+    current_snapshot(hybrid_service)
+    assert engine._loaded.pipeline is bound
+    served = engine._loaded.snapshot
+    served.vectors = served.vectors.copy()
+    served.vectors[np.flatnonzero(served.has_vector)[0]] *= -1.0  # unlike Redis's now
+    current_snapshot(hybrid_service)
+    rebound = engine._loaded.pipeline
+    assert rebound is not bound
+    fresh = engine._loaded.snapshot
+    np.testing.assert_array_equal(rebound.features.vectors, bound.features.vectors)
+    assert not np.array_equal(fresh.vectors, served.vectors)

@@ -20,6 +20,7 @@ class ReloadingEngine:
     thread in flight, and the engine's own ``wait_for_reload``."""
 
     wait_for_reload = RankingEngine.wait_for_reload
+    snapshot_process = None  # reloads in process
 
     def __init__(self, seconds: float) -> None:
         self.finished = threading.Event()

@@ -1,0 +1,124 @@
+"""Background snapshot reloads in a child process: the same snapshot as a load in process,
+Redis errors raised as they are there, and a reload in process when the child fails.
+
+Real Redis, Feast registry and ONNX models (the ``stack``); the child is a real spawned process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import redis
+
+from tests.server.conftest import serve_config, stack_env
+
+REFRESH = timedelta(seconds=60)
+
+
+@pytest.fixture(scope="module")
+def engine(stack) -> Iterator[object]:
+    from avrec.server.app import build_engine
+    from avrec.server.snapshot_process import SnapshotProcess
+
+    with stack_env(stack):
+        built, _ = build_engine(serve_config(stack, hybrid=False))
+    built.snapshot_process = SnapshotProcess(
+        stack.redis_url, 1.0, built.behaviour_reader, built.embedding_reader, built.catalogue)
+    yield built
+    built.wait_for_reload(60)
+    built.snapshot_process.close()
+    built.client.close()
+
+
+def test_the_child_loads_the_snapshot_the_server_would_load_itself(engine) -> None:
+    from avrec.server.item_snapshot import load_snapshot
+
+    now, counter = engine.clock.now(), engine.materialization()
+    models = engine.models
+    got = engine.snapshot_process.load(models.encoder, now, REFRESH, models.vector_field,
+                                       counter)
+    want = load_snapshot(engine.client, engine.behaviour_reader, engine.embedding_reader,
+                         engine.catalogue, models.encoder, now, REFRESH, models.vector_field,
+                         counter)
+    for name in ("item_ids", "vectors", "has_vector", "dense", "missing", "popularity"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    assert got.frame.equals(want.frame) and got.titles == want.titles
+    for name in ("embedding_version", "materialization", "loaded_at", "valid_until",
+                 "expires_at", "freshest"):
+        assert getattr(got, name) == getattr(want, name), name
+    np.testing.assert_array_equal(got.rows(np.array([1, 50, -3])), want.rows(np.array([1, 50, -3])))
+    assert engine.snapshot_process.loads >= 1
+
+
+def test_a_background_reload_goes_through_the_child(engine) -> None:
+    loads = engine.snapshot_process.loads
+    engine.client.incr(engine.version_key)  # a materialization happened
+    engine.ensure_snapshot(engine.materialization(), engine.clock.now())
+    assert engine.wait_for_reload(120)
+    assert engine.snapshot_process.loads == loads + 1
+    assert engine._loaded.snapshot.materialization == engine.materialization()
+
+
+def test_a_killed_child_is_replaced_at_the_next_reload(engine) -> None:
+    process = engine.snapshot_process
+    process.start()
+    started, loads, reloads = process.started, process.loads, engine.reloads
+    os.kill(process.pid, signal.SIGKILL)
+    process._process.join(10)
+    engine.client.incr(engine.version_key)
+    engine.ensure_snapshot(engine.materialization(), engine.clock.now())
+    assert engine.wait_for_reload(120)
+    assert engine.reloads == reloads + 1
+    assert engine._loaded.snapshot.materialization == engine.materialization()
+    assert process.loads == loads + 1 and process.started == started + 1
+
+
+def test_a_child_that_does_not_answer_leaves_the_reload_to_the_server(
+    engine, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No snapshot within the timeout (10 ms here: a load takes the child ~1 s): the child
+    is stopped, the reload runs in the server, and the next one starts a new child."""
+    process = engine.snapshot_process
+    process.start()
+    loads, reloads = process.loads, engine.reloads
+    monkeypatch.setattr(process, "timeout", 0.01)
+    engine.client.incr(engine.version_key)
+    with caplog.at_level(logging.WARNING, logger="avrec.server.engine"):
+        engine.ensure_snapshot(engine.materialization(), engine.clock.now())
+        assert engine.wait_for_reload(120)
+    assert "no snapshot within 0.01 s" in caplog.text and "reloading in process" in caplog.text
+    assert engine.reloads == reloads + 1 and process.loads == loads
+    assert engine._loaded.snapshot.materialization == engine.materialization()
+    assert process.pid is None  # stopped
+
+
+@contextmanager
+def nobody_listening() -> Iterator[str]:
+    """A Redis URL on a free local port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    yield f"redis://127.0.0.1:{port}/0"
+
+
+def test_redis_errors_in_the_child_are_raised_as_in_process(engine) -> None:
+    from avrec.server.snapshot_process import SnapshotProcess
+
+    with nobody_listening() as url:
+        process = SnapshotProcess(url, 0.5, engine.behaviour_reader, engine.embedding_reader,
+                                  engine.catalogue)
+        try:
+            with pytest.raises(redis.ConnectionError):
+                process.load(engine.models.encoder, engine.clock.now(), REFRESH,
+                             engine.models.vector_field, None)
+            assert process.pid is not None and process._process.is_alive()  # lives on
+        finally:
+            process.close()
