@@ -8,10 +8,13 @@ times, for random active users (seeded):
 
 Users are drawn from those with a fresh ``user_history`` row (active within the TTL).
 
-* ``rank``: :meth:`avrec.server.engine.RankingEngine.rank` with ``--candidates`` random items (the
-  Redis read of the user and their history, the pipeline, the answer's rows);
+* ``rank, first call``: :meth:`avrec.server.engine.RankingEngine.rank` with ``--candidates``
+  random items (the Redis read of the user and their history, the pipeline, the answer's rows),
+  the generator outputs computed anew as for a user's first request;
+* ``rank, repeat call``: the same calls again, the generator outputs from the per-user cache
+  (:mod:`avrec.ranker.user_score_cache`, as a user's later requests with the same history);
 * ``recommend``: :meth:`~avrec.server.engine.RankingEngine.recommend`, top 20 (pool from the whole
-  catalogue);
+  catalogue; first calls);
 * the pipeline's stages for the same users (history scorers, ranks, pool, features, ONNX
   scorer, served order), each timed alone;
 * ``deep rank``: the same service with ``hybrid: false`` (the deep ranker), the baseline of
@@ -38,6 +41,7 @@ from avrec.ranker.candidate_pool import candidate_pool, new_item_ranks, ranks
 from avrec.ranker.history_scorers import History
 from avrec.ranker.hybrid_features import CONTENT, RECENT
 from avrec.ranker.hybrid_pipeline import ServedUser, served_order
+from avrec.ranker.user_score_cache import UserScoreCache
 from avrec.server.app import build_engine
 from avrec.server.blas_threads import limit_blas_threads
 from avrec.server.config import ServeConfig
@@ -137,9 +141,18 @@ def main() -> int:
     rows: dict[str, np.ndarray] = {}
     rows["deep rank"] = timed([lambda u=u, c=c: deep.rank(u, c) for u, c in
                                zip(users, candidates, strict=True)])
-    rows["rank"] = timed([lambda u=u, c=c: engine.rank(u, c) for u, c in
-                          zip(users, candidates, strict=True)])
+    ranks = [lambda u=u, c=c: engine.rank(u, c) for u, c in zip(users, candidates, strict=True)]
+    pipeline = engine.ensure_snapshot(engine.materialization(), engine.clock.now()).pipeline
+    served_cache = pipeline.user_cache
+    pipeline.user_cache = None  # every call computes its generator outputs anew
+    rows["rank, first call"] = timed(ranks)
+    pipeline.user_cache = UserScoreCache(len(set(users)))
+    for call in ranks:  # each user's first call fills the cache
+        call()
+    rows["rank, repeat call"] = timed(ranks)
+    pipeline.user_cache = None
     rows["recommend"] = timed([lambda u=u: engine.recommend(u, 20) for u in users])
+    pipeline.user_cache = served_cache
     for name, calls in stage_calls(engine, users).items():
         rows[f"  {name}"] = timed(calls)
     base = float(np.median(rows["deep rank"]))

@@ -30,6 +30,7 @@ from avrec.ranker.candidate_pool import ItemStats, neighbour_similarity, unit_ro
 from avrec.ranker.history_scorers import History
 from avrec.ranker.item_history import naive_utc
 
+Moments = tuple[np.ndarray, np.ndarray]  # mean and std over the unseen items, [users, 1] each
 CONTENT = "content"  # the generator name whose ranks fill the cold slots
 RECENT = 10  # the newest positives that make the "recent" query of item-item generators
 # The item_behaviour fields the features read (a server reads them from the online store,
@@ -109,12 +110,18 @@ class UnseenCatalogue:
         self.unseen = ~seen
         self.count = np.maximum(np.count_nonzero(self.unseen, axis=1), 1)[:, None]
 
-    def z_scores(self, scores: np.ndarray, pool: np.ndarray) -> np.ndarray:
-        """Each pool item's score as a z-score over the user's unseen items, clipped to
-        [-10, 50] (NaN: 0)."""
+    def moments(self, scores: np.ndarray) -> Moments:
+        """Mean and standard deviation (``[users, 1]``) of each row over its unseen items."""
         mean = np.where(self.unseen, scores, 0.0).sum(axis=1, keepdims=True) / self.count
         deviation = np.where(self.unseen, scores - mean, 0.0)
         std = np.sqrt(np.einsum("ui,ui->u", deviation, deviation)[:, None] / self.count)
+        return mean, std
+
+    def z_scores(self, scores: np.ndarray, pool: np.ndarray,
+                 moments: Moments | None = None) -> np.ndarray:
+        """Each pool item's score as a z-score over the user's unseen items, clipped to
+        [-10, 50] (NaN: 0); ``moments``: :meth:`moments` of ``scores`` when known."""
+        mean, std = self.moments(scores) if moments is None else moments
         z = (np.take_along_axis(scores, pool, 1) - mean) / np.where(std > 0, std, 1.0)
         z = np.clip(z, -10, 50)  # +-inf to the bounds
         z[np.isnan(z)] = 0.0
@@ -195,17 +202,20 @@ class CandidateFeatures:
     def build(
         self, context: UserContext, pool: np.ndarray, generator_scores: Sequence[np.ndarray],
         generator_ranks: Sequence[np.ndarray], item_stats: Sequence[ItemStats],
-        query_scores: Sequence[np.ndarray] = (),
+        query_scores: Sequence[np.ndarray] = (), moments: Sequence[Moments] | None = None,
     ) -> np.ndarray:
         """Features of each user's pool; ``item_stats[u]`` holds :data:`ITEM_STATS` over the
-        catalogue as of user ``u``'s cut."""
+        catalogue as of user ``u``'s cut; ``moments``: :meth:`UnseenCatalogue.moments` of the
+        generator scores then the query scores, when known."""
         size = pool.shape[1]
         columns: list[np.ndarray] = []
         unseen = UnseenCatalogue(context.seen)
-        for scores, rank in zip(generator_scores, generator_ranks, strict=True):
-            columns += [unseen.z_scores(scores, pool),
-                        1.0 / np.log2(2.0 + np.take_along_axis(rank, pool, 1))]
-        columns += [unseen.z_scores(scores, pool) for scores in query_scores]
+        every = [*generator_scores, *query_scores]
+        known = list(moments) if moments is not None else [None] * len(every)
+        z = [unseen.z_scores(scores, pool, m) for scores, m in zip(every, known, strict=True)]
+        for z_score, rank in zip(z[:len(generator_scores)], generator_ranks, strict=True):
+            columns += [z_score, 1.0 / np.log2(2.0 + np.take_along_axis(rank, pool, 1))]
+        columns += z[len(generator_scores):]
         stack = {name: np.stack([np.asarray(stats[name], dtype=np.float64)[pool[row]]
                                  for row, stats in enumerate(item_stats)])
                  for name in ITEM_STATS}

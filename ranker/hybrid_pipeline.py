@@ -49,9 +49,11 @@ from avrec.ranker.hybrid_features import (
     CandidateFeatures,
     CatalogueFacts,
     ScoredPool,
+    UnseenCatalogue,
     UserContext,
     with_exploration_slots,
 )
+from avrec.ranker.user_score_cache import GeneratorOutputs, UserScoreCache
 
 CONFIG_FILE = "pipeline.json"
 SCORER_FILE = "scorer.onnx"
@@ -165,6 +167,33 @@ class HybridPipeline:
         self.scorers, self.features, self.model = scorers, features, model
         self.known = np.asarray(known, dtype=bool)  # per catalogue column: fitted on
         self._id_order = np.argsort(self.item_ids, kind="stable")
+        # one user's generator outputs by history (a server sets it; None: computed each time)
+        self.user_cache: UserScoreCache | None = None
+
+    def generator_outputs(self, context: UserContext) -> GeneratorOutputs:
+        """Every generator's scores and ranks over the catalogue, the recent-positives query
+        scores and the moments of both over the unseen items: what depends on the users'
+        histories alone. For one user they come
+        from :attr:`user_cache` when it holds their history (and are stored there when not)."""
+        cache = self.user_cache if len(context.histories) == 1 else None
+        key = None
+        if cache is not None:
+            history = context.histories[0]
+            key = cache.key(history.columns, history.values)
+            found = cache.get(key)
+            if found is not None:
+                return found
+        cfg = self.config
+        scores = [self.scorers[g].score(context.histories) for g in cfg.generators]
+        recent = [History(p[-RECENT:], np.full(min(p.size, RECENT), cfg.positive_threshold))
+                  for p in context.positives]
+        queries = [self.scorers[g].score(recent) for g in cfg.queries]
+        unseen = UnseenCatalogue(context.seen)
+        outputs = GeneratorOutputs(scores, [ranks(s, context.seen) for s in scores], queries,
+                                   [unseen.moments(s) for s in (*scores, *queries)])
+        if cache is not None and key is not None:
+            cache.put(key, outputs)
+        return outputs
 
     def pool(self, context: UserContext, item_stats: Sequence[ItemStats],
              candidates: np.ndarray | None = None) -> ScoredPool:
@@ -176,8 +205,8 @@ class HybridPipeline:
         """
         cfg = self.config
         cold = np.repeat(~self.known[None, :], len(context.histories), axis=0)
-        scores = [self.scorers[g].score(context.histories) for g in cfg.generators]
-        generator_ranks = [ranks(s, context.seen) for s in scores]
+        outputs = self.generator_outputs(context)
+        scores, generator_ranks = outputs.scores, outputs.ranks
         if candidates is None:
             content = (generator_ranks[cfg.generators.index(CONTENT)]
                        if CONTENT in cfg.generators else None)
@@ -192,10 +221,8 @@ class HybridPipeline:
                                   cfg.cold_slots)
         else:
             pool = candidates
-        recent = [History(p[-RECENT:], np.full(min(p.size, RECENT), cfg.positive_threshold))
-                  for p in context.positives]
-        queries = [self.scorers[g].score(recent) for g in cfg.queries]
-        built = self.features.build(context, pool, scores, generator_ranks, item_stats, queries)
+        built = self.features.build(context, pool, scores, generator_ranks, item_stats,
+                                    outputs.queries, outputs.moments)
         fused = sum(1.0 / (RRF_K + r) for r in generator_ranks)
         return ScoredPool(pool, built, np.where(context.seen, 0.0, fused),
                           np.take_along_axis(cold, pool, 1),

@@ -60,6 +60,9 @@ class ServeConfig:
     # behind one another (hybrid Rank 1x200, 16 callers: 233 req/s unbounded, 309-330 with
     # 2 slots); 0: one per CPU this process may use
     compute_slots: int = 0
+    # the hybrid's per-user generator outputs kept for the user's next request (LRU, keyed by
+    # the history: ranker/user_score_cache.py); ~0.5 MB each for 9,742 items. 0: none
+    user_cache_entries: int = 128
     max_message_bytes: int = 4 * 1024 * 1024
     grace_seconds: float = 5.0
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
@@ -103,6 +106,8 @@ class ServeConfig:
                      "max_message_bytes", "event_id_window"):
             if getattr(self, name) <= 0:
                 found.append(f"{name} must be positive")
+        if self.user_cache_entries < 0:
+            found.append("user_cache_entries must be >= 0 (0: no cache)")
         if self.compute_slots < 0:
             found.append("compute_slots must be >= 0 (0: one per CPU)")
         if self.clock:

@@ -32,6 +32,7 @@ from avrec.pit_join import DERIVED_AGES
 from avrec.ranker.contract import ContractError
 from avrec.ranker.features import ItemVectors
 from avrec.ranker.hybrid_pipeline import HybridPipeline, ServedUser, item_stats
+from avrec.ranker.user_score_cache import UserScoreCache
 from avrec.redis_client import STORE_ERRORS, Client
 from avrec.server import metrics
 from avrec.server.answers import Ranked, assemble, history_rows, mmr, sigmoid
@@ -195,7 +196,9 @@ class RankingEngine:
                 and np.array_equal(loaded.snapshot.item_ids, snapshot.item_ids)
                 and np.array_equal(loaded.snapshot.vectors, snapshot.vectors)):
             return loaded.pipeline
-        return models.hybrid.bind(snapshot.item_ids, snapshot.vectors, self.catalogue)
+        pipeline = models.hybrid.bind(snapshot.item_ids, snapshot.vectors, self.catalogue)
+        pipeline.user_cache = UserScoreCache(self.config.user_cache_entries)
+        return pipeline
 
     def swap_models(self, models: ServingModels) -> None:
         """Serve ``models`` from the next request on (a model hot swap).
