@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from avrec.errors import AvrecError
 from avrec.server.feature_reader import ViewReader
 from avrec.server.item_snapshot import ItemSnapshot, RowCache, load_snapshot
 
@@ -46,7 +47,7 @@ logger = logging.getLogger(__name__)
 LOAD_TIMEOUT_SECONDS = 120.0  # a child silent this long is stopped (the reload runs here)
 
 
-class SnapshotProcessError(RuntimeError):
+class SnapshotProcessError(AvrecError, RuntimeError):
     """The child could not deliver a snapshot (it died, timed out or sent garbage)."""
 
 
@@ -56,7 +57,9 @@ class SnapshotProcess:
     def __init__(self, redis_url: str, redis_timeout: float, behaviour: ViewReader,
                  embedding: ViewReader, catalogue: pl.DataFrame,
                  timeout: float = LOAD_TIMEOUT_SECONDS) -> None:
-        self._args = (redis_url, redis_timeout, behaviour, embedding, catalogue)
+        self._connection = (redis_url, redis_timeout)
+        self._setup = (behaviour, embedding, catalogue)
+        self._needs_setup = False  # the running child has not been sent the setup yet
         self.timeout = timeout
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
@@ -85,7 +88,10 @@ class SnapshotProcess:
         with self._lock:
             conn = self._running()
             try:
-                conn.send((encoder, now, refresh, vector_field, materialization))
+                if self._needs_setup:
+                    conn.send(("setup", *self._setup))
+                    self._needs_setup = False
+                conn.send(("load", encoder, now, refresh, vector_field, materialization))
                 if not conn.poll(self.timeout):
                     raise SnapshotProcessError(f"no snapshot within {self.timeout} s")
                 status, payload = conn.recv()
@@ -100,10 +106,19 @@ class SnapshotProcess:
             self.loads += 1
             return payload
 
-    def close(self) -> None:
-        """Stop the child (a later :meth:`load` starts another)."""
-        with self._lock:
-            self._stop()
+    def close(self, wait: float = 5.0) -> None:
+        """Stop the child (a later :meth:`load` starts another). A load still in flight
+        after ``wait`` seconds is cut short: the child is killed, and that load raises
+        :class:`SnapshotProcessError` (the reload falls back to the server)."""
+        if self._lock.acquire(timeout=wait):
+            try:
+                self._stop()
+            finally:
+                self._lock.release()
+            return
+        process = self._process
+        if process is not None:
+            process.kill()
 
     def _running(self) -> Connection:
         if self._process is not None and self._process.is_alive() and self._conn is not None:
@@ -111,11 +126,14 @@ class SnapshotProcess:
         self._stop()
         context = multiprocessing.get_context("spawn")  # no fork of a threaded server
         parent, child = context.Pipe()
-        process = context.Process(target=_child_main, args=(child, *self._args),
+        # the spawn carries only small arguments: the catalogue follows through the pipe
+        # with the first load (a parent killed while writing a large spawn payload left the
+        # child a truncated pickle, and a traceback on stderr)
+        process = context.Process(target=_child_main, args=(child, *self._connection),
                                   name="avrec-snapshot-loader", daemon=True)
         process.start()
         child.close()
-        self._process, self._conn = process, parent
+        self._process, self._conn, self._needs_setup = process, parent, True
         self.started += 1
         return parent
 
@@ -131,27 +149,43 @@ class SnapshotProcess:
                 process.join(5)
 
 
-def _child_main(conn: Connection, redis_url: str, redis_timeout: float,
-                behaviour: ViewReader, embedding: ViewReader, catalogue: pl.DataFrame) -> None:
-    """The child's loop: one request in, one ``("ok", snapshot)`` or ``("error", exc)`` out,
-    until the parent closes the pipe."""
+def _child_main(conn: Connection, redis_url: str, redis_timeout: float) -> None:
+    """The child: serve loads until the parent closes the pipe (or went away: then quietly)."""
+    try:
+        _serve_loads(conn, redis_url, redis_timeout)
+    except (EOFError, OSError, pickle.UnpicklingError):
+        return
+
+
+def _serve_loads(conn: Connection, redis_url: str, redis_timeout: float) -> None:
+    """One ``("setup", behaviour, embedding, catalogue)`` message, then per ``("load", ...)``
+    message one ``("ok", snapshot)`` or ``("error", exc)`` reply."""
     from avrec.redis_client import connect
 
     client = connect(redis_url, socket_timeout=redis_timeout,
                      socket_connect_timeout=redis_timeout)
-    caches = (RowCache(behaviour), RowCache(embedding))
+    behaviour: ViewReader | None = None
+    embedding: ViewReader | None = None
+    catalogue = pl.DataFrame()
+    caches: tuple[RowCache, RowCache] | None = None
     while True:
-        try:
-            encoder, now, refresh, vector_field, materialization = conn.recv()
-        except (EOFError, OSError):
-            return
+        tag, *message = conn.recv()
+        if tag == "setup":
+            behaviour, embedding, catalogue = message
+            caches = (RowCache(behaviour), RowCache(embedding))
+            continue
+        encoder, now, refresh, vector_field, materialization = message
         reply: tuple[str, Any]
         try:
+            if behaviour is None or embedding is None or caches is None:
+                raise SnapshotProcessError("a load before the setup")
             reply = ("ok", load_snapshot(client, behaviour, embedding, catalogue, encoder,
                                          now, refresh, vector_field, materialization, caches))
         except Exception as exc:  # sent to the parent, which raises it
             reply = ("error", exc)
         try:
             conn.send(reply)
+        except (OSError, EOFError):
+            raise
         except Exception as exc:  # an exception that does not pickle
             conn.send(("error", SnapshotProcessError(f"the snapshot load failed: {exc!r}")))

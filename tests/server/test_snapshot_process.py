@@ -122,3 +122,34 @@ def test_redis_errors_in_the_child_are_raised_as_in_process(engine) -> None:
             assert process.pid is not None and process._process.is_alive()  # lives on
         finally:
             process.close()
+
+
+def test_closing_during_a_load_cuts_it_short(engine) -> None:
+    """A stop that cannot wait for a load in flight kills the child; the load raises (the
+    engine would then reload in process) instead of holding the stop."""
+    import threading
+
+    from avrec.server.snapshot_process import SnapshotProcess, SnapshotProcessError
+
+    process = SnapshotProcess(engine.snapshot_process._connection[0], 1.0, engine.behaviour_reader,
+                              engine.embedding_reader, engine.catalogue)
+    failures: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            process.load(engine.models.encoder, engine.clock.now(), REFRESH,
+                         engine.models.vector_field, None)
+        except SnapshotProcessError as exc:
+            failures.append(exc)
+
+    loader = threading.Thread(target=load)
+    loader.start()  # the first load spawns the child: seconds
+    for _ in range(3000):
+        if process.pid is not None:
+            break
+        threading.Event().wait(0.01)
+    assert process.pid is not None, "the child never started"
+    process.close(wait=0.0)
+    loader.join(60)
+    assert not loader.is_alive() and failures
+    process.close()
