@@ -38,6 +38,7 @@ import polars as pl
 from avrec.errors import AvrecError
 from avrec.server.feature_reader import ViewReader
 from avrec.server.item_snapshot import ItemSnapshot, RowCache, load_snapshot
+from avrec.server.snapshot_child import child_main
 
 if TYPE_CHECKING:
     from avrec.ranker.features import FeatureEncoder
@@ -129,7 +130,7 @@ class SnapshotProcess:
         # the spawn carries only small arguments: the catalogue follows through the pipe
         # with the first load (a parent killed while writing a large spawn payload left the
         # child a truncated pickle, and a traceback on stderr)
-        process = context.Process(target=_child_main, args=(child, *self._connection),
+        process = context.Process(target=child_main, args=(child, *self._connection),
                                   name="avrec-snapshot-loader", daemon=True)
         process.start()
         child.close()
@@ -149,8 +150,9 @@ class SnapshotProcess:
                 process.join(5)
 
 
-def _child_main(conn: Connection, redis_url: str, redis_timeout: float) -> None:
-    """The child: serve loads until the parent closes the pipe (or went away: then quietly)."""
+def serve_loads(conn: Connection, redis_url: str, redis_timeout: float) -> None:
+    """The child's loop (:func:`avrec.server.snapshot_child.child_main`), until the parent
+    closes the pipe or went away (then quietly)."""
     try:
         _serve_loads(conn, redis_url, redis_timeout)
     except (EOFError, OSError, pickle.UnpicklingError):

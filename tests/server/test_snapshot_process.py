@@ -13,6 +13,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +57,9 @@ def test_the_child_loads_the_snapshot_the_server_would_load_itself(engine) -> No
         assert getattr(got, name) == getattr(want, name), name
     np.testing.assert_array_equal(got.rows(np.array([1, 50, -3])), want.rows(np.array([1, 50, -3])))
     assert engine.snapshot_process.loads >= 1
+    # server code needs no torch; Feast would import it (~550 MB): the child keeps it out
+    maps = Path(f"/proc/{engine.snapshot_process.pid}/maps").read_text()
+    assert "libtorch" not in maps
 
 
 def test_a_background_reload_goes_through_the_child(engine) -> None:
