@@ -70,7 +70,7 @@ class SnapshotProcess:
 
     @property
     def pid(self) -> int | None:
-        """The child's process id (None before the first load)."""
+        """The child's process id (None while no child runs)."""
         return self._process.pid if self._process is not None else None
 
     def start(self) -> None:
