@@ -105,7 +105,9 @@ def build_engine(
 
 
 def start(config: ServeConfig, engine_class: type[RankingEngine] = RankingEngine) -> Service:
-    """Build and start the server (returns at once; the port is bound)."""
+    """Build and start the server (returns at once; the port is bound). Caps numpy's BLAS
+    threads for the whole process first (``blas_threads``, :mod:`avrec.server.blas_threads`)."""
+    limit_blas_threads(config.blas_threads)
     engine, events = build_engine(config, engine_class)
     if config.snapshot_process:
         engine.snapshot_process = SnapshotProcess(
@@ -167,7 +169,6 @@ def serve(config: ServeConfig) -> int:
     the main thread, between bytecodes: when the kernel hands a signal to one of gRPC's
     threads, a main thread blocked in an untimed wait would not run the handler until it
     woke for another reason, so it waits in short slices."""
-    limit_blas_threads(config.blas_threads)
     stopped, hangup = threading.Event(), threading.Event()
     watcher: list[ModelWatcher] = []  # once the service has started
 

@@ -37,3 +37,17 @@ def test_a_server_runs_one_blas_thread_by_default() -> None:
 def test_a_negative_count_is_refused() -> None:
     with pytest.raises(ValueError, match="blas_threads"):
         limit_blas_threads(-1)
+
+
+def test_starting_a_server_caps_the_processs_blas_threads(stack) -> None:
+    """``start()`` itself caps them (not only ``avrec serve``): benches, replicas and tests
+    that start a service once ran OpenBLAS's spinning threads beside every request (the
+    hybrid's server CPU per Rank 7.6 -> 15.6 ms on session 15's machine)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from tests.server.conftest import running
+
+    threadpool_limits(limits=2, user_api="blas")
+    assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {2}
+    for _service in running(stack, hybrid=False, blas_threads=1):
+        assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {1}
