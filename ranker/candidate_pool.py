@@ -39,18 +39,35 @@ def ranks(scores: np.ndarray, exclude: np.ndarray, depth: int = RANK_DEPTH) -> n
     >>> ranks(np.array([[0.1, 0.9, 0.5, 0.7]]), np.array([[False, True, False, False]]), 2)
     array([[2, 2, 1, 0]])
     """
-    masked = np.where(exclude, -np.inf, scores)
+    negated = np.where(exclude, np.inf, -scores)  # ascending order = best first
     depth = min(depth, scores.shape[1])
     out = np.full(scores.shape, depth, dtype=np.int64)
     if depth == 0:
         return out
     rows = np.arange(scores.shape[0])[:, None]  # plain indexing: take_along_axis's cost, less
-    top = (np.argpartition(-masked, depth - 1, axis=1)[:, :depth] if depth < scores.shape[1]
+    top = (np.argpartition(negated, depth - 1, axis=1)[:, :depth] if depth < scores.shape[1]
            else np.broadcast_to(np.arange(depth), scores.shape))
-    best = top[rows, np.argsort(-masked[rows, top], axis=1)]
-    ranked = np.isfinite(masked[rows, best])  # excluded: not ranked
+    best = top[rows, np.argsort(negated[rows, top], axis=1)]
+    ranked = np.isfinite(negated[rows, best])  # excluded: not ranked
     out[rows, best] = np.where(ranked, np.arange(depth)[None, :], depth)
     return out
+
+
+def generators_ranks(scores: Sequence[np.ndarray], exclude: np.ndarray,
+                     depth: int = RANK_DEPTH) -> list[np.ndarray]:
+    """:func:`ranks` of each generator's ``[users, items]`` scores, in one call over all of
+    them (rows are ranked independently: the same ranks, a quarter of the calls for four
+    generators).
+
+    >>> scores = [np.array([[0.1, 0.9, 0.5]]), np.array([[3.0, 2.0, 1.0]])]
+    >>> [r.tolist() for r in generators_ranks(scores, np.array([[False, True, False]]), 2)]
+    [[[1, 2, 0]], [[0, 2, 1]]]
+    """
+    if not scores:
+        return []
+    users, items = exclude.shape
+    stacked = ranks(np.concatenate(scores), np.tile(exclude, (len(scores), 1)), depth)
+    return list(stacked.reshape(len(scores), users, items))
 
 
 def _best(scores: np.ndarray, size: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +43,17 @@ class History:
 
     columns: np.ndarray
     values: np.ndarray
+    _kept: dict[float | None, np.ndarray] = field(default_factory=dict, init=False,
+                                                  repr=False, compare=False)
 
     def kept(self, min_value: float | None) -> np.ndarray:
-        """Distinct columns of the events with ``value >= min_value`` (all when None)."""
-        cols = self.columns if min_value is None else self.columns[self.values >= min_value]
-        return np.unique(cols)
+        """Distinct columns of the events with ``value >= min_value`` (all when None),
+        computed once per threshold (the generators of a pipeline mostly share one)."""
+        found = self._kept.get(min_value)
+        if found is None:
+            cols = self.columns if min_value is None else self.columns[self.values >= min_value]
+            found = self._kept[min_value] = np.unique(cols)
+        return found
 
 
 def _remap(item_ids: np.ndarray, catalogue: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -69,14 +75,15 @@ class HistoryScorer(ABC):
         self.min_value = min_value
 
     def score(self, histories: Sequence[History]) -> np.ndarray:
-        out = np.tile(self.fallback, (len(histories), 1))
-        for row, history in enumerate(histories):
+        """``[users, items]`` scores; a history with nothing kept gets :attr:`fallback`."""
+        rows = []
+        for history in histories:
             cols = history.kept(self.min_value)
-            if cols.size:
-                scores = self._score(cols)
-                if scores is not None:
-                    out[row] = scores
-        return out
+            scores = self._score(cols) if cols.size else None
+            rows.append(self.fallback if scores is None else scores)
+        if len(rows) == 1 and rows[0] is not self.fallback:
+            return rows[0][None, :]  # a fresh array: no copy needed
+        return np.stack(rows) if rows else np.empty((0, self.fallback.size))
 
     @abstractmethod
     def _score(self, columns: np.ndarray) -> np.ndarray | None:
@@ -178,7 +185,7 @@ class FactorFoldIn(HistoryScorer):
     def _score(self, columns: np.ndarray) -> np.ndarray:
         y = self.factors[columns]
         a = self.gram + (self.alpha - 1.0) * (y.T @ y)
-        a[np.diag_indices_from(a)] += self.regularization
+        a.flat[:: a.shape[0] + 1] += self.regularization  # the diagonal
         user = np.linalg.solve(a, self.alpha * y.sum(axis=0))
         return self.factors @ user
 

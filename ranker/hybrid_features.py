@@ -26,7 +26,7 @@ import polars as pl
 
 from avrec.behaviour_features import HISTORY_CAP
 from avrec.names import DAY_US
-from avrec.ranker.candidate_pool import ItemStats, neighbour_similarity, unit_rows
+from avrec.ranker.candidate_pool import RRF_K, ItemStats, neighbour_similarity, unit_rows
 from avrec.ranker.history_scorers import History
 from avrec.ranker.item_history import naive_utc
 
@@ -121,11 +121,7 @@ class UnseenCatalogue:
                  moments: Moments | None = None) -> np.ndarray:
         """Each pool item's score as a z-score over the user's unseen items, clipped to
         [-10, 50] (NaN: 0); ``moments``: :meth:`moments` of ``scores`` when known."""
-        mean, std = self.moments(scores) if moments is None else moments
-        z = (np.take_along_axis(scores, pool, 1) - mean) / np.where(std > 0, std, 1.0)
-        z = np.clip(z, -10, 50)  # +-inf to the bounds
-        z[np.isnan(z)] = 0.0
-        return z
+        return z_scores([scores], pool, [self.moments(scores) if moments is None else moments])[0]
 
 
 @dataclass(frozen=True)
@@ -172,6 +168,47 @@ def _known_mean(values: np.ndarray) -> float:
     return float(known.mean()) if known.size else np.nan
 
 
+def z_scores(scores: Sequence[np.ndarray], pool: np.ndarray, moments: Sequence[Moments]
+             ) -> np.ndarray:
+    """:meth:`UnseenCatalogue.z_scores` of several score arrays at once, given their
+    moments: ``[len(scores), users, pool]``.
+
+    >>> scores = [np.array([[9.0, 1.0, 2.0, 3.0]])]
+    >>> moments = [UnseenCatalogue(np.array([[True, False, False, False]])).moments(scores[0])]
+    >>> z_scores(scores, np.array([[3, 1]]), moments)[0].tolist()
+    [[1.224744871391589, -1.224744871391589]]
+    """
+    if not scores:
+        return np.zeros((0, *pool.shape))
+    taken = np.stack([np.take_along_axis(s, pool, 1) for s in scores])
+    mean = np.stack([m[0] for m in moments])
+    std = np.stack([m[1] for m in moments])
+    z = np.clip((taken - mean) / np.where(std > 0, std, 1.0), -10, 50)  # +-inf to the bounds
+    z[np.isnan(z)] = 0.0
+    return z
+
+
+def item_stat_columns(stats: ItemStats) -> np.ndarray:
+    """The features made of :data:`ITEM_STATS` (float64 arrays of any one shape: the
+    catalogue, or each user's pool), stacked on a new last axis: log1p of the three
+    popularity counts, never_seen, mean_rating - 3.5 (0 when unknown), mean_rating_missing,
+    log1p of the age in days.
+
+    >>> stats = {"popularity_7d": np.array([0.0]), "popularity_30d": np.array([1.0]),
+    ...          "popularity_all": np.array([3.0]), "mean_rating": np.array([np.nan]),
+    ...          "item_age_days": np.array([np.e - 1])}
+    >>> item_stat_columns(stats).round(3).tolist()
+    [[0.0, 0.693, 1.386, 0.0, 0.0, 1.0, 1.0]]
+    """
+    rating = stats["mean_rating"]
+    return np.stack([
+        *(np.log1p(np.nan_to_num(stats[name]).clip(0)) for name in ITEM_STATS[:3]),
+        (np.nan_to_num(stats["popularity_all"]) == 0).astype(np.float64),
+        np.nan_to_num(rating - 3.5), np.isnan(rating).astype(np.float64),
+        np.log1p(np.nan_to_num(stats["item_age_days"], nan=0.0).clip(0)),
+    ], axis=-1)
+
+
 class CandidateFeatures:
     """Builds the ``[users, pool, features]`` tensor for the listwise scorer."""
 
@@ -184,14 +221,37 @@ class CandidateFeatures:
         self.neighbours = neighbours if vectors is not None else 0  # 0: no sim_neighbours
         self.vectors = None if vectors is None else unit_rows(vectors)
         self.has_vector = None if vectors is None else np.linalg.norm(vectors, axis=1) > 0
+        self._stat_columns: tuple[ItemStats, np.ndarray] | None = None  # the last stats seen
+
+    def _stat_table(self, stats: ItemStats) -> np.ndarray:
+        """:func:`item_stat_columns` over the whole catalogue for one ``stats`` mapping,
+        kept until another mapping comes (a server's snapshot holds one for its lifetime)."""
+        cached = self._stat_columns
+        if cached is None or cached[0] is not stats:
+            table = item_stat_columns({name: np.asarray(stats[name], dtype=np.float64)
+                                       for name in ITEM_STATS})
+            cached = self._stat_columns = (stats, table)
+        return cached[1]
 
     @property
     def names(self) -> list[str]:
         """Feature names in column order (the scorer's input contract)."""
+        return self._names(queries_first=True)
+
+    @property
+    def legacy_names(self) -> list[str]:
+        """The names as pipelines saved before 2026-12 list them: the same columns, the
+        query z-scores' names misplaced after the item statistics' (a label error only: the
+        scorer was trained and is served on the columns :meth:`build` makes)."""
+        return self._names(queries_first=False)
+
+    def _names(self, queries_first: bool) -> list[str]:
         out = [f"{g}_{kind}" for g in self.generator_names for kind in ("z", "rr")]
+        queries = [f"{g}_recent{RECENT}_z" for g in self.query_names]
+        out += queries if queries_first else []
         out += [f"log_{name}" for name in ITEM_STATS[:3]] + ["never_seen"]
         out += ["mean_rating", "mean_rating_missing", "log_age_days"]
-        out += [f"{g}_recent{RECENT}_z" for g in self.query_names]
+        out += [] if queries_first else queries
         if self.vectors is not None:
             out += ["sim_profile", "sim_last", "no_vector"]
             out += ["sim_neighbours"] if self.neighbours else []
@@ -205,25 +265,31 @@ class CandidateFeatures:
         query_scores: Sequence[np.ndarray] = (), moments: Sequence[Moments] | None = None,
     ) -> np.ndarray:
         """Features of each user's pool; ``item_stats[u]`` holds :data:`ITEM_STATS` over the
-        catalogue as of user ``u``'s cut; ``moments``: :meth:`UnseenCatalogue.moments` of the
-        generator scores then the query scores, when known."""
+        catalogue as of user ``u``'s cut (one mapping shared by every user, as a server
+        passes it, is turned into feature columns once: read-only by contract);
+        ``moments``: :meth:`UnseenCatalogue.moments` of the generator scores then the query
+        scores, when known."""
         size = pool.shape[1]
-        columns: list[np.ndarray] = []
-        unseen = UnseenCatalogue(context.seen)
         every = [*generator_scores, *query_scores]
-        known = list(moments) if moments is not None else [None] * len(every)
-        z = [unseen.z_scores(scores, pool, m) for scores, m in zip(every, known, strict=True)]
-        for z_score, rank in zip(z[:len(generator_scores)], generator_ranks, strict=True):
-            columns += [z_score, 1.0 / np.log2(2.0 + np.take_along_axis(rank, pool, 1))]
-        columns += z[len(generator_scores):]
-        stack = {name: np.stack([np.asarray(stats[name], dtype=np.float64)[pool[row]]
-                                 for row, stats in enumerate(item_stats)])
-                 for name in ITEM_STATS}
-        columns += [np.log1p(np.nan_to_num(stack[name]).clip(0)) for name in ITEM_STATS[:3]]
-        columns.append((np.nan_to_num(stack["popularity_all"]) == 0).astype(np.float64))
-        rating = stack["mean_rating"]
-        columns += [np.nan_to_num(rating - 3.5), np.isnan(rating).astype(np.float64)]
-        columns.append(np.log1p(np.nan_to_num(stack["item_age_days"], nan=0.0).clip(0)))
+        if moments is None:
+            unseen = UnseenCatalogue(context.seen)
+            moments = [unseen.moments(scores) for scores in every]
+        z = z_scores(every, pool, moments)
+        columns: list[np.ndarray] = []
+        if generator_ranks:
+            taken = np.stack([np.take_along_axis(rank, pool, 1) for rank in generator_ranks])
+            reciprocal = 1.0 / np.log2(2.0 + taken)
+            for g in range(len(generator_scores)):
+                columns += [z[g], reciprocal[g]]
+        columns += list(z[len(generator_scores):])
+        if item_stats and all(stats is item_stats[0] for stats in item_stats):
+            stat_block = self._stat_table(item_stats[0])[pool]
+        else:
+            stat_block = item_stat_columns({
+                name: np.stack([np.asarray(stats[name], dtype=np.float64)[pool[row]]
+                                for row, stats in enumerate(item_stats)])
+                for name in ITEM_STATS})
+        columns += list(np.moveaxis(stat_block, -1, 0))
         if self.vectors is not None:
             assert self.has_vector is not None
             profile = np.stack([
@@ -259,10 +325,19 @@ class ScoredPool:
 
     pool: np.ndarray  # [users, pool] catalogue columns
     features: np.ndarray  # [users, pool, features]
-    fused: np.ndarray  # [users, items] reciprocal-rank fusion (0 for seen items)
+    generator_ranks: Sequence[np.ndarray]  # [users, items] each generator's ranks
+    seen: np.ndarray  # [users, items] bool
     cold: np.ndarray  # [users, pool] no interaction before the user's cut
     history_lengths: np.ndarray  # [users] events in each user's history
     scores: np.ndarray | None = None  # [users, pool] the scorer's output
+
+    @property
+    def fused(self) -> np.ndarray:
+        """``[users, items]`` reciprocal-rank fusion of the generators (0 for seen items):
+        the order of the items outside the pool (computed only when asked: serving never
+        does)."""
+        fused = sum(1.0 / (RRF_K + r) for r in self.generator_ranks)
+        return np.where(self.seen, 0.0, fused)
 
     def catalogue_scores(self, explore: int = 0, depth: int = 20, min_history: int = 0
                          ) -> np.ndarray:

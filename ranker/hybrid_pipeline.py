@@ -33,12 +33,11 @@ import polars as pl
 from avrec.errors import ModelError
 from avrec.names import ITEM_BEHAVIOUR
 from avrec.ranker.candidate_pool import (
-    RRF_K,
     ItemStats,
     candidate_pool,
+    generators_ranks,
     new_item_neighbour_ranks,
     new_item_ranks,
-    ranks,
 )
 from avrec.ranker.features import lookup_rows
 from avrec.ranker.history_scorers import History, HistoryScorer, load_scorer, save_scorer
@@ -189,7 +188,7 @@ class HybridPipeline:
                   for p in context.positives]
         queries = [self.scorers[g].score(recent) for g in cfg.queries]
         unseen = UnseenCatalogue(context.seen)
-        outputs = GeneratorOutputs(scores, [ranks(s, context.seen) for s in scores], queries,
+        outputs = GeneratorOutputs(scores, generators_ranks(scores, context.seen), queries,
                                    [unseen.moments(s) for s in (*scores, *queries)])
         if cache is not None and key is not None:
             cache.put(key, outputs)
@@ -204,10 +203,10 @@ class HybridPipeline:
         ``candidates`` (``[users, n]`` catalogue columns) those are the pool instead.
         """
         cfg = self.config
-        cold = np.repeat(~self.known[None, :], len(context.histories), axis=0)
         outputs = self.generator_outputs(context)
         scores, generator_ranks = outputs.scores, outputs.ranks
         if candidates is None:
+            cold = np.repeat(~self.known[None, :], len(context.histories), axis=0)
             content = (generator_ranks[cfg.generators.index(CONTENT)]
                        if CONTENT in cfg.generators else None)
             if cfg.trending_new_items:  # new items ranked only when the pool is chosen here
@@ -223,9 +222,7 @@ class HybridPipeline:
             pool = candidates
         built = self.features.build(context, pool, scores, generator_ranks, item_stats,
                                     outputs.queries, outputs.moments)
-        fused = sum(1.0 / (RRF_K + r) for r in generator_ranks)
-        return ScoredPool(pool, built, np.where(context.seen, 0.0, fused),
-                          np.take_along_axis(cold, pool, 1),
+        return ScoredPool(pool, built, generator_ranks, context.seen, ~self.known[pool],
                           context.history)
 
     def score(self, context: UserContext, item_stats: Sequence[ItemStats],
@@ -326,7 +323,7 @@ class SavedPipeline:
         facts = CatalogueFacts.from_items(items, item_ids) if config.catalogue_facts else None
         features = CandidateFeatures(config.generators, vectors if config.content else None,
                                      config.queries, facts, config.neighbours)
-        if features.names != config.feature_names:
+        if config.feature_names not in (features.names, features.legacy_names):
             raise PipelineError(f"{self.directory}: the saved feature names differ from this "
                                 f"code's ({len(config.feature_names)} vs {len(features.names)})")
         known = np.isin(item_ids, self.known_ids)

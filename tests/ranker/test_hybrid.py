@@ -16,6 +16,7 @@ from avrec.ranker import baselines
 from avrec.ranker.candidate_pool import (
     TRENDING,
     candidate_pool,
+    generators_ranks,
     neighbour_similarity,
     new_item_neighbour_ranks,
     new_item_ranks,
@@ -33,6 +34,7 @@ from avrec.ranker.hybrid import (
     item_stats,
 )
 from avrec.ranker.hybrid_features import (
+    ITEM_STATS,
     CandidateFeatures,
     UnseenCatalogue,
     UserContext,
@@ -198,6 +200,17 @@ def test_ranks_are_the_sorted_order_down_to_the_depth() -> None:
         assert (np.delete(got[row], order[:50]) == 50).all()
 
 
+def test_generators_ranks_equal_each_generators_own_ranks() -> None:
+    rng = np.random.default_rng(4)
+    scores = [rng.integers(0, 5, size=(3, 400)).astype(np.float64) for _ in range(4)]  # ties
+    scores[1][0] = np.nan
+    exclude = rng.random((3, 400)) < 0.2
+    got = generators_ranks(scores, exclude, depth=30)
+    assert len(got) == 4
+    for mine, generator in zip(got, scores, strict=True):
+        np.testing.assert_array_equal(mine, ranks(generator, exclude, depth=30))
+
+
 def test_z_scores_are_over_each_users_unseen_items() -> None:
     rng = np.random.default_rng(5)
     scores = rng.normal(size=(5, 300)) * 40 + 7
@@ -282,6 +295,50 @@ class TestHybrid(RecommenderContract):
 def test_candidate_features_without_vectors_have_no_content_columns() -> None:
     features = CandidateFeatures(["ease"], None, ["ease"])
     assert "sim_profile" not in features.names and "ease_z" in features.names
+
+
+def test_one_stats_mapping_for_every_user_gives_the_per_user_features() -> None:
+    """A server passes one ``item_stats`` mapping (its columns are computed once for the
+    catalogue, then gathered); training passes one per user (gathered, then computed): the
+    features are the same to the last bit, and a new mapping is not served stale columns."""
+    rng = np.random.default_rng(11)
+    items, users = 60, 4
+    vectors = rng.normal(size=(items, 5))
+    vectors[7] = 0.0  # no vector
+    features = CandidateFeatures(["a", "b"], vectors, ["a"], neighbours=2)
+    histories = [History(rng.choice(items, 6, replace=False), rng.choice([2.0, 4.5], 6))
+                 for _ in range(users)]
+    context = UserContext.from_histories(
+        histories, np.full(users, np.datetime64("2020-01-01")),
+        np.full(users, np.datetime64("2019-12-01")), items, 4.0)
+    scores = [rng.normal(size=(users, items)) for _ in range(3)]
+    generator_ranks = [ranks(s, context.seen) for s in scores[:2]]
+    pool = np.stack([rng.choice(np.flatnonzero(~context.seen[u]), 10, replace=False)
+                     for u in range(users)])
+
+    def stats_mapping() -> dict[str, np.ndarray]:
+        out = {name: rng.integers(0, 4, items).astype(np.float64) for name in ITEM_STATS}
+        out["mean_rating"][rng.random(items) < 0.3] = np.nan
+        out["item_age_days"][rng.random(items) < 0.3] = np.nan
+        return out
+
+    def built(item_stats: list[dict[str, np.ndarray]]) -> np.ndarray:
+        return features.build(context, pool, scores[:2], generator_ranks, item_stats,
+                              scores[2:])
+
+    for _ in range(2):  # the second mapping replaces the first one's columns
+        stats = stats_mapping()
+        shared = built([stats] * users)
+        copies = built([{k: v.copy() for k, v in stats.items()} for _ in range(users)])
+        np.testing.assert_array_equal(shared, copies)
+        assert shared.shape == (users, 10, len(features.names))
+        # each column is what its name says (the query's z-score once sat under another name)
+        log_all = features.names.index("log_popularity_all")
+        np.testing.assert_array_equal(
+            shared[..., log_all], np.log1p(stats["popularity_all"][pool]).astype(np.float32))
+        query = features.names.index("a_recent10_z")
+        np.testing.assert_array_equal(shared[..., query], UnseenCatalogue(context.seen).z_scores(
+            scores[2], pool).astype(np.float32))
 
 
 def _aligned(vectors: ItemVectors, item_ids: np.ndarray) -> np.ndarray:
@@ -379,6 +436,22 @@ def test_a_scorer_exported_for_other_features_is_refused(
         HybridPipeline.load(tmp_path / "hybrid", model.item_ids,
                             _aligned(_VECTORS[0], model.item_ids), contract_data.items)
 
+
+def test_a_pipeline_saved_with_the_legacy_feature_names_is_still_served(
+    contract_data: ContractData, tmp_path
+) -> None:
+    """Pipelines saved before the query z-scores' names moved to their columns' place list
+    the same columns under misplaced names: they are served as they are."""
+    model = _hybrid(0, contract_data).fit(contract_data.train, contract_data.items)
+    assert model.pipeline is not None
+    features = model.pipeline.features
+    assert sorted(features.legacy_names) == sorted(features.names)
+    assert features.legacy_names != features.names
+    model.pipeline.config.feature_names = features.legacy_names
+    model.export(tmp_path / "hybrid")
+    served = HybridPipeline.load(tmp_path / "hybrid", model.item_ids,
+                                 _aligned(_VECTORS[0], model.item_ids), contract_data.items)
+    assert served.config.feature_names == features.legacy_names
 
 
 def test_a_hybrid_fitted_again_on_the_same_data_reuses_the_fit(
