@@ -37,7 +37,7 @@ import numpy as np
 import polars as pl
 
 from avrec import tables
-from avrec.ranker.candidate_pool import candidate_pool, generators_ranks, new_item_ranks
+from avrec.ranker.candidate_pool import candidate_pool, new_item_ranks, ranks
 from avrec.ranker.history_scorers import History
 from avrec.ranker.hybrid_features import CONTENT, RECENT
 from avrec.ranker.hybrid_pipeline import ServedUser, served_order
@@ -96,7 +96,7 @@ def stage_calls(engine, users: list[int]) -> dict[str, list[Callable[[], object]
                           np.asarray(values.get("history_ratings") or [], np.float64), None)
         context = pipe.context([user], now)
         scores = [pipe.scorers[g].score(context.histories) for g in cfg.generators]
-        generator_ranks = generators_ranks(scores, context.seen)
+        generator_ranks = [ranks(s, context.seen) for s in scores]
         pool = pool_of(generator_ranks, context)
         recent = [History(p[-RECENT:], np.full(min(p.size, RECENT), cfg.positive_threshold))
                   for p in context.positives]
@@ -110,7 +110,7 @@ def stage_calls(engine, users: list[int]) -> dict[str, list[Callable[[], object]
             lambda c=context, r=recent: ([pipe.scorers[g].score(c.histories)
                                           for g in cfg.generators],
                                          [pipe.scorers[g].score(r) for g in cfg.queries]))
-        stages["ranks"].append(lambda s=scores, c=context: generators_ranks(s, c.seen))
+        stages["ranks"].append(lambda s=scores, c=context: [ranks(x, c.seen) for x in s])
         stages["pool"].append(lambda r=generator_ranks, c=context: pool_of(r, c))
         stages["features"].append(lambda c=context, p=pool, s=scores, r=generator_ranks,
                                   q=queries: pipe.features.build(c, p, s, r, [stats], q))

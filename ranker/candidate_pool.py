@@ -53,23 +53,6 @@ def ranks(scores: np.ndarray, exclude: np.ndarray, depth: int = RANK_DEPTH) -> n
     return out
 
 
-def generators_ranks(scores: Sequence[np.ndarray], exclude: np.ndarray,
-                     depth: int = RANK_DEPTH) -> list[np.ndarray]:
-    """:func:`ranks` of each generator's ``[users, items]`` scores, in one call over all of
-    them (rows are ranked independently: the same ranks, a quarter of the calls for four
-    generators).
-
-    >>> scores = [np.array([[0.1, 0.9, 0.5]]), np.array([[3.0, 2.0, 1.0]])]
-    >>> [r.tolist() for r in generators_ranks(scores, np.array([[False, True, False]]), 2)]
-    [[[1, 2, 0]], [[0, 2, 1]]]
-    """
-    if not scores:
-        return []
-    users, items = exclude.shape
-    stacked = ranks(np.concatenate(scores), np.tile(exclude, (len(scores), 1)), depth)
-    return list(stacked.reshape(len(scores), users, items))
-
-
 def _best(scores: np.ndarray, size: int) -> np.ndarray:
     top = np.argpartition(-scores, size - 1, axis=1)[:, :size]
     order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")

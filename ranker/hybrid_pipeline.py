@@ -35,9 +35,9 @@ from avrec.names import ITEM_BEHAVIOUR
 from avrec.ranker.candidate_pool import (
     ItemStats,
     candidate_pool,
-    generators_ranks,
     new_item_neighbour_ranks,
     new_item_ranks,
+    ranks,
 )
 from avrec.ranker.features import lookup_rows
 from avrec.ranker.history_scorers import History, HistoryScorer, load_scorer, save_scorer
@@ -188,7 +188,7 @@ class HybridPipeline:
                   for p in context.positives]
         queries = [self.scorers[g].score(recent) for g in cfg.queries]
         unseen = UnseenCatalogue(context.seen)
-        outputs = GeneratorOutputs(scores, generators_ranks(scores, context.seen), queries,
+        outputs = GeneratorOutputs(scores, [ranks(s, context.seen) for s in scores], queries,
                                    [unseen.moments(s) for s in (*scores, *queries)])
         if cache is not None and key is not None:
             cache.put(key, outputs)

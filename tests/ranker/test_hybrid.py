@@ -16,7 +16,6 @@ from avrec.ranker import baselines
 from avrec.ranker.candidate_pool import (
     TRENDING,
     candidate_pool,
-    generators_ranks,
     neighbour_similarity,
     new_item_neighbour_ranks,
     new_item_ranks,
@@ -198,17 +197,6 @@ def test_ranks_are_the_sorted_order_down_to_the_depth() -> None:
         order = unexcluded[np.argsort(-scores[row, unexcluded])]
         assert got[row, order[:50]].tolist() == list(range(50))
         assert (np.delete(got[row], order[:50]) == 50).all()
-
-
-def test_generators_ranks_equal_each_generators_own_ranks() -> None:
-    rng = np.random.default_rng(4)
-    scores = [rng.integers(0, 5, size=(3, 400)).astype(np.float64) for _ in range(4)]  # ties
-    scores[1][0] = np.nan
-    exclude = rng.random((3, 400)) < 0.2
-    got = generators_ranks(scores, exclude, depth=30)
-    assert len(got) == 4
-    for mine, generator in zip(got, scores, strict=True):
-        np.testing.assert_array_equal(mine, ranks(generator, exclude, depth=30))
 
 
 def test_z_scores_are_over_each_users_unseen_items() -> None:
