@@ -18,7 +18,9 @@ Each server runs in its own process on loopback with the replay clock of the dem
 Clients are Python gRPC threads in this process (1, or 16 concurrent), each request a random
 active user and a random candidate set of the catalogue (seeded). The table gives client-side
 p50/p99 latency, requests/s, the ratio of p50 to the Feast-SDK path measured in the same run,
-and the server's resident memory. On a 2-core box the clients share the cores with the server.
+the server process's CPU time per call (user + system, all its threads: a spinning BLAS or
+onnxruntime pool shows here) and its resident memory. On a 2-core box the clients share the
+cores with the server.
 """
 
 from __future__ import annotations
@@ -118,9 +120,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_seconds(process: psutil.Process | None) -> float:
+    """User + system CPU time of ``process`` so far (0 without one)."""
+    if process is None:
+        return 0.0
+    times = process.cpu_times()
+    return times.user + times.system
+
+
 def run_load(target: str, users: np.ndarray, catalogue: np.ndarray, candidates: int,
-             concurrency: int, requests: int, seed: int) -> tuple[np.ndarray, float]:
-    """Latencies (s) of ``requests`` Rank calls and the wall time they took."""
+             concurrency: int, requests: int, seed: int,
+             server: psutil.Process | None = None) -> tuple[np.ndarray, float, float]:
+    """Latencies (s) of ``requests`` Rank calls, the wall time they took and the CPU time
+    ``server`` spent meanwhile (s; warm-up calls excluded from all three)."""
     from avrec.server.client import RankingClient
 
     rng = np.random.default_rng(seed)
@@ -135,10 +147,10 @@ def run_load(target: str, users: np.ndarray, catalogue: np.ndarray, candidates: 
             client.rank(job[0], job[1])
             return time.perf_counter() - started
 
-        started = time.perf_counter()
+        cpu, started = cpu_seconds(server), time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
             latencies = np.array(list(pool.map(one, work)))
-        return latencies, time.perf_counter() - started
+        return latencies, time.perf_counter() - started, cpu_seconds(server) - cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,13 +190,15 @@ def main(argv: list[str] | None = None) -> int:
             for candidates in args.candidates:
                 for concurrency in args.concurrency:
                     n = args.feast_requests if path == "feast-sdk" else args.requests
-                    latencies, wall = run_load(f"127.0.0.1:{port}", users, catalogue,
-                                               candidates, concurrency, n, args.seed)
+                    latencies, wall, cpu = run_load(f"127.0.0.1:{port}", users, catalogue,
+                                                    candidates, concurrency, n, args.seed,
+                                                    memory)
                     results.append({
                         "path": path, "candidates": candidates, "concurrency": concurrency,
                         "p50": np.percentile(latencies, 50) * 1e3,
                         "p99": np.percentile(latencies, 99) * 1e3,
                         "rps": n / wall, "rss": memory.memory_info().rss / 2**20,
+                        "cpu": cpu / n * 1e3,
                     })
                     print(f"  {path:10} 1x{candidates:<5} c={concurrency:<3} "
                           f"p50 {results[-1]['p50']:7.2f} ms", flush=True)
@@ -195,13 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     feast = {(r["candidates"], r["concurrency"]): r for r in results if r["path"] == "feast-sdk"}
     print()
     print(f"{'path':11} {'request':>8} {'clients':>7} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'req/s':>8} {'p50 vs feast-sdk':>17} {'server RSS':>11}")
+          f"{'req/s':>8} {'p50 vs feast-sdk':>17} {'server CPU ms/call':>19} "
+          f"{'server RSS':>11}")
     for r in results:
         ref = feast[(r["candidates"], r["concurrency"])]
         ratio = ref["p50"] / r["p50"]
         print(f"{r['path']:11} {'1x' + str(r['candidates']):>8} {r['concurrency']:>7} "
               f"{r['p50']:8.2f} {r['p99']:8.2f} {r['rps']:8.0f} {ratio:16.1f}x "
-              f"{r['rss']:9.0f}MB")
+              f"{r['cpu']:19.2f} {r['rss']:9.0f}MB")
     return 0
 
 
