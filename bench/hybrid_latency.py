@@ -15,8 +15,8 @@ Users are drawn from those with a fresh ``user_history`` row (active within the 
   (:mod:`avrec.ranker.user_score_cache`, as a user's later requests with the same history);
 * ``recommend``: :meth:`~avrec.server.engine.RankingEngine.recommend`, top 20 (pool from the whole
   catalogue; first calls);
-* the pipeline's stages for the same users (history scorers, ranks, pool, features, ONNX
-  scorer, served order), each timed alone;
+* the pipeline's stages for the same users (history scorers, ranks, the z-score moments,
+  pool, features given the moments as served, ONNX scorer, served order), each timed alone;
 * ``deep rank``: the same service with ``hybrid: false`` (the deep ranker), the baseline of
   the ~4 ms end-to-end latency target (README, "Latency in process, by stage").
 
@@ -39,7 +39,7 @@ import polars as pl
 from avrec import tables
 from avrec.ranker.candidate_pool import candidate_pool, new_item_ranks, ranks
 from avrec.ranker.history_scorers import History
-from avrec.ranker.hybrid_features import CONTENT, RECENT
+from avrec.ranker.hybrid_features import CONTENT, RECENT, UnseenCatalogue
 from avrec.ranker.hybrid_pipeline import ServedUser, served_order
 from avrec.ranker.user_score_cache import UserScoreCache
 from avrec.server.app import build_engine
@@ -88,7 +88,7 @@ def stage_calls(engine, users: list[int]) -> dict[str, list[Callable[[], object]
 
     stages: dict[str, list[Callable[[], object]]] = {
         name: [] for name in ("pipeline.recommend", "context", "history scorers", "ranks",
-                              "pool", "features", "onnx scorer", "served order")}
+                              "moments", "pool", "features", "onnx scorer", "served order")}
     for user_id in users:
         _, history, _ = engine._read_user(user_id, engine.clock.now(), history=True)
         values = history.values if history is not None and history.fresh else {}
@@ -101,7 +101,9 @@ def stage_calls(engine, users: list[int]) -> dict[str, list[Callable[[], object]
         recent = [History(p[-RECENT:], np.full(min(p.size, RECENT), cfg.positive_threshold))
                   for p in context.positives]
         queries = [pipe.scorers[g].score(recent) for g in cfg.queries]
-        features = pipe.features.build(context, pool, scores, generator_ranks, [stats], queries)
+        moments = [UnseenCatalogue(context.seen).moments(s) for s in (*scores, *queries)]
+        features = pipe.features.build(context, pool, scores, generator_ranks, [stats], queries,
+                                       moments)
         out = pipe.model(features)
         stages["pipeline.recommend"].append(
             lambda u=user: pipe.recommend(u, stats, now, 20))
@@ -112,8 +114,11 @@ def stage_calls(engine, users: list[int]) -> dict[str, list[Callable[[], object]
                                          [pipe.scorers[g].score(r) for g in cfg.queries]))
         stages["ranks"].append(lambda s=scores, c=context: [ranks(x, c.seen) for x in s])
         stages["pool"].append(lambda r=generator_ranks, c=context: pool_of(r, c))
+        stages["moments"].append(lambda c=context, x=(*scores, *queries): [
+            UnseenCatalogue(c.seen).moments(s) for s in x])
         stages["features"].append(lambda c=context, p=pool, s=scores, r=generator_ranks,
-                                  q=queries: pipe.features.build(c, p, s, r, [stats], q))
+                                  q=queries, m=moments: pipe.features.build(c, p, s, r, [stats],
+                                                                             q, m))
         stages["onnx scorer"].append(lambda f=features: pipe.model(f))
         stages["served order"].append(lambda p=pool, o=out: served_order(
             p[0], np.asarray(o[0], np.float64), ~pipe.known[p[0]], cfg.explore, cfg.depth, 20))
