@@ -40,9 +40,10 @@ def test_a_negative_count_is_refused() -> None:
 
 
 def test_starting_a_server_caps_the_processs_blas_threads(stack) -> None:
-    """``start()`` itself caps them (not only ``avrec serve``): benches, replicas and tests
-    that start a service once ran OpenBLAS's spinning threads beside every request (the
-    hybrid's server CPU per Rank 7.6 -> 15.6 ms on session 15's machine)."""
+    """``start()`` itself caps them (not only ``avrec serve``): the servers of
+    ``serve_bench.py``, ``events_bench.py`` and the tests once ran OpenBLAS's spinning
+    threads beside every request (the hybrid's server CPU per Rank 13.3 against 6.9 ms
+    capped, session 15's machine, ``bench/serve_bench.py``)."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
     from tests.server.conftest import running
