@@ -18,6 +18,7 @@ are computed by the code that computes them online:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -331,11 +332,11 @@ class ScoredPool:
     history_lengths: np.ndarray  # [users] events in each user's history
     scores: np.ndarray | None = None  # [users, pool] the scorer's output
 
-    @property
+    @functools.cached_property
     def fused(self) -> np.ndarray:
         """``[users, items]`` reciprocal-rank fusion of the generators (0 for seen items):
-        the order of the items outside the pool (computed only when asked: serving never
-        does)."""
+        the order of the items outside the pool (computed once, when first asked: serving
+        never asks; an exploration sweep's rescoring asks many times)."""
         fused = sum(1.0 / (RRF_K + r) for r in self.generator_ranks)
         return np.where(self.seen, 0.0, fused)
 
