@@ -44,6 +44,7 @@ from avrec import behaviour_features, tables
 from avrec.errors import InputError, StoreUnavailableError
 from avrec.names import USER_BEHAVIOUR, USER_HISTORY
 from avrec.server.config import ServeConfig
+from avrec.server.event_history import EventHistory
 from avrec.server.group_commit import GroupCommit
 from avrec.server.incremental import OnlineUpdater
 
@@ -152,7 +153,8 @@ class EventLog:
         self.items = tables.read_table("items", offline)
         self.genres = behaviour_features.genre_vocabulary(self.items)
         logged = tables.read_event_log(offline)  # torn or unfinished files: skipped
-        self._events = [tables.with_event_log(tables.read_table("events", offline), logged)]
+        self.history = EventHistory(
+            tables.with_event_log(tables.read_table("events", offline), logged))
         # the newest event ids accepted, here or by an earlier process (idempotent retries)
         self.recent_ids = RecentIds(id_window, tables.event_ids(logged, last=id_window))
         self.catalogue = set(int(i) for i in catalogue_ids)
@@ -166,9 +168,7 @@ class EventLog:
     @property
     def events(self) -> pl.DataFrame:
         """Every event the server knows: offline, logged earlier, logged since start."""
-        if len(self._events) > 1:  # batches are concatenated when read, not per call
-            self._events = [pl.concat(self._events, how="vertical_relaxed", rechunk=True)]
-        return self._events[0]
+        return self.history.frame
 
     def validate(self, events: Sequence[LoggedEvent], now: datetime) -> pl.DataFrame:
         """The batch as an events frame, or :class:`EventError` naming the first bad event."""
@@ -223,7 +223,7 @@ class EventLog:
         written = self._commit(frame, now, ids)
         if written.path is not None:
             with self._lock:
-                self._events.append(written.frame)
+                self.history.append(written.frame)
         return written.path
 
     def _commit(self, frame: pl.DataFrame, now: datetime,
@@ -285,7 +285,7 @@ class EventLog:
 
     def user_rows(self, user_ids: list[int], now: datetime) -> pl.DataFrame:
         """Each user's latest ``user_behaviour`` row as of ``now``, from their whole history."""
-        history = self.events.filter(pl.col("user_id").is_in(user_ids))
+        history = self.history.of(users=user_ids)
         rows = behaviour_features.user_features(history, self.items, self.genres, now, now)
         return (
             rows.filter(pl.col("event_timestamp") <= now)
@@ -296,7 +296,7 @@ class EventLog:
 
     def history_rows(self, user_ids: list[int], now: datetime) -> pl.DataFrame:
         """Each user's ``user_history`` row as of ``now`` (users without ratings: none)."""
-        events = self.events.filter(pl.col("user_id").is_in(user_ids))
+        events = self.history.of(users=user_ids)
         return behaviour_features.user_history(events, now, now)
 
     def log(self, store: FeatureStore, events: Sequence[LoggedEvent], now: datetime) -> LogResult:
@@ -311,14 +311,14 @@ class EventLog:
         users = _users(frame)
         if self.client is not None:
             with self._lock:
-                self._events.append(frame)
+                self.history.append(frame)
                 if self.updater is None:
                     self.updater = OnlineUpdater(store, self.client, self.items, self.genres,
-                                                 lambda: self.events)
+                                                 self.history.of)
                 self.updater.update(frame, now)
             return LogResult(frame.height, users, written.path, duplicates)
         with self._lock:
-            self._events.append(frame)
+            self.history.append(frame)
             rows = self.user_rows(users, now)
             histories = self.history_rows(users, now)
         store.write_to_online_store(

@@ -56,8 +56,11 @@ class OnlineUpdater:
     """Applies a batch of accepted events to the users' and items' online rows."""
 
     def __init__(self, store: FeatureStore, client: redis.Redis, items: pl.DataFrame,
-                 genres: list[str], history: Callable[[], pl.DataFrame],
+                 genres: list[str], history: Callable[[set[int], set[int]], pl.DataFrame],
                  update_items: bool = True) -> None:
+        """``history(users, items)``: the events of those users or items that the server
+        knows (a rebuilt state replays them; :meth:`EventHistory.of
+        <avrec.server.event_history.EventHistory.of>`)."""
         self.client, self.history, self.update_items = client, history, update_items
         views = {v.name for v in store.list_feature_views()}
         self.user = ViewWriter.from_store(store, USER_VIEW)
@@ -173,8 +176,8 @@ class OnlineUpdater:
                     out[entity] = state
         if stale_users or stale_items:
             # the event history already holds this batch: the rebuilt states include it
-            rebuilt = replay(self.history(), now, self.genres, self.n_genres,
-                             stale_users, stale_items)
+            rebuilt = replay(self.history(stale_users, stale_items), now, self.genres,
+                             self.n_genres, stale_users, stale_items)
             self.rebuilt += len(stale_users) + len(stale_items)
             user_states |= rebuilt.users
             item_states |= rebuilt.items

@@ -66,12 +66,20 @@ def _tallies(events: pl.DataFrame, key: str, now: int) -> dict[int, Tally]:
     return out
 
 
+PYTHON_ROWS = 256  # up to this many events, states are rebuilt in Python (polars' fixed
+#                    cost per rebuild, ~3 ms, is more than replaying a few hundred events)
+
+
 def replay(events: pl.DataFrame, now: int, genres: dict[int, tuple[int, ...]],
            n_genres: int, users: set[int] | None = None,
            items: set[int] | None = None) -> Replayed:
     """States of ``users`` and ``items`` (None: all) from their events at or before ``now``:
     counts and windows by group-by; a user's genres, recent items and history by replaying
-    their events in the offline order."""
+    their events in the offline order. Up to :data:`PYTHON_ROWS` events (a few entities'
+    events: a one-event ``LogEvents`` meeting an item it has no state of), the same states
+    are built event by event in Python (:func:`replay_rows`)."""
+    if users is not None and items is not None and events.height <= PYTHON_ROWS:
+        return replay_rows(events, now, genres, n_genres, users, items)
     events = (events.with_columns(pl.col("event_timestamp").dt.epoch("us").alias("us"))
               .filter(pl.col("us") <= now))
     of_users = events if users is None else events.filter(pl.col("user_id").is_in(list(users)))
@@ -88,10 +96,46 @@ def replay(events: pl.DataFrame, now: int, genres: dict[int, tuple[int, ...]],
         for item, tally in _tallies(of_items, "item_id", now).items():
             state = out.items[item] = ItemState()
             state.tally = tally
+    _add_missing(out, users, items, now, n_genres)
+    return out
+
+
+def replay_rows(events: pl.DataFrame, now: int, genres: dict[int, tuple[int, ...]],
+                n_genres: int, users: set[int], items: set[int]) -> Replayed:
+    """:func:`replay` event by event, in Python: each entity's :class:`Tally` counts its
+    events one by one (the window is the clock's from the start), a user's details follow
+    the offline order (time, item id, event type; ties in arrival order)."""
+    at = [events.columns.index(c)
+          for c in ("user_id", "item_id", "event_type", "value", "event_timestamp")]
+    rows = [(micros(row[at[4]]), row[at[1]], row[at[2]], row[at[0]], row[at[3]])
+            for row in events.rows()]
+    rows = sorted((row for row in rows if row[0] <= now), key=lambda row: row[:3])
+    out = Replayed({}, {})
+    for ts, item, kind, user, value in rows:
+        is_rating = kind == "rating"
+        if user in users:
+            state = out.users.get(user)
+            if state is None:
+                state = out.users[user] = UserState(n_genres)
+                state.tally.as_of = now
+            state.tally.add(ts, is_rating, 0.0 if value is None else value)
+            state.add_details(ts, item, is_rating, value, genres.get(item, ()))
+        if item in items:
+            item_state = out.items.get(item)
+            if item_state is None:
+                item_state = out.items[item] = ItemState()
+                item_state.tally.as_of = now
+            item_state.tally.add(ts, is_rating, 0.0 if value is None else value)
+    _add_missing(out, users, items, now, n_genres)
+    return out
+
+
+def _add_missing(out: Replayed, users: set[int] | None, items: set[int] | None, now: int,
+                 n_genres: int) -> None:
+    """Empty states (as of ``now``) for the asked entities without events."""
     for wanted, found, make in ((users, out.users, lambda: UserState(n_genres)),
                                 (items, out.items, ItemState)):
         for key in wanted or ():
             if key not in found:
                 found[key] = make()
                 found[key].tally.as_of = now
-    return out

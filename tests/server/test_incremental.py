@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from avrec import behaviour_features, tables
 from avrec.server import feature_writer, incremental, incremental_state
-from avrec.server.incremental_replay import genre_index, replay
+from avrec.server.incremental_replay import genre_index, replay, replay_rows
 from avrec.server.incremental_state import ItemState, UserState, from_micros, micros
 
 START = datetime(2018, 1, 1, tzinfo=UTC)
@@ -165,6 +165,10 @@ def replay_and_check(batches) -> None:
         # a state rebuilt from the whole history (a missing or stale state) is the same
         rebuilt = replay(frame(logged), now, genres, len(GENRES))
         check(rebuilt.users, rebuilt.items, frame(logged), clock)
+        # ... and so is one rebuilt event by event (a few entities' events, as LogEvents asks)
+        one_by_one = replay_rows(frame(logged), now, genres, len(GENRES),
+                                 {e[0] for e in logged}, {e[1] for e in logged})
+        check(one_by_one.users, one_by_one.items, frame(logged), clock)
 
 
 def test_a_clock_behind_the_state_is_taken_only_where_the_state_is_exact() -> None:
