@@ -25,7 +25,10 @@ With ``--threads K``, the one-event calls are also sent from K client threads at
 (closed loop), where concurrent calls share the event log's write (group commit): the
 ``files`` column counts the event-log files written, one per shared write. With ``--before
 DIR`` (a copy of an earlier commit's code, e.g. ``git archive COMMIT | tar -x -C DIR``), each
-path's server also runs from DIR, alternately with this checkout, ``--rounds`` times.
+path's server also runs from DIR, alternately with this checkout, ``--rounds`` times. Every
+server after the first starts with the incremental states deleted from Redis
+(:func:`forget_states`): each finds what the first found, no state another one wrote (it
+does find the events the others logged: a few per cent more history).
 
 Nothing outside ``--workdir`` is written (the machine's Redis and ``data/`` are not used).
 Per row: client-side p50/p99 per call, calls/s, events/s and the server's CPU seconds. The
@@ -161,6 +164,50 @@ def log_files() -> int:
     return len(list((config.offline_dir() / tables.EVENT_LOG).glob("*.parquet")))
 
 
+LAYERS = ("encoders", "ranker", "server", "web")  # shipped as avrec.<layer> (setup.py)
+
+
+def code_view(tree: Path, workdir: Path) -> Path:
+    """A directory to put on ``PYTHONPATH`` so that ``avrec`` and its layers are ``tree``'s
+    (``git archive COMMIT``'s output, a commit since the layers ship as ``avrec.server``
+    etc.). ``PYTHONPATH=tree`` alone would not do: ``avrec.server`` is not under
+    ``tree/avrec``, so the editable install would take it from this checkout."""
+    view = workdir / "code-before"
+    shutil.rmtree(view, ignore_errors=True)
+    shutil.copytree(tree / "avrec", view / "avrec", symlinks=True)
+    for layer in LAYERS:
+        (view / "avrec" / layer).symlink_to((tree / layer).resolve())
+    stubs = Path(__file__).resolve().parents[1] / "avrec" / "v1"  # generated, git-ignored
+    if not (view / "avrec" / "v1").exists():
+        shutil.copytree(stubs, view / "avrec" / "v1")
+    (view / "feature_repo").symlink_to((tree / "feature_repo").resolve())
+    found = subprocess.run(
+        [sys.executable, "-c", "import avrec.server.event_log as m; print(m.__file__)"],
+        env={**os.environ, "PYTHONPATH": str(view)}, cwd=view, capture_output=True,
+        text=True, check=True).stdout.strip()  # (not run from this checkout's root)
+    if not found.startswith(str(view)):
+        raise RuntimeError(f"{tree}: avrec.server came from {found}, not from the copy")
+    return view
+
+
+def forget_states(redis_url: str | None = None) -> int:
+    """Delete every incremental state (``_avrec_state:*`` fields) from the online store, so
+    that the next server starts as the first did (each state rebuilt at its first event);
+    the number of hashes that held one."""
+    import redis
+
+    from avrec.names import ITEM_BEHAVIOUR, USER_BEHAVIOUR
+    from avrec.server.incremental import state_field
+
+    client = redis.Redis.from_url(redis_url or os.environ["REDIS_URL"])
+    fields = [state_field(USER_BEHAVIOUR), state_field(ITEM_BEHAVIOUR)]
+    keys = [k for k in client.scan_iter(count=10_000) if client.type(k) == b"hash"]
+    with client.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hdel(key, *fields)
+        return sum(1 for deleted in pipe.execute() if deleted)
+
+
 def run_mode(mode: str, clock: datetime, model_dir: Path, args, users: np.ndarray,
              catalogue: np.ndarray, redis_url: str | None = None,
              tree: Path | None = None) -> list[dict]:
@@ -289,9 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         users = np.unique(tables.read_table("events")["user_id"].to_numpy())
         catalogue = tables.read_table("items")["item_id"].to_numpy()
         rows = []
-        trees = [args.before, None] * args.rounds if args.before else [None]
+        before = code_view(args.before, args.workdir) if args.before else None
+        trees = [before, None] * args.rounds if before else [None]
         runs = [(mode, tree) for mode in args.modes for tree in trees]
         for i, (mode, tree) in enumerate(runs):  # each clock after everything logged before
+            if i:
+                forget_states()  # each server starts as the first: no state to find
             rows += run_mode(mode, CLOCK + timedelta(days=i), model_dir, args, users,
                              catalogue, tree=tree)
         if args.cluster:

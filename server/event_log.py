@@ -155,6 +155,7 @@ class EventLog:
         logged = tables.read_event_log(offline)  # torn or unfinished files: skipped
         self.history = EventHistory(
             tables.with_event_log(tables.read_table("events", offline), logged))
+        self.history.build_index()  # not at the first call that rebuilds a state
         # the newest event ids accepted, here or by an earlier process (idempotent retries)
         self.recent_ids = RecentIds(id_window, tables.event_ids(logged, last=id_window))
         self.catalogue = set(int(i) for i in catalogue_ids)

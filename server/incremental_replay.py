@@ -105,10 +105,10 @@ def replay_rows(events: pl.DataFrame, now: int, genres: dict[int, tuple[int, ...
     """:func:`replay` event by event, in Python: each entity's :class:`Tally` counts its
     events one by one (the window is the clock's from the start), a user's details follow
     the offline order (time, item id, event type; ties in arrival order)."""
-    at = [events.columns.index(c)
-          for c in ("user_id", "item_id", "event_type", "value", "event_timestamp")]
-    rows = [(micros(row[at[4]]), row[at[1]], row[at[2]], row[at[0]], row[at[3]])
-            for row in events.rows()]
+    times = events["event_timestamp"].dt.epoch("us").to_list()  # not via Python datetimes
+    rows = list(zip(times, *(events[c].to_list()
+                             for c in ("item_id", "event_type", "user_id", "value")),
+                    strict=True))
     rows = sorted((row for row in rows if row[0] <= now), key=lambda row: row[:3])
     out = Replayed({}, {})
     for ts, item, kind, user, value in rows:

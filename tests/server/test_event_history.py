@@ -25,18 +25,21 @@ def frame(rows: list[tuple[int, int]], start: int) -> pl.DataFrame:
 @given(first=events, batches=st.lists(events, max_size=12),
        queries=st.lists(st.tuples(st.sets(ids, max_size=3), st.sets(ids, max_size=3)),
                         min_size=1, max_size=4),
-       merge_rows=st.integers(min_value=1, max_value=40))
+       merge_rows=st.integers(min_value=1, max_value=40),
+       asked=st.lists(st.booleans(), min_size=1, max_size=5))
 def test_the_rows_of_users_or_items_equal_a_filter_of_every_event(
-        first, batches, queries, merge_rows) -> None:
-    saved = event_history.MERGE_ROWS, event_history.RECENT_BATCHES
-    event_history.MERGE_ROWS, event_history.RECENT_BATCHES = merge_rows, 3  # merge often
+        first, batches, queries, merge_rows, asked) -> None:
+    saved = event_history.MERGE_ROWS, event_history.MAX_CHUNKS
+    event_history.MERGE_ROWS, event_history.MAX_CHUNKS = merge_rows, 2  # merge often
     try:
         history = EventHistory(frame(first, 0))
         every = frame(first, 0)
-        for batch in batches:
+        for n, batch in enumerate(batches):
             appended = frame(batch, every.height)
             history.append(appended)
             every = pl.concat([every, appended])
+            if not asked[n % len(asked)]:
+                continue  # several batches appended before the next read
             for users, items in queries:  # asked between appends: indexes go stale
                 expected = every.filter(pl.col("user_id").is_in(list(users))
                                         | pl.col("item_id").is_in(list(items)))
@@ -45,4 +48,4 @@ def test_the_rows_of_users_or_items_equal_a_filter_of_every_event(
         assert history.frame.rows() == every.rows()
         assert history.height == every.height
     finally:
-        event_history.MERGE_ROWS, event_history.RECENT_BATCHES = saved
+        event_history.MERGE_ROWS, event_history.MAX_CHUNKS = saved

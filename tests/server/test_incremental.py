@@ -266,6 +266,23 @@ def test_a_concurrent_write_makes_the_batch_redo(online_service) -> None:
     assert_online_rows_are_offline_rows(stack, [414], [1, 2, 318], now)
 
 
+def test_the_memo_of_hash_keys_stays_bounded(online_service, monkeypatch) -> None:
+    """The updater's memo of Feast hash keys is emptied when full (its memory must not grow
+    with the number of users) and the rows are still written where Feast reads them."""
+    from avrec.server.event_log import EventLog, LoggedEvent
+
+    stack, service = online_service
+    monkeypatch.setattr(incremental, "KEYS_KEPT", 3)
+    offline = stack.data_dir / "offline"
+    log = EventLog(offline, tables.read_table("items", offline)["item_id"].to_numpy(),
+                   service.engine.client)
+    now = service.engine.clock.now()
+    for user, item in [(414, 1), (7, 2), (123457, 318), (414, 2)]:
+        log.log(stack.store, [LoggedEvent(user, item, "rating", 4.0, None)], now)
+        assert len(log.updater._keys) <= 3
+    assert_online_rows_are_offline_rows(stack, [7, 414, 123457], [1, 2, 318], now)
+
+
 def assert_online_rows_are_offline_rows(stack, users: list[int], touched: list[int],
                                         now: datetime) -> None:
     """Feast's reads of the users' and items' rows equal the offline code as of ``now``."""
