@@ -140,11 +140,25 @@ class RowCache:
                 raw = tuple(reply)
                 seen = parsed.get(entity_id)
                 if seen is None or seen[0] != raw:
-                    seen = parsed[entity_id] = (raw, reader.parse(raw))
+                    event_ts, values = reader.parse(raw)
+                    seen = parsed[entity_id] = (raw, (event_ts, compact(values)))
                     self.parsed += 1
                 rows.append(reader.row_at(entity_id, *seen[1], now))
             _rest(pause)
         return rows
+
+
+def compact(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each list of floats as a float32 array (the Feast type of every float
+    list here): kept for the whole catalogue, a Python list costs 32 bytes a float, the
+    array 4 (the item embeddings' cache: 110 -> 26 MB for 9,742 items x 2 x 128).
+
+    >>> compact({"embedding": [0.5, 0.25], "ids": [1, 2], "n": 3})
+    {'embedding': array([0.5 , 0.25], dtype=float32), 'ids': [1, 2], 'n': 3}
+    """
+    return {name: np.asarray(value, dtype=np.float32)
+            if isinstance(value, list) and value and isinstance(value[0], float) else value
+            for name, value in values.items()}
 
 
 def _expiry(rows: list[OnlineRow], ttl: timedelta | None) -> datetime | None:
@@ -255,11 +269,11 @@ def load_snapshot(
     if len(versions) > 1:
         raise MixedVersionsError(f"item embeddings of several versions online: {sorted(versions)}")
     vectors_list = [r.values.get(vector_field) if r.fresh else None for r in embedding_rows]
-    dim = next((len(v) for v in vectors_list if v), 0)
+    dim = next((len(v) for v in vectors_list if v is not None and len(v)), 0)
     vectors = np.zeros((len(ids), dim), dtype=np.float32)
     has_vector = np.zeros(len(ids), dtype=bool)
     for i, vector in enumerate(vectors_list):
-        if vector:
+        if vector is not None and len(vector):
             vectors[i], has_vector[i] = vector, True
         _pause_every(i, pause)
     frame = item_frame(behaviour, behaviour_rows, now, pause)

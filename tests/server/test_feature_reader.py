@@ -129,8 +129,9 @@ def test_reset_online_rebuilds_the_state_as_of_an_earlier_end(stack) -> None:
 
 @pytest.mark.parametrize("view", ["item_behaviour", "item_embedding"])
 def test_the_snapshots_row_cache_reads_what_a_fresh_decode_reads(stack, view: str) -> None:
-    """Rows reused from the last read equal a fresh parse; a row whose bytes differ from the
-    last read is parsed again; served-or-not follows the clock of each read."""
+    """Rows reused from the last read equal a fresh parse (float lists kept as float32
+    arrays, value for value); a row whose bytes differ from the last read is parsed again;
+    served-or-not follows the clock of each read."""
     from avrec.server.item_snapshot import RowCache
 
     reader = ViewReader.from_store(stack.store, view)
@@ -139,12 +140,28 @@ def test_the_snapshots_row_cache_reads_what_a_fresh_decode_reads(stack, view: st
     with client.pipeline(transaction=False) as pipe:
         reader.queue(pipe, ids.tolist())
         fresh = reader.decode(ids.tolist(), pipe.execute(), CLOCK)
+
+    def same(rows: list) -> bool:
+        """``rows`` equal ``fresh``, each float list as a float32 array of its values."""
+        for row, want in zip(rows, fresh, strict=True):
+            assert (row.entity_id, row.event_timestamp, row.fresh, row.expired, row.future) == (
+                want.entity_id, want.event_timestamp, want.fresh, want.expired, want.future)
+            assert row.values.keys() == want.values.keys()
+            for name, value in row.values.items():
+                expected = want.values[name]
+                if isinstance(expected, list) and expected and isinstance(expected[0], float):
+                    assert isinstance(value, np.ndarray) and value.dtype == np.float32
+                    assert value.tolist() == expected  # float32 in Feast: exact
+                else:
+                    assert value == expected, (row.entity_id, name)
+        return True
+
     cache = RowCache(reader)
-    assert cache.read(client, ids, CLOCK) == fresh and cache.parsed == len(ids)
-    assert cache.read(client, ids, CLOCK) == fresh and cache.parsed == 0  # all reused
+    assert same(cache.read(client, ids, CLOCK)) and cache.parsed == len(ids)
+    assert same(cache.read(client, ids, CLOCK)) and cache.parsed == 0  # all reused
     raw, parsed = cache._parsed[2]
     cache._parsed[2] = ((b"other", *raw[1:]), parsed)  # as if item 2 had changed since
-    assert cache.read(client, ids, CLOCK) == fresh and cache.parsed == 1
+    assert same(cache.read(client, ids, CLOCK)) and cache.parsed == 1
     later = CLOCK + timedelta(days=365 * 40)  # past any TTL: withheld, though cached
     rows = cache.read(client, ids, later)
     assert cache.parsed == 0
