@@ -157,3 +157,41 @@ def test_closing_during_a_load_cuts_it_short(engine) -> None:
     loader.join(60)
     assert not loader.is_alive() and failures
     process.close()
+
+
+MAIN_MODULE = '''
+import os
+import sys
+
+with open(os.environ["IMPORTED_BY"], "a") as out:  # every process that imports this module
+    out.write(f"{os.getpid()}\\n")
+
+if __name__ == "__main__":
+    import polars as pl
+
+    from avrec.server.snapshot_process import SnapshotProcess
+
+    process = SnapshotProcess(sys.argv[1], 1.0, None, None, pl.DataFrame())
+    process.start()
+    print(process.pid, flush=True)
+    process.close(wait=60)  # the child sees the pipe close and returns
+'''
+
+
+def test_the_child_does_not_import_the_servers_main_module(stack, tmp_path: Path) -> None:
+    """``spawn`` imports the parent's ``__main__`` in the child before its target runs: a
+    server run as ``python -m avrec.server.app`` (each ``--replicas`` replica) gave every
+    child the whole server, Feast and torch (822 MB). The child now starts without it."""
+    import subprocess
+    import sys
+
+    (tmp_path / "server_main.py").write_text(MAIN_MODULE)
+    imported_by = tmp_path / "imported_by"
+    env = {**os.environ, "IMPORTED_BY": str(imported_by),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "server_main", stack.redis_url], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    child = int(run.stdout.split()[0])
+    importers = [int(line) for line in imported_by.read_text().split()]
+    assert child not in importers and len(importers) == 1  # the server process alone
