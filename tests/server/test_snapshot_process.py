@@ -10,6 +10,8 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -182,9 +184,6 @@ def test_the_child_does_not_import_the_servers_main_module(stack, tmp_path: Path
     """``spawn`` imports the parent's ``__main__`` in the child before its target runs: a
     server run as ``python -m avrec.server.app`` (each ``--replicas`` replica) gave every
     child the whole server, Feast and torch (822 MB). The child now starts without it."""
-    import subprocess
-    import sys
-
     (tmp_path / "server_main.py").write_text(MAIN_MODULE)
     imported_by = tmp_path / "imported_by"
     env = {**os.environ, "IMPORTED_BY": str(imported_by),
