@@ -17,7 +17,7 @@ from avrec import config
 log = logging.getLogger("avrec.tables")
 
 TS = pl.Datetime("us", "UTC")
-EVENT_LOG = "event_log"  # directory of events logged online (one Parquet file per batch)
+EVENT_LOG = "event_log"  # events logged online: journal segments and their Parquet files
 # the event log's files carry one more, nullable column: the client's idempotency key
 EVENT_ID = "event_id"
 
@@ -63,33 +63,69 @@ def read_table(name: str, root: Path | None = None) -> pl.DataFrame:
 
 
 def read_event_log(root: Path | None = None) -> list[pl.DataFrame]:
-    """Every readable batch file under ``event_log/``, oldest first (columns as written: the
-    events schema, plus ``event_id`` in files of servers that keep it).
+    """Every readable batch of ``event_log/``, oldest first: its Parquet files and the whole
+    records of its journal segments (:mod:`avrec.event_journal`; columns as written: the
+    events schema, plus ``event_id`` where servers keep it).
 
-    A crash can leave a write unfinished: a ``*.tmp`` file (killed before its rename) or a
-    file that does not parse (truncated, garbage). Each is skipped with a one-line warning
-    naming it, never a crash; what the server acknowledged was fsynced and renamed first, so
-    it is always among the readable files.
+    A crash can leave a write unfinished: a ``*.tmp`` file (killed before its rename), a file
+    that does not parse (truncated, garbage) or a segment's torn tail. Each is skipped with a
+    one-line warning naming it, never a crash; what the server acknowledged was made durable
+    first, so it is always among what is read.
     """
+    from avrec import event_journal  # it imports this module
+
     directory = (root or config.offline_dir()) / EVENT_LOG
     if not directory.is_dir():
         return []
     for leftover in sorted(directory.glob("*.tmp")):
         log.warning("event log: skipping %s: an unfinished write (never acknowledged)", leftover)
     frames = []
-    for path in sorted(directory.glob("*.parquet")):
-        try:
-            frame = pl.read_parquet(path)
-        except (OSError, pl.exceptions.PolarsError, pl.exceptions.PanicException) as exc:
-            reason = " ".join(str(exc).split())[:200]
-            log.warning("event log: skipping unreadable %s (%s)", path, reason)
-            continue
-        missing = sorted(set(EVENTS_SCHEMA) - set(frame.columns))
-        if missing:
-            log.warning("event log: skipping %s: no column %s", path, ", ".join(missing))
-            continue
-        frames.append(frame)
+    paths = sorted([*directory.glob("*.parquet"), *directory.glob(f"*{event_journal.SUFFIX}")],
+                   key=lambda p: p.name)
+    for path in paths:
+        if path.suffix == event_journal.SUFFIX:
+            frame = _read_segment(path)
+        else:
+            frame = _read_batch_file(path)
+        if frame is not None:
+            frames.append(frame)
     return frames
+
+
+def _read_batch_file(path: Path) -> pl.DataFrame | None:
+    try:
+        frame = pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError, pl.exceptions.PanicException) as exc:
+        log.warning("event log: skipping unreadable %s (%s)", path, _one_line(exc))
+        return None
+    missing = sorted(set(EVENTS_SCHEMA) - set(frame.columns))
+    if missing:
+        log.warning("event log: skipping %s: no column %s", path, ", ".join(missing))
+        return None
+    return frame
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:200]
+
+
+def _read_segment(path: Path) -> pl.DataFrame | None:
+    from avrec import event_journal
+
+    compacted = path.with_suffix(".parquet")
+    if compacted.exists():  # read with the Parquet files; the segment's delete is pending
+        return None
+    try:
+        frame, torn = event_journal.read_segment(path)
+    except FileNotFoundError:  # compacted since the listing
+        return _read_batch_file(compacted) if compacted.exists() else None
+    except (OSError, ValueError) as exc:
+        log.warning("event log: skipping unreadable %s (%s)", path, _one_line(exc))
+        return None
+    if torn:
+        log.warning("event log: %s: skipping its last %d bytes, an unfinished append (never "
+                    "acknowledged)", path, torn)
+    return frame
 
 
 def with_event_log(events: pl.DataFrame, logged: list[pl.DataFrame]) -> pl.DataFrame:

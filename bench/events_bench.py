@@ -23,7 +23,8 @@ With ``--cluster``, the incremental path runs once more on a local Redis Cluster
 
 With ``--threads K``, the one-event calls are also sent from K client threads at once
 (closed loop), where concurrent calls share the event log's write (group commit): the
-``files`` column counts the event-log files written, one per shared write. With ``--before
+``writes`` column counts the event log's durable writes (records of the journal, or files
+before it), one per shared write. With ``--before
 DIR`` (a copy of an earlier commit's code, e.g. ``git archive COMMIT | tar -x -C DIR``), each
 path's server also runs from DIR, alternately with this checkout, ``--rounds`` times. Every
 server after the first starts with the incremental states deleted from Redis
@@ -100,11 +101,13 @@ def build(workdir: Path, redis_url: str) -> Path:
 def serve(mode: str, port: int, clock: str, model_dir: str) -> int:
     """Run one server process until SIGTERM (on ``$REDIS_URL``: a single Redis or a cluster)."""
     from avrec.server.app import start
-    from avrec.server.config import load_config
+    from avrec.server.config import ServeConfig, load_config
 
     settings = {"port": port, "clock": clock, "model_dir": model_dir,
                 "redis_url": os.environ["REDIS_URL"], "hybrid": False,
                 "incremental_events": mode == "incremental"}
+    if "event_journal_events" in ServeConfig.__dataclass_fields__:  # not in code before it
+        settings["event_journal_events"] = 10**9  # one segment a run: its records are counted
     service = start(load_config(None, settings, environ={}))
     print("ready", flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
@@ -158,10 +161,15 @@ def measure_threads(client, calls: list[list], threads: int) -> tuple[np.ndarray
     return np.concatenate(results), time.perf_counter() - started
 
 
-def log_files() -> int:
-    from avrec import config, tables
+def log_writes() -> int:
+    """Durable writes in the event log so far: a Parquet file each (the code before the
+    journal), a record each in a journal segment (a segment compacted meanwhile counts as
+    one file: the bench server's segments hold a whole run, ``serve``)."""
+    from avrec import config, event_journal, tables
 
-    return len(list((config.offline_dir() / tables.EVENT_LOG).glob("*.parquet")))
+    directory = config.offline_dir() / tables.EVENT_LOG
+    return (len(list(directory.glob("*.parquet")))
+            + sum(event_journal.count_records(p) for p in directory.glob("*.journal")))
 
 
 LAYERS = ("encoders", "ranker", "server", "web")  # shipped as avrec.<layer> (setup.py)
@@ -248,7 +256,7 @@ def run_mode(mode: str, clock: datetime, model_dir: Path, args, users: np.ndarra
             measure(client, [events_for(rng, users, catalogue, 1) for _ in range(5)])  # warm
             for what, calls, size, cover in plan:
                 work = [events_for(rng, users, catalogue, size, cover) for _ in range(calls)]
-                before, files = sum(cpu.cpu_times()[:2]), log_files()
+                before, writes = sum(cpu.cpu_times()[:2]), log_writes()
                 if "threads" in what:
                     latencies, wall = measure_threads(client, work, args.threads)
                 else:
@@ -262,7 +270,7 @@ def run_mode(mode: str, clock: datetime, model_dir: Path, args, users: np.ndarra
                     "calls_s": calls / wall,
                     "events_s": calls * size / wall,
                     "cpu": (sum(cpu.cpu_times()[:2]) - before) / calls,
-                    "files": log_files() - files,
+                    "writes": log_writes() - writes,
                 })
                 print(f"  {label:21} {what:18} p50 {rows[-1]['p50']:8.1f} ms", flush=True)
     finally:
@@ -352,12 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(users)} users, {len(catalogue)} items; load average "
           f"{os.getloadavg()[0]:.2f}\n")
     print("| path | call | calls | events/call | users/call | p50 ms | p99 ms | calls/s "
-          "| events/s | server CPU s/call | files |")
+          "| events/s | server CPU s/call | writes |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['path']} | {r['what']} | {r['calls']} | {r['events']} | "
               f"{r['users']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['calls_s']:.1f} | "
-              f"{r['events_s']:,.0f} | {r['cpu']:.3f} | {r['files']} |")
+              f"{r['events_s']:,.0f} | {r['cpu']:.3f} | {r['writes']} |")
     return 0
 
 

@@ -1,6 +1,6 @@
 """A ranking service of its own for the hardening benches (``fuzz_rpc.py``, ``soak.py``).
 
-Their ``LogEvents`` calls write: an ``event_log`` file per call and the users' online rows. So
+Their ``LogEvents`` calls write: records of the event log and the users' online rows. So
 that a bench never writes into the shared data directory or the machine's Redis, ``sandbox``
 copies ``offline/`` of the data directory into a temporary one (models are linked, read only),
 starts its own redis-server on a free loopback port, runs ``avrec apply`` + ``avrec materialize``

@@ -52,6 +52,7 @@ class Service:
     engine: RankingEngine
     health: health.HealthServicer
     watcher: ModelWatcher | None = None  # hot swaps; None with a fixed model_dir
+    events: EventLog | None = None  # LogEvents' log: its journal is compacted at stop
 
     def stop(self, grace: float | None = None) -> None:
         for name in ("", SERVICE_NAME):
@@ -59,6 +60,8 @@ class Service:
         if self.watcher is not None:
             self.watcher.stop()
         self.server.stop(grace).wait()
+        if self.events is not None:
+            self.events.close()
         # A snapshot reload runs on a daemon thread inside numpy and onnxruntime; killed there
         # by the interpreter's exit, the process aborts. Let it finish (seconds) first.
         if not self.engine.wait_for_reload(RELOAD_EXIT_SECONDS):
@@ -101,7 +104,8 @@ def build_engine(
     engine.ensure_snapshot(engine.materialization(), now)  # refuses mismatched embeddings
     return engine, EventLog(offline, catalogue["item_id"].to_numpy(),
                             client if config.incremental_events else None,
-                            id_window=config.event_id_window)
+                            id_window=config.event_id_window,
+                            journal_events=config.event_journal_events)
 
 
 def start(config: ServeConfig, engine_class: type[RankingEngine] = RankingEngine) -> Service:
@@ -155,7 +159,7 @@ def start(config: ServeConfig, engine_class: type[RankingEngine] = RankingEngine
     if not config.model_dir:  # serving LATEST: follow it
         watcher = ModelWatcher(engine, model_root(config), config).start(
             config.model_watch_seconds)
-    return Service(server, port, engine, health_servicer, watcher)
+    return Service(server, port, engine, health_servicer, watcher, events)
 
 
 SIGNAL_POLL_SECONDS = 0.25  # the longest a signal's handler waits for the main thread

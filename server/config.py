@@ -71,6 +71,9 @@ class ServeConfig:
     # LogEvents: how many accepted client event_ids are remembered (the newest; refilled from
     # the event log at start): a retry within them is dropped. About 100 bytes an id.
     event_id_window: int = 100_000
+    # LogEvents: events in one journal segment before it is compacted into a Parquet file of
+    # the event log (avrec/event_journal.py); each call appends one record to the open one
+    event_journal_events: int = 10_000
     tls_cert: str | None = None
     tls_key: str | None = None
     auth_token: str | None = None  # bearer token every call must carry (health excepted)
@@ -103,7 +106,7 @@ class ServeConfig:
         if bool(self.tls_cert) != bool(self.tls_key):
             found.append("tls_cert and tls_key go together")
         for name in ("max_candidates", "max_top_k", "retrieval_candidates", "workers",
-                     "max_message_bytes", "event_id_window"):
+                     "max_message_bytes", "event_id_window", "event_journal_events"):
             if getattr(self, name) <= 0:
                 found.append(f"{name} must be positive")
         if self.user_cache_entries < 0:

@@ -1,8 +1,10 @@
 """``LogEvents``: validate user events, append them offline, update the online rows now.
 
-Accepted events are appended as one Parquet file per call under ``offline/event_log/`` (the
-events schema of :mod:`avrec.tables`; ``avrec features`` folds them into the behaviour tables
-for later training). Then the online rows, so the next ``Rank`` sees them:
+Accepted events are appended to the event journal under ``offline/event_log/``
+(:mod:`avrec.event_journal`: one durable record per write in this process's open segment,
+compacted into a Parquet file every ``event_journal_events`` events; the events schema of
+:mod:`avrec.tables`; ``avrec features`` folds them into the behaviour tables for later
+training). Then the online rows, so the next ``Rank`` sees them:
 
 * incremental (the default, ``incremental_events``): each touched user's ``user_behaviour``
   and ``user_history`` rows and each touched item's ``item_behaviour`` row are updated from a
@@ -15,9 +17,9 @@ for later training). Then the online rows, so the next ``Rank`` sees them:
   and written through Feast's ``write_to_online_store``; item rows wait for materialization.
 
 Concurrent calls share the durable write (group commit, :mod:`avrec.server.group_commit`): the
-batches queued while one write runs go into the next file together, one fsync of the file
-and one of the directory for all of them, and each call answers only once the file holding
-its events is durable. The online updates run after, one at a time, outside that write.
+batches queued while one write runs go into the next record together, one ``fdatasync`` for
+all of them, and each call answers only once the record holding its events is durable. The
+online updates run after, one at a time, outside that write.
 Client ``event_id`` values are remembered in a bounded window (:class:`RecentIds`, the last
 ``event_id_window`` accepted ids, refilled from the log's newest files at start): a retry
 within the window is dropped as a duplicate.
@@ -25,15 +27,12 @@ within the window is dropped as a duplicate.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import threading
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +41,7 @@ import polars as pl
 
 from avrec import behaviour_features, tables
 from avrec.errors import InputError, StoreUnavailableError
+from avrec.event_journal import MAX_EVENTS, JournalWriter, compact_orphans
 from avrec.names import USER_BEHAVIOUR, USER_HISTORY
 from avrec.server.config import ServeConfig
 from avrec.server.event_history import EventHistory
@@ -83,7 +83,7 @@ class LoggedEvent:
 class LogResult:
     accepted: int
     users: list[int]
-    path: Path | None  # None: every event was a duplicate, nothing written
+    path: Path | None  # the journal segment holding them; None: all duplicates, none written
     duplicates: int = 0
 
 
@@ -98,16 +98,7 @@ class _Batch:
 class _Written:
     frame: pl.DataFrame  # the batch less its duplicates
     ids: list[str | None]
-    path: Path | None  # the file holding them (shared by the group); None: nothing written
-
-
-def fsync_directory(directory: Path, fsync: Callable[[int], None] | None = None) -> None:
-    """Make a rename inside ``directory`` durable (the entry lives in the directory)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        (fsync or os.fsync)(fd)
-    finally:
-        os.close(fd)
+    path: Path | None  # the segment holding them (shared by the group); None: nothing written
 
 
 class RecentIds:
@@ -145,11 +136,16 @@ class EventLog:
     def __init__(self, offline: Path, catalogue_ids: np.ndarray,
                  client: Client | None = None,
                  id_window: int = ServeConfig.event_id_window,
-                 fsync: Callable[[int], None] | None = None) -> None:
+                 fsync: Callable[[int], None] | None = None,
+                 journal_events: int = MAX_EVENTS) -> None:
         """``client``: update rows incrementally through it (None: recompute them);
         ``id_window``: how many accepted event ids are remembered for retries; ``fsync``:
-        what makes a file durable (default :func:`os.fsync`)."""
+        what makes a file durable (default :func:`os.fdatasync` for records, :func:`os.fsync`
+        for new files and directories); ``journal_events``: events in a journal segment
+        before it is compacted into Parquet."""
         self.offline = offline
+        # segments a crash left (no writer holds them) become Parquet before anything reads
+        compact_orphans(offline / tables.EVENT_LOG, fsync)
         self.items = tables.read_table("items", offline)
         self.genres = behaviour_features.genre_vocabulary(self.items)
         logged = tables.read_event_log(offline)  # torn or unfinished files: skipped
@@ -159,8 +155,7 @@ class EventLog:
         # the newest event ids accepted, here or by an earlier process (idempotent retries)
         self.recent_ids = RecentIds(id_window, tables.event_ids(logged, last=id_window))
         self.catalogue = set(int(i) for i in catalogue_ids)
-        self._fsync = fsync
-        self._last_stamp = _newest_stamp(offline / tables.EVENT_LOG)
+        self.journal = JournalWriter(offline / tables.EVENT_LOG, journal_events, fsync)
         self.commits: GroupCommit[_Batch, _Written] = GroupCommit(self._flush)
         self._lock = threading.Lock()  # the in-memory history and the online rows
         self.client = client
@@ -242,47 +237,26 @@ class EventLog:
             frame = pl.concat(
                 [frame.with_columns(pl.Series(tables.EVENT_ID, ids, dtype=pl.Utf8))
                  for frame, ids in writing], how="vertical_relaxed")
-            stamp = max(batch.now for batch in batches)
-            if self._last_stamp is not None and stamp <= self._last_stamp:
-                stamp = self._last_stamp + timedelta(microseconds=1)
-            path = self._write(frame, stamp)
-            self._last_stamp = stamp
+            path = self._write(frame, max(batch.now for batch in batches))
             self.recent_ids.extend(i for _, ids in writing for i in ids if i is not None)
         return [_Written(frame, ids, path if frame.height else None) for frame, ids in kept]
 
     def _write(self, frame: pl.DataFrame, now: datetime) -> Path:
-        """Write ``frame`` (events + ``event_id``) as one new file of the log, durably; the
-        name starts with ``now``, which :meth:`_flush` keeps increasing so that the names
-        sort in write order (the tail the id window is refilled from).
-
-        The file is written as ``*.tmp``, fsynced, renamed to ``*.parquet`` and the directory
-        fsynced, all before the callers are answered (and so before ``LogEvents``
-        acknowledges): an acknowledged batch survives a SIGKILL or a power cut. A crash
-        before the rename leaves a ``*.tmp`` that readers skip
-        (:func:`avrec.tables.read_event_log`). ``event_id`` is null where the client gave
-        none; once written, the ids are remembered (:class:`RecentIds`).
-        """
-        directory = self.offline / tables.EVENT_LOG
-        path = directory / f"{now:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = path.with_suffix(".tmp")
-        fsync = self._fsync or os.fsync
+        """Append ``frame`` (events + ``event_id``) to the journal as one record, durable
+        before the callers are answered (and so before ``LogEvents`` acknowledges): an
+        acknowledged batch survives a SIGKILL or a power cut. A failed append is cut off
+        again (:class:`~avrec.event_journal.JournalWriter`); ``now`` names a new segment.
+        ``event_id`` is null where the client gave none; once written, the ids are
+        remembered (:class:`RecentIds`)."""
         try:
-            if not directory.is_dir():
-                directory.mkdir(parents=True, exist_ok=True)
-                fsync_directory(directory.parent, fsync)
-            with tmp.open("wb") as out:
-                frame.write_parquet(out)
-                out.flush()
-                fsync(out.fileno())
-            tmp.replace(path)
-            fsync_directory(directory, fsync)
-        except (OSError, pl.exceptions.ComputeError) as exc:  # polars wraps ENOSPC
-            for leftover in (tmp, path):  # not acknowledged: not kept either
-                with contextlib.suppress(OSError):
-                    leftover.unlink(missing_ok=True)
+            return self.journal.append(frame, now)
+        except OSError as exc:
             raise EventLogUnavailableError(f"the event log cannot be written ({exc}); "
                                            "no event of this batch was accepted") from exc
-        return path
+
+    def close(self) -> None:
+        """Compact the journal's open segment; once no call runs (the server stopped)."""
+        self.journal.close()
 
     def user_rows(self, user_ids: list[int], now: datetime) -> pl.DataFrame:
         """Each user's latest ``user_behaviour`` row as of ``now``, from their whole history."""
@@ -328,15 +302,6 @@ class EventLog:
             store.write_to_online_store(
                 USER_HISTORY, histories.to_pandas(use_pyarrow_extension_array=False))
         return LogResult(frame.height, users, written.path, duplicates)
-
-
-def _newest_stamp(directory: Path) -> datetime | None:
-    """The time in the newest log file name this server writes (``%Y%m%dT%H%M%S%f-...``)."""
-    stamps = []
-    for path in directory.glob("*.parquet") if directory.is_dir() else ():
-        with contextlib.suppress(ValueError):
-            stamps.append(datetime.strptime(path.name[:21], "%Y%m%dT%H%M%S%f"))
-    return max(stamps).replace(tzinfo=UTC) if stamps else None
 
 
 def _users(frame: pl.DataFrame) -> list[int]:

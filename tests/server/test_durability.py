@@ -1,6 +1,7 @@
-"""Durable ``LogEvents``: each batch file is fsynced, renamed and its directory
-fsynced before the call is acknowledged; readers of ``offline/event_log/`` skip what a crash
-can leave behind (``*.tmp``, truncated or garbage files) with a one-line warning."""
+"""Durable ``LogEvents``: each batch is one journal record, synced before the call is
+acknowledged; segments become Parquet files when full, at stop, or at the next start after
+a crash; readers of ``offline/event_log/`` skip what a crash can leave behind (``*.tmp``,
+truncated or garbage files, a segment's torn tail) with a one-line warning."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from avrec import tables
+from avrec import event_journal, tables
 from tests.server.test_faults import Load
 
 NOW = datetime(2018, 9, 25, tzinfo=UTC)
@@ -52,27 +53,79 @@ def batch(user: int, n: int = 3) -> pl.DataFrame:
     )
 
 
-def test_append_fsyncs_the_file_and_the_directory_before_returning(tmp_path, monkeypatch):
+def test_an_append_is_one_record_synced_before_it_returns(tmp_path, monkeypatch):
+    """A new segment: its header, then the directory, synced; then each batch is one record
+    and one ``fdatasync`` of the segment, before ``append`` returns. At close the segment
+    becomes one Parquet file of every batch, and is deleted."""
     from avrec.server.event_log import EventLog
 
     offline = tiny_offline(tmp_path)
     log = EventLog(offline, np.array([1, 2]))
-    synced: list[str] = []
-    real_fsync = os.fsync
+    synced: list[tuple[str, str]] = []
+    real_fsync, real_datasync = os.fsync, os.fdatasync
 
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
+    def recorder(name: str, real):
+        def sync(fd: int) -> None:
+            synced.append((name, os.readlink(f"/proc/self/fd/{fd}")))
+            real(fd)
+        return sync
 
-    monkeypatch.setattr(os, "fsync", fsync)
-    path = log.append(batch(7), NOW)
+    monkeypatch.setattr(os, "fsync", recorder("fsync", real_fsync))
+    monkeypatch.setattr(os, "fdatasync", recorder("fdatasync", real_datasync))
     directory = offline / tables.EVENT_LOG
-    # the parent first (the directory was created), then the file (still *.tmp), then the
-    # directory after the rename
-    assert synced[-2:] == [str(path.with_suffix(".tmp")), str(directory)]
-    assert str(offline) in synced[:-2]
-    assert pl.read_parquet(path).height == 3
-    assert sorted(p.name for p in directory.iterdir()) == [path.name]
+    segment = log.append(batch(7), NOW)
+    assert segment.suffix == event_journal.SUFFIX
+    # the parent first (the directory was created), then the new segment and the directory
+    # (the segment's entry), then the record
+    assert synced == [("fsync", str(offline)), ("fsync", str(segment)),
+                      ("fsync", str(directory)), ("fdatasync", str(segment))]
+    assert event_journal.read_segment(segment)[0].height == 3
+    synced.clear()
+    assert log.append(batch(8, 2), NOW) == segment
+    assert synced == [("fdatasync", str(segment))]  # no new file, no rename, no directory
+    assert sorted(p.name for p in directory.iterdir()) == [segment.name]
+
+    log.close()
+    compacted = segment.with_suffix(".parquet")
+    assert sorted(p.name for p in directory.iterdir()) == [compacted.name]
+    assert pl.read_parquet(compacted)["user_id"].to_list() == [7, 7, 7, 8, 8]
+
+
+def test_a_segment_is_compacted_once_it_holds_max_events(tmp_path):
+    from avrec.server.event_log import EventLog
+
+    offline = tiny_offline(tmp_path)
+    log = EventLog(offline, np.array([1, 2]), journal_events=5)
+    first = log.append(batch(7, 3), NOW)
+    assert log.append(batch(8, 2), NOW) == first  # 5 events: closed, compacted on a thread
+    second = log.append(batch(9, 1), NOW)
+    assert second != first and second.name > first.name  # names keep the write order
+    log.close()
+    directory = offline / tables.EVENT_LOG
+    assert sorted(p.suffix for p in directory.iterdir()) == [".parquet", ".parquet"]
+    assert [f.height for f in tables.read_event_log(offline)] == [5, 1]
+
+
+def test_a_crashed_writers_segment_is_read_then_compacted_at_the_next_start(tmp_path):
+    """A segment no process holds (its writer was killed) is read as it is, then compacted by
+    the next server to start; a segment another writer holds is left to it."""
+    from avrec.server.event_log import EventLog
+
+    offline = tiny_offline(tmp_path)
+    directory = offline / tables.EVENT_LOG
+    live = EventLog(offline, np.array([1, 2]))
+    held = live.append(batch(5, 2), NOW)
+    orphan = directory / "20180101T000000000000-0000dead.journal"
+    orphan.write_bytes(event_journal.MAGIC + event_journal.encode(batch(6, 4)))
+    assert tables.read_events(offline).height == 1 + 2 + 4
+
+    restarted = EventLog(offline, np.array([1, 2]))
+    assert not orphan.exists() and orphan.with_suffix(".parquet").exists()
+    assert held.exists()  # another writer's open segment: not touched
+    assert restarted.events.height == 1 + 2 + 4
+    live.close()
+    restarted.close()
+    assert tables.read_events(offline).height == 1 + 2 + 4
 
 
 def test_readers_skip_unfinished_truncated_and_garbage_files_with_a_warning(tmp_path, caplog):
@@ -80,11 +133,13 @@ def test_readers_skip_unfinished_truncated_and_garbage_files_with_a_warning(tmp_
 
     offline = tiny_offline(tmp_path)
     log = EventLog(offline, np.array([1, 2]))
-    good = log.append(batch(7), NOW)
+    log.append(batch(7), NOW)
+    log.close()
     directory = offline / tables.EVENT_LOG
-    truncated = log.append(batch(8, 50), NOW)
-    whole = truncated.read_bytes()
-    truncated.write_bytes(whole[: len(whole) // 2])  # a torn tail
+    (good,) = directory.glob("*.parquet")
+    whole = good.read_bytes()
+    truncated = directory / "20180925T000000000001-trunc.parquet"
+    truncated.write_bytes(whole[: len(whole) // 2])  # a torn Parquet file
     garbage = directory / "20180925T000000000002-garbage.parquet"
     garbage.write_bytes(b"\x00not parquet at all\n" * 3)
     empty = directory / "20180925T000000000003-empty.parquet"
@@ -93,23 +148,32 @@ def test_readers_skip_unfinished_truncated_and_garbage_files_with_a_warning(tmp_
     unfinished.write_bytes(whole[:100])
     wrong = directory / "20180925T000000000005-wrong.parquet"
     pl.DataFrame({"x": [1]}).write_parquet(wrong)
+    torn = directory / "20180925T000000000006-torn.journal"  # killed mid-append
+    torn.write_bytes(event_journal.MAGIC + event_journal.encode(batch(9, 2))
+                     + event_journal.encode(batch(10, 4))[:-5])
+    alien = directory / "20180925T000000000007-alien.journal"
+    alien.write_bytes(b"not a journal at all")
 
     with caplog.at_level(logging.WARNING, logger="avrec.tables"):
         events = tables.read_events(offline)  # the reader of `avrec features`
-    assert events.height == 1 + 3  # the offline event + the good batch
-    assert set(events["user_id"].to_list()) == {1, 7}
+    assert events.height == 1 + 3 + 2  # the offline event, the good batch, the torn's whole
+    assert set(events["user_id"].to_list()) == {1, 7, 9}
     assert events.columns == list(tables.EVENTS_SCHEMA)
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    for bad in (truncated, garbage, empty, unfinished, wrong):
+    for bad in (truncated, garbage, empty, unfinished, wrong, torn, alien):
         (line,) = [m for m in warned if str(bad) in m]
         assert "\n" not in line
     assert not any(str(good) in m for m in warned)
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="avrec.tables"):
+    with caplog.at_level(logging.WARNING):
         restarted = EventLog(offline, np.array([1, 2]))  # a server starting over the log
-    assert restarted.events.height == 4
-    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 5
+    assert restarted.events.height == 6
+    assert not torn.exists() and torn.with_suffix(".parquet").exists()  # its whole records
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(torn) in m and "unfinished append" in m for m in warned)
+    assert any(str(alien) in m and "cannot compact" in m for m in warned)
+    assert len([m for m in warned if "skipping" in m]) == 6  # the reader's, torn's gone
 
 
 def test_features_build_reads_past_a_torn_event_log(tmp_path, caplog):
@@ -258,8 +322,8 @@ def start_server(data_dir: Path, stack, url: str, log_path: Path) -> tuple[subpr
 def test_sigkill_under_load_loses_no_acknowledged_event(stack, tmp_path, caplog) -> None:
     """SIGKILL the server while LogEvents calls run on 6 threads; restart it. Every event of
     an acknowledged call is in the offline event log (read as ``avrec features`` reads it),
-    each once; the restarted server starts over what the kill left (an unfinished ``*.tmp``,
-    a torn file); retrying every batch then logs nothing twice."""
+    each once; the restarted server starts over what the kill left (its journal segment, with
+    a torn tail) and compacts it; retrying every batch then logs nothing twice."""
     from avrec import feature_store
     from avrec.redis_server import start_embedded
     from avrec.server.client import RankingClient
@@ -294,10 +358,13 @@ def test_sigkill_under_load_loses_no_acknowledged_event(stack, tmp_path, caplog)
         acked = [e.event_id for events, code in calls if code == "OK" for e in events]
         assert len(acked) >= 40 * 5 and set(codes) <= {"OK", "UNAVAILABLE"}, codes
         leftovers = sorted(p.name for p in log_dir.glob("*.tmp"))
-        # a torn tail as a crash mid-write leaves one (the kill may or may not have made one)
-        newest = sorted(log_dir.glob("*.parquet"))[-1].read_bytes()
-        torn = log_dir / "99991231T000000000000-torn.parquet"
-        torn.write_bytes(newest[: len(newest) // 2])
+        # the killed server's open segment, nobody's now; with a torn tail as a crash
+        # mid-append leaves one (the kill may or may not have made one)
+        torn = sorted(log_dir.glob(f"*{event_journal.SUFFIX}"))[-1]
+        with torn.open("ab") as out:
+            never_sent = pl.DataFrame([(42_000_099, items[0], "rating", 3.0, NOW)],
+                                      schema=tables.EVENTS_SCHEMA, orient="row")
+            out.write(event_journal.encode(never_sent)[:-7])
 
         with caplog.at_level(logging.WARNING, logger="avrec.tables"):
             logged = tables.read_event_log(offline)  # what `avrec features` reads
@@ -329,6 +396,9 @@ def test_sigkill_under_load_loses_no_acknowledged_event(stack, tmp_path, caplog)
         assert "Traceback" not in serve_log and str(torn.name) in serve_log
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
+        # the orphan compacted at the start, the new server's segment at its stop
+        assert not list(log_dir.glob(f"*{event_journal.SUFFIX}"))
+        assert tables.event_ids(tables.read_event_log(offline)) == tables.event_ids(after)
         print(f"\nSIGKILL under LogEvents load (6 threads, 5 events a call): {len(calls)} "
               f"calls {dict(codes)} ({answered} answered when the kill was sent); "
               f"{len(acked)} events acknowledged, lost 0; {len(ids)} logged before the "

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from avrec import tables
+from avrec import event_journal, tables
 from avrec.server.event_log import EventLog, EventLogUnavailableError, RecentIds
 from avrec.server.group_commit import GroupCommit
 from tests.server.test_durability import NOW, batch, tiny_offline
@@ -55,21 +55,21 @@ def test_concurrent_appends_share_fsyncs_and_every_record_is_readable(tmp_path):
     calls = writers * calls_each
     assert log.commits.items == calls
     assert log.commits.groups < calls
-    assert len(synced) < calls  # one-by-one: two a call (file and directory) plus the parent
+    assert len(synced) < calls  # one-by-one: one a call, plus three for the new segment
     ids = logged_ids(offline)
     assert sorted(ids) == sorted(f"w{w}-c{c}-{i}" for w in range(writers)
                                  for c in range(calls_each) for i in range(2))
-    for first, path in paths.items():  # each call's answer names the file holding its events
+    for first, path in paths.items():  # each call's answer names the segment holding it
         assert path is not None
-        assert first in pl.read_parquet(path)[tables.EVENT_ID].to_list()
-    assert len(set(paths.values())) == log.commits.groups
+        assert first in event_journal.read_segment(path)[0][tables.EVENT_ID].to_list()
+    assert log.journal.records == log.commits.groups  # one record a shared write
     assert tables.read_events(offline).height == 1 + 2 * calls
     assert log.events.height == 1 + 2 * calls
 
 
 def test_a_failed_group_write_acknowledges_none_of_it_and_the_next_group_is_shared(tmp_path):
     """The first write blocks, then fails (disk full): its caller gets the error, its events
-    are in no file and not remembered; the four calls queued meanwhile go out as one file."""
+    are in no record and not remembered; the four calls queued meanwhile go out as one."""
     offline = tiny_offline(tmp_path)
     gate, calls = threading.Event(), []
 
@@ -104,7 +104,8 @@ def test_a_failed_group_write_acknowledges_none_of_it_and_the_next_group_is_shar
 
     assert isinstance(results["a"], EventLogUnavailableError)
     assert "no event of this batch was accepted" in str(results["a"])
-    assert len({results[name] for name in "bcde"}) == 1  # one file for the four
+    assert len({results[name] for name in "bcde"}) == 1  # one segment, one record for the four
+    assert log.journal.records == 1
     assert log.commits.groups == 2
     assert sorted(logged_ids(offline)) == ["b", "c", "d", "e"]
     assert not list((offline / tables.EVENT_LOG).glob("*.tmp"))
@@ -156,7 +157,7 @@ def test_retries_within_the_window_are_dropped_older_ones_accepted_even_after_a_
     restarted = EventLog(offline, ITEMS, id_window=5)  # refilled from the log's newest files
     assert len(restarted.recent_ids) == 5
     assert [f"e{i}" in restarted.recent_ids for i in (0, 5, 6, 9)] == [True, False, True, True]
-    before = sorted(p.name for p in (offline / tables.EVENT_LOG).glob("*.parquet"))
+    before = sorted(p.name for p in (offline / tables.EVENT_LOG).iterdir())
     assert restarted.append(batch(7, 1), NOW, ["e9"]) is None
     path = restarted.append(batch(7, 1), NOW, ["e5"])
     assert path is not None and path.name > before[-1]  # names keep the write order

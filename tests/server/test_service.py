@@ -7,7 +7,10 @@ server's raw Redis path), encodes them with the model's FeatureEncoder and runs 
 from __future__ import annotations
 
 import math
+import os
+import uuid
 from datetime import UTC, timedelta
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -16,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from avrec import online_features, tables
+from avrec import event_journal, online_features, tables
 from avrec.server.models import encoder_from_contract
 from avrec.server.protocol import SERVICE_NAME, ranking_pb2
 from tests.server.conftest import CLOCK, current_snapshot
@@ -216,8 +219,8 @@ def test_log_events_update_the_next_rank(stack, service, client) -> None:
     event = ranking_pb2.Event(user_id=USER, item_id=item, event_type="rating", rating=5.0)
     reply = client.log_events([event])
     assert reply.accepted == 1 and list(reply.users_updated) == [USER]
-    logged = pl.read_parquet(reply.offline_path)
-    assert logged.select("user_id", "item_id", "value").rows() == [(USER, item, 5.0)]
+    logged, _ = event_journal.read_segment(Path(reply.offline_path))  # the newest record
+    assert logged.select("user_id", "item_id", "value").rows()[-1] == (USER, item, 5.0)
     after = stack.store.get_online_features(
         features=["user_behaviour:interactions_all", "user_behaviour:recent_items"],
         entity_rows=[{"user_id": USER}],
@@ -242,14 +245,14 @@ def test_log_events_update_the_next_rank(stack, service, client) -> None:
     ],
 )
 def test_bad_events_are_refused_and_nothing_is_written(stack, client, event, message) -> None:
-    log_dir = stack.data_dir / "offline" / "event_log"
-    files = sorted(log_dir.glob("*.parquet")) if log_dir.exists() else []
+    offline = stack.data_dir / "offline"
+    logged = tables.read_events(offline).height
     good = ranking_pb2.Event(user_id=USER, item_id=1, event_type="tag")
     with pytest.raises(grpc.RpcError) as caught:
         client.log_events([good, ranking_pb2.Event(**event)])
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in caught.value.details()
-    assert (sorted(log_dir.glob("*.parquet")) if log_dir.exists() else []) == files
+    assert tables.read_events(offline).height == logged
 
 
 def test_future_events_and_empty_batches_are_refused(client) -> None:
@@ -296,24 +299,30 @@ def test_metrics_count_calls_by_status(client) -> None:
 def test_an_event_log_that_cannot_be_written_refuses_the_batch_and_rank_goes_on(
     stack, service, client, monkeypatch
 ) -> None:
-    """Disk full (the Parquet write fails with ENOSPC, a fake for this one error path):
+    """Disk full (the journal's sync fails with ENOSPC, a fake for this one error path):
     LogEvents answers RESOURCE_EXHAUSTED, nothing is acknowledged or kept, health and Rank
     stay up, and the next batch is accepted once the disk has room again."""
     import errno
 
-    log_dir = stack.data_dir / "offline" / tables.EVENT_LOG
-    before = sorted(log_dir.glob("*")) if log_dir.exists() else []
+    offline = stack.data_dir / "offline"
 
-    def disk_full(self, *args, **kwargs):
+    def logged() -> list[str]:
+        return tables.event_ids(tables.read_event_log(offline))
+
+    def disk_full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pl.DataFrame, "write_parquet", disk_full)
-    event = ranking_pb2.Event(user_id=USER, item_id=1, event_type="tag")
+    client.log_events([ranking_pb2.Event(user_id=USER, item_id=2, event_type="tag",
+                                         event_id=f"before-{uuid.uuid4().hex}")])
+    before = logged()  # the open segment holds a record already
+    monkeypatch.setattr(os, "fdatasync", disk_full)
+    event = ranking_pb2.Event(user_id=USER, item_id=1, event_type="tag",
+                              event_id=f"refused-{uuid.uuid4().hex}")
     with pytest.raises(grpc.RpcError) as caught:
         client.log_events([event])
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "event log cannot be written" in caught.value.details()
-    assert (sorted(log_dir.glob("*")) if log_dir.exists() else []) == before
+    assert logged() == before  # the failed record was cut off; the earlier one kept
     assert client.rank(USER, [1, 2, 3]).items
     with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -321,3 +330,4 @@ def test_an_event_log_that_cannot_be_written_refuses_the_batch_and_rank_goes_on(
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     monkeypatch.undo()
     assert client.log_events([event]).accepted == 1
+    assert logged() == [*before, event.event_id]
