@@ -14,9 +14,10 @@ is missing or when the Feast row no longer carries the stamp the state last wrot
 materialize`` wrote a newer row), or when the clock went back past the state's events (a
 replay clock restarted; the rebuilt rows then leave out events after the clock, as the
 offline code does at that clock).
-Each batch reads all states and row stamps in one round trip (one HMGET per entity) and
-writes each entity's rows and state in one HSET, all in one ``MULTI/EXEC`` under ``WATCH``
-of the touched hashes (another writer in between: the batch is redone). A Redis Cluster
+Each batch watches the touched hashes and reads all states and row stamps in one round trip
+(``WATCH``, one HMGET per entity) and writes each entity's rows and state in one HSET, all in
+one ``MULTI/EXEC`` (another writer in between: the batch is redone;
+:mod:`avrec.server.watched_batch`). A Redis Cluster
 cannot watch keys of several slots: there each entity's HSET is a compare-and-set on the
 state and stamp it read (:mod:`avrec.server.compare_and_set`), redone for that entity alone; each
 entity changes atomically, the batch not as a whole. Rows are written
@@ -38,6 +39,7 @@ from avrec.server import compare_and_set
 from avrec.server.feature_writer import ViewWriter, stamp_us
 from avrec.server.incremental_replay import event_rows, genre_index, replay
 from avrec.server.incremental_state import ItemState, UserState, micros
+from avrec.server.watched_batch import WatchedBatch
 
 if TYPE_CHECKING:
     import redis
@@ -102,24 +104,18 @@ class OnlineUpdater:
         if isinstance(self.client, redis.RedisCluster):
             self._update_per_key(users, items, events, now)
             return
-        keys = ([self.key(self.user, u) for u in users]
-                + [self.key(self.item, i) for i in items])  # type: ignore[arg-type]
-        with self.client.pipeline(transaction=True) as pipe:
+        with WatchedBatch(self.client) as batch:
             for _ in range(MAX_REDOS):
-                try:
-                    pipe.watch(*keys)  # held on this connection; the reads use another
-                    replies = self._read(users, items)
-                    user_states, item_states = self._states(users, items, replies, now, events)
-                    pipe.multi()
-                    for key, mapping, _ in self._mappings(users, items, user_states,
-                                                          item_states, now):
-                        pipe.hset(key, mapping=mapping)
-                    pipe.execute()
+                replies = self._read(users, items, batch)
+                user_states, item_states = self._states(users, items, replies, now, events)
+                writes = [("HSET", key, *(x for pair in mapping.items() for x in pair))
+                          for key, mapping, _ in self._mappings(users, items, user_states,
+                                                                item_states, now)]
+                if batch.commit(writes):
                     return
-                except redis.WatchError:
-                    self.redone += 1
-        raise RuntimeError(f"online rows of {len(keys)} entities changed under {MAX_REDOS} "
-                           "tries in a row; the events are logged offline")
+                self.redone += 1
+        raise RuntimeError(f"online rows of {len(users) + len(items)} entities changed under "
+                           f"{MAX_REDOS} tries in a row; the events are logged offline")
 
     def _update_per_key(self, users: list[int], items: list[int],
                         events: list[tuple[int, int, bool, float | None, int]],
@@ -151,8 +147,16 @@ class OnlineUpdater:
         raise RuntimeError(f"online rows of {len(users) + len(items)} entities changed under "
                            f"{MAX_REDOS} tries in a row; the events are logged offline")
 
-    def _read(self, users: list[int], items: list[int]) -> list[list[bytes | None]]:
-        """Each entity's state and the stamp of its row, in one round trip."""
+    def _read(self, users: list[int], items: list[int],
+              batch: WatchedBatch | None = None) -> list[list[bytes | None]]:
+        """Each entity's state and the stamp of its row, in one round trip (with ``batch``:
+        the same round trip watches their hashes)."""
+        if batch is not None:
+            keys = ([self.key(self.user, u) for u in users]
+                    + [self.key(self.item, i) for i in items])  # type: ignore[arg-type]
+            fields = [self.user_fields] * len(users) + [self.item_fields] * len(items)
+            return batch.watch_and_read(keys, [("HMGET", key, *f) for key, f in zip(
+                keys, fields, strict=True)])
         with self.client.pipeline(transaction=False) as reads:
             for u in users:
                 reads.hmget(self.key(self.user, u), self.user_fields)

@@ -236,8 +236,8 @@ def test_logged_events_leave_the_offline_rows_online(online_service) -> None:
 
 def test_a_concurrent_write_makes_the_batch_redo(online_service) -> None:
     """A write to a touched entity between the reads and the write (another server process)
-    fails the MULTI/EXEC under WATCH (on the cluster: that entity's compare-and-set); the
-    batch (that entity) is redone on the new state."""
+    fails the MULTI/EXEC under WATCH (``WatchedBatch.commit``; on the cluster: that entity's
+    compare-and-set); the batch (that entity) is redone on the new state."""
     from avrec.server.event_log import EventLog, LoggedEvent
 
     stack, service = online_service
@@ -249,8 +249,8 @@ def test_a_concurrent_write_makes_the_batch_redo(online_service) -> None:
     updater = log.updater
     read, intruded = updater._read, []
 
-    def read_then_intrude(users, items):
-        replies = read(users, items)
+    def read_then_intrude(users, items, *batch):
+        replies = read(users, items, *batch)
         if not intruded:  # another writer replaced the state after this batch read it
             # (with bytes that do not parse: the redo rebuilds it from the event history)
             updater.client.hset(updater.key(updater.user, users[0]),
