@@ -80,13 +80,18 @@ def read_event_log(root: Path | None = None) -> list[pl.DataFrame]:
     for leftover in sorted(directory.glob("*.tmp")):
         log.warning("event log: skipping %s: an unfinished write (never acknowledged)", leftover)
     frames = []
-    paths = sorted([*directory.glob("*.parquet"), *directory.glob(f"*{event_journal.SUFFIX}")],
-                   key=lambda p: p.name)
-    for path in paths:
-        if path.suffix == event_journal.SUFFIX:
-            frame = _read_segment(path)
-        else:
+    # segments listed before the Parquet files: one compacted in between (its Parquet file
+    # renamed in, then the segment deleted) is then found as the one or the other
+    segments = list(directory.glob(f"*{event_journal.SUFFIX}"))
+    batch_files = list(directory.glob("*.parquet"))
+    listed = {path.name for path in batch_files}
+    for path in sorted([*segments, *batch_files], key=lambda p: p.name):
+        if path.suffix != event_journal.SUFFIX:
             frame = _read_batch_file(path)
+        elif path.with_suffix(".parquet").name in listed:
+            continue  # compacted: read as the Parquet file (the segment's delete is pending)
+        else:
+            frame = _read_segment(path)
         if frame is not None:
             frames.append(frame)
     return frames
@@ -112,12 +117,10 @@ def _one_line(error: BaseException) -> str:
 def _read_segment(path: Path) -> pl.DataFrame | None:
     from avrec import event_journal
 
-    compacted = path.with_suffix(".parquet")
-    if compacted.exists():  # read with the Parquet files; the segment's delete is pending
-        return None
     try:
         frame, torn = event_journal.read_segment(path)
-    except FileNotFoundError:  # compacted since the listing
+    except FileNotFoundError:  # compacted since the listing: its Parquet file is in place
+        compacted = path.with_suffix(".parquet")
         return _read_batch_file(compacted) if compacted.exists() else None
     except (OSError, ValueError) as exc:
         log.warning("event log: skipping unreadable %s (%s)", path, _one_line(exc))

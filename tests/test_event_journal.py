@@ -119,3 +119,60 @@ def test_compaction_writes_each_event_once_even_when_it_was_interrupted(tmp_path
     empty = log_dir / "20180926T000000000000-0000f00d.journal"
     empty.write_bytes(event_journal.MAGIC[:5])
     assert event_journal.compact(empty) is None and not empty.exists()
+
+
+def test_a_compaction_between_the_readers_listings_loses_nothing(tmp_path, monkeypatch):
+    """The reader lists segments and Parquet files one after the other; a segment compacted
+    in between (whichever listing came first) is read once, from the one or the other."""
+    from pathlib import Path
+
+    log_dir = tmp_path / tables.EVENT_LOG
+    log_dir.mkdir()
+    frames = [frame_of([(1, 2, "tag", None, 5, "a")]), frame_of([(3, 4, "tag", None, 6, "b")])]
+    segment = log_dir / "20180925T000000000000-0000beef.journal"
+    segment.write_bytes(segment_bytes(frames)[0])
+    real_glob, listings = Path.glob, []
+
+    def glob_then_compact(self, pattern, *args, **kwargs):
+        found = list(real_glob(self, pattern, *args, **kwargs))
+        if self == log_dir and pattern in ("*.parquet", "*.journal"):
+            listings.append(pattern)
+            if len(listings) == 1:  # after the first of the two listings, whichever
+                event_journal.compact(segment)
+        return iter(found)
+
+    monkeypatch.setattr(Path, "glob", glob_then_compact)
+    assert tables.event_ids(tables.read_event_log(tmp_path)) == ["a", "b"]
+    assert sorted(listings) == ["*.journal", "*.parquet"]
+    assert not segment.exists() and segment.with_suffix(".parquet").exists()
+
+
+def test_readers_during_appends_and_compactions_see_every_acknowledged_event_once(tmp_path):
+    """A reader looping while a writer appends and compacts every 3 events: each read holds
+    every event acknowledged before it started, none twice, and never fails."""
+    import threading
+
+    log_dir = tmp_path / tables.EVENT_LOG
+    writer = event_journal.JournalWriter(log_dir, max_events=3)
+    acknowledged: list[str] = []
+    done, problems = threading.Event(), []
+
+    def read() -> None:
+        while not done.is_set():
+            before = list(acknowledged)
+            ids = tables.event_ids(tables.read_event_log(tmp_path))
+            if len(ids) != len(set(ids)) or not set(before) <= set(ids):
+                problems.append((before, ids))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for n in range(300):
+            writer.append(frame_of([(1, 2, "tag", None, n, f"e{n}")]), START)
+            acknowledged.append(f"e{n}")
+    finally:
+        done.set()
+        reader.join()
+        writer.close()
+    assert not problems, problems[:1]
+    assert tables.event_ids(tables.read_event_log(tmp_path)) == acknowledged
