@@ -16,9 +16,10 @@ stops) or after a failed append; a closed segment is *compacted* into ``<same
 stem>.parquet``, the event log's offline form, then deleted. Readers
 (:func:`avrec.tables.read_event_log`) skip a segment whose Parquet file exists, so a crash
 between the two steps counts nothing twice. The writer holds an exclusive ``flock`` on its
-segment until it is compacted; a process starting over the log compacts each segment nobody
-holds (:func:`compact_orphans`: a crash left it) and leaves the others (another replica's
-open segment) alone.
+segment until it is compacted, taken before the segment is renamed in from its creation
+name (``*.journal-new``); a process starting over the log compacts each segment nobody holds
+(:func:`compact_orphans`: a crash left it) and leaves the others (another replica's open
+segment) alone.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import struct
 import threading
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,6 +46,7 @@ log = logging.getLogger("avrec.event_journal")
 
 MAGIC = b"avrec event journal 1\n"
 SUFFIX = ".journal"
+NEW_SUFFIX = ".journal-new"  # a segment being created (header only), renamed to SUFFIX
 MAX_EVENTS = 10_000  # events in a segment before it is closed and compacted
 _FRAME = struct.Struct("<II")  # payload length, crc32 of the payload
 _COLUMNS = ("user_id", "item_id", "event_type", "value")
@@ -145,27 +147,25 @@ def compact(path: Path, fsync: Sync | None = None) -> Path | None:
 
 def compact_orphans(directory: Path, fsync: Sync | None = None) -> list[Path]:
     """Compact every segment under ``directory`` that no writer holds (left by a crash or a
-    stop that could not compact); the segments compacted."""
+    stop that could not compact); the segments compacted. A segment a crash left half made
+    (``*.journal-new``: a header at most, nothing acknowledged) is deleted."""
     done = []
+    for new in sorted(directory.glob(f"*{NEW_SUFFIX}")) if directory.is_dir() else ():
+        with contextlib.suppress(OSError), _locked(new) as fd:
+            if fd is not None:
+                new.unlink()
     for path in sorted(directory.glob(f"*{SUFFIX}")) if directory.is_dir() else ():
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:  # compacted meanwhile by its writer
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # a live writer's open segment
-            os.close(fd)
-            continue
-        try:
-            if path.exists():
+            with _locked(path) as fd:
+                if fd is None or not path.exists():  # a live writer's / compacted meanwhile
+                    continue
                 compact(path, fsync)
                 done.append(path)
+        except FileNotFoundError:  # compacted meanwhile by its writer
+            continue
         except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
             log.warning("event journal: cannot compact %s (%s); readers still read it",
                         path, " ".join(str(exc).split())[:200])
-        finally:
-            os.close(fd)
     return done
 
 
@@ -242,17 +242,22 @@ class JournalWriter:
         if self._last_stamp is not None and stamp <= self._last_stamp:
             stamp = self._last_stamp + timedelta(microseconds=1)
         path = self.directory / f"{stamp:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}{SUFFIX}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
+        # made under another name and locked before it is renamed in: a process starting
+        # over the log never finds the segment unlocked (it would compact it away)
+        new = path.with_suffix(NEW_SUFFIX)
+        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
                      0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _write_all(fd, MAGIC)
             self._fsync(fd)
+            new.replace(path)
             fsync_directory(self.directory, self._fsync)
         except OSError:
             os.close(fd)
-            with contextlib.suppress(OSError):
-                path.unlink()
+            for leftover in (new, path):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
             raise
         self._last_stamp = stamp
         self._segment = _Segment(path, fd, len(MAGIC))
@@ -276,6 +281,22 @@ class JournalWriter:
         thread = threading.Thread(target=run, name="avrec-journal-compaction", daemon=True)
         self._compactions.append(thread)
         thread.start()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[int | None]:
+    """``path`` opened and exclusively locked while the block runs; None when another
+    process holds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+            return
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

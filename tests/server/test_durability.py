@@ -75,9 +75,10 @@ def test_an_append_is_one_record_synced_before_it_returns(tmp_path, monkeypatch)
     directory = offline / tables.EVENT_LOG
     segment = log.append(batch(7), NOW)
     assert segment.suffix == event_journal.SUFFIX
-    # the parent first (the directory was created), then the new segment and the directory
-    # (the segment's entry), then the record
-    assert synced == [("fsync", str(offline)), ("fsync", str(segment)),
+    # the parent first (the directory was created), then the new segment (its header, still
+    # under its creation name) and the directory (the renamed entry), then the record
+    assert synced == [("fsync", str(offline)),
+                      ("fsync", str(segment.with_suffix(event_journal.NEW_SUFFIX))),
                       ("fsync", str(directory)), ("fdatasync", str(segment))]
     assert event_journal.read_segment(segment)[0].height == 3
     synced.clear()
@@ -108,7 +109,8 @@ def test_a_segment_is_compacted_once_it_holds_max_events(tmp_path):
 
 def test_a_crashed_writers_segment_is_read_then_compacted_at_the_next_start(tmp_path):
     """A segment no process holds (its writer was killed) is read as it is, then compacted by
-    the next server to start; a segment another writer holds is left to it."""
+    the next server to start; one killed while being created is deleted; a segment another
+    writer holds is left to it."""
     from avrec.server.event_log import EventLog
 
     offline = tiny_offline(tmp_path)
@@ -117,10 +119,13 @@ def test_a_crashed_writers_segment_is_read_then_compacted_at_the_next_start(tmp_
     held = live.append(batch(5, 2), NOW)
     orphan = directory / "20180101T000000000000-0000dead.journal"
     orphan.write_bytes(event_journal.MAGIC + event_journal.encode(batch(6, 4)))
+    half_made = directory / f"20180102T000000000000-0000f00d{event_journal.NEW_SUFFIX}"
+    half_made.write_bytes(event_journal.MAGIC[:5])  # killed while creating a segment
     assert tables.read_events(offline).height == 1 + 2 + 4
 
     restarted = EventLog(offline, np.array([1, 2]))
     assert not orphan.exists() and orphan.with_suffix(".parquet").exists()
+    assert not half_made.exists()
     assert held.exists()  # another writer's open segment: not touched
     assert restarted.events.height == 1 + 2 + 4
     live.close()
