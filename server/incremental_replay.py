@@ -2,9 +2,9 @@
 
 :func:`replay` builds :class:`~avrec.server.incremental_state.UserState` and
 :class:`~avrec.server.incremental_state.ItemState` from the events at or before a clock: counts and
-windows in one polars group-by, a user's genres, recent items and history by replaying their
-events in the offline order (time, item id). The rows they give equal the offline code's
-(:mod:`avrec.behaviour_features`) at that clock.
+windows in one polars group-by, a user's genres, recent items and history by group-bys over
+their events in the offline order (time, item id; :func:`add_user_details`). The rows they
+give equal the offline code's (:mod:`avrec.behaviour_features`) at that clock.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 from avrec.behaviour_features import POSITIVE_RATING
+from avrec.server import incremental_state
 from avrec.server.incremental_state import LONGEST_US, ItemState, Tally, UserState, micros
 
 
@@ -89,15 +91,53 @@ def replay(events: pl.DataFrame, now: int, genres: dict[int, tuple[int, ...]],
         state = out.users[user] = UserState(n_genres)
         state.tally = tally
     ordered = of_users.sort("us", "item_id", "event_type").select(
-        "user_id", "item_id", pl.col("event_type") == "rating", "value", "us")
-    for user, item, is_rating, value, ts in ordered.iter_rows():
-        out.users[user].add_details(ts, item, is_rating, value, genres.get(item, ()))
+        "user_id", "item_id", (pl.col("event_type") == "rating").alias("is_rating"), "value",
+        "us")
+    add_user_details(out.users, ordered, genres, n_genres)
     if items is None or items:
         for item, tally in _tallies(of_items, "item_id", now).items():
             state = out.items[item] = ItemState()
             state.tally = tally
     _add_missing(out, users, items, now, n_genres)
     return out
+
+
+def add_user_details(states: dict[int, UserState], ordered: pl.DataFrame,
+                     genres: dict[int, tuple[int, ...]], n_genres: int) -> None:
+    """Each user's genre counts, recent items and rated history from their events in the
+    offline order (``ordered``: ``user_id, item_id, is_rating, value, us``, sorted by time,
+    item and type), by group-bys: the same as :meth:`UserState.add_details
+    <avrec.server.incremental_state.UserState.add_details>` event by event in that order,
+    where each event is as new as every earlier one, so an item's place in the recent items
+    is its last event and the history is the newest ratings (``tests/server/
+    test_incremental.py`` checks both against the offline rows and against the Python
+    replay). Every user of ``ordered`` has a state in ``states``."""
+    recent_cap, history_cap = incremental_state.RECENT_ITEMS, incremental_state.HISTORY_CAP
+    pairs = ordered.group_by("user_id", "item_id").agg(
+        pl.len().alias("n"), pl.col("us").max().alias("last"))
+    users, user_at = np.unique(pairs["user_id"].to_numpy(), return_inverse=True)
+    items, item_at = np.unique(pairs["item_id"].to_numpy(), return_inverse=True)
+    of_item = np.zeros((len(items), n_genres), dtype=np.int64)
+    for row, item in enumerate(items.tolist()):
+        of_item[row, list(genres.get(item, ()))] = 1
+    counts = np.zeros((len(users), n_genres), dtype=np.int64)
+    np.add.at(counts, user_at, of_item[item_at] * pairs["n"].to_numpy()[:, None])
+    for user, row in zip(users.tolist(), counts.tolist(), strict=True):
+        states[user].genres = row
+    recent = (pairs.sort(["user_id", "last", "item_id"], descending=[False, True, True])
+              .group_by("user_id", maintain_order=True)
+              .agg(pl.col("last").head(recent_cap), pl.col("item_id").head(recent_cap)))
+    for user, times, item_ids in recent.iter_rows():
+        states[user].recent = [[t, i] for t, i in zip(times, item_ids, strict=True)]
+    history = (ordered.filter(pl.col("is_rating"))
+               .group_by("user_id", maintain_order=True)
+               .agg(pl.col("us").tail(history_cap), pl.col("item_id").tail(history_cap),
+                    pl.col("value").tail(history_cap)))
+    for user, times, item_ids, values in history.iter_rows():
+        state = states[user]
+        state.history_ts = array("q", times)
+        state.history_items = array("q", item_ids)
+        state.history_ratings = array("d", values)
 
 
 def replay_rows(events: pl.DataFrame, now: int, genres: dict[int, tuple[int, ...]],
