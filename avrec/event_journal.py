@@ -149,12 +149,14 @@ def compact_orphans(directory: Path, fsync: Sync | None = None) -> list[Path]:
     """Compact every segment under ``directory`` that no writer holds (left by a crash or a
     stop that could not compact); the segments compacted. A segment a crash left half made
     (``*.journal-new``: a header at most, nothing acknowledged) is deleted."""
-    done = []
-    for new in sorted(directory.glob(f"*{NEW_SUFFIX}")) if directory.is_dir() else ():
+    done: list[Path] = []
+    if not directory.is_dir():
+        return done
+    for new in sorted(directory.glob(f"*{NEW_SUFFIX}")):
         with contextlib.suppress(OSError), _locked(new) as fd:
             if fd is not None:
                 new.unlink()
-    for path in sorted(directory.glob(f"*{SUFFIX}")) if directory.is_dir() else ():
+    for path in sorted(directory.glob(f"*{SUFFIX}")):
         try:
             with _locked(path) as fd:
                 if fd is None or not path.exists():  # a live writer's / compacted meanwhile
@@ -165,7 +167,7 @@ def compact_orphans(directory: Path, fsync: Sync | None = None) -> list[Path]:
             continue
         except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
             log.warning("event journal: cannot compact %s (%s); readers still read it",
-                        path, " ".join(str(exc).split())[:200])
+                        path, tables.one_line(exc))
     return done
 
 
@@ -270,7 +272,7 @@ class JournalWriter:
                 compact(segment.path, self._fsync)
             except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
                 log.warning("event journal: cannot compact %s (%s); the next start will",
-                            segment.path, " ".join(str(exc).split())[:200])
+                            segment.path, tables.one_line(exc))
             finally:
                 os.close(segment.fd)
 

@@ -101,7 +101,7 @@ def _read_batch_file(path: Path) -> pl.DataFrame | None:
     try:
         frame = pl.read_parquet(path)
     except (OSError, pl.exceptions.PolarsError, pl.exceptions.PanicException) as exc:
-        log.warning("event log: skipping unreadable %s (%s)", path, _one_line(exc))
+        log.warning("event log: skipping unreadable %s (%s)", path, one_line(exc))
         return None
     missing = sorted(set(EVENTS_SCHEMA) - set(frame.columns))
     if missing:
@@ -110,7 +110,8 @@ def _read_batch_file(path: Path) -> pl.DataFrame | None:
     return frame
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """An error's message on one line, at most 200 characters (for a log line)."""
     return " ".join(str(error).split())[:200]
 
 
@@ -123,7 +124,7 @@ def _read_segment(path: Path) -> pl.DataFrame | None:
         compacted = path.with_suffix(".parquet")
         return _read_batch_file(compacted) if compacted.exists() else None
     except (OSError, ValueError) as exc:
-        log.warning("event log: skipping unreadable %s (%s)", path, _one_line(exc))
+        log.warning("event log: skipping unreadable %s (%s)", path, one_line(exc))
         return None
     if torn:
         log.warning("event log: %s: skipping its last %d bytes, an unfinished append (never "

@@ -110,8 +110,8 @@ def add_user_details(states: dict[int, UserState], ordered: pl.DataFrame,
     <avrec.server.incremental_state.UserState.add_details>` event by event in that order,
     where each event is as new as every earlier one, so an item's place in the recent items
     is its last event and the history is the newest ratings (``tests/server/
-    test_incremental.py`` checks both against the offline rows and against the Python
-    replay). Every user of ``ordered`` has a state in ``states``."""
+    test_incremental.py`` checks the rows of the states it rebuilds against the offline
+    code's). Every user of ``ordered`` has a state in ``states``."""
     recent_cap, history_cap = incremental_state.RECENT_ITEMS, incremental_state.HISTORY_CAP
     pairs = ordered.group_by("user_id", "item_id").agg(
         pl.len().alias("n"), pl.col("us").max().alias("last"))
