@@ -46,7 +46,7 @@ PATHS = ("avrec", "avrec-deep", "feast-sdk")
 
 def feast_sdk_engine():
     """RankingEngine whose Rank reads every feature through ``get_online_features``."""
-    from avrec.server.answers import Ranked, Scored, sigmoid
+    from avrec.server.answers import Ranked, sigmoid
     from avrec.server.engine import RankingEngine
     from avrec.server.feature_reader import OnlineRow
     from avrec.server.models import UserInputs
@@ -89,10 +89,9 @@ def feast_sdk_engine():
             k = len(order) if top_k == 0 else top_k
             snap = loaded.snapshot
 
-            items = [Scored(int(snap.item_ids[rows[j]]), int(rows[j]),
-                            float(sigmoid(logits[j])), snap.titles[rows[j]], False)
-                     for j in order[:k]]
-            return Ranked(items, not row.fresh, row, now, snap.embedding_version, {})
+            chosen = order[:k]
+            return Ranked(rows[chosen], sigmoid(logits[chosen].astype(np.float64)),
+                          loaded.records, not row.fresh, row, now, snap.embedding_version)
 
     return FeastSdkEngine
 

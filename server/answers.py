@@ -3,12 +3,14 @@ scores, titles and (when asked) the history item each one is most like; MMR re-o
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
 import numpy as np
 
+from avrec.server.answer_records import AnswerRecords
 from avrec.server.feature_reader import OnlineRow
 from avrec.server.item_snapshot import ItemSnapshot
 
@@ -26,15 +28,36 @@ class Scored(NamedTuple):
 
 @dataclass(frozen=True)
 class Ranked:
-    """A ranking answer."""
+    """A ranking answer: snapshot rows best first with their scores, and what was served.
 
-    items: list[Scored]
+    ``items`` (:class:`Scored` tuples) are made when first asked; the gRPC service encodes
+    the rows straight from ``records`` (:mod:`avrec.server.answer_records`) instead."""
+
+    rows: np.ndarray  # snapshot rows, best first
+    scores: np.ndarray  # float64, aligned with rows
+    records: AnswerRecords  # the snapshot's item ids, titles and missing flags, encoded
     cold_start_user: bool
     user_row: OnlineRow
     served_at: datetime
     embedding_version: str | None
     item_freshness: dict[str, datetime | None] = field(default_factory=dict)
     model_version: str = ""  # of the models that answered (a hot swap may follow)
+    # per row: (history item id, cosine, its title), when an explanation was asked for
+    explanations: list[tuple[int, float, str] | None] | None = None
+
+    @functools.cached_property
+    def items(self) -> list[Scored]:
+        records = self.records
+        why = self.explanations or [None] * len(self.rows)
+        return [Scored(item_id, r, score, records.titles[r], missing, explanation)
+                for item_id, r, score, missing, explanation in zip(
+                    records.item_ids[self.rows].tolist(), self.rows.tolist(),
+                    self.scores.tolist(), records.missing[self.rows].tolist(), why,
+                    strict=True)]
+
+    @property
+    def items_missing_features(self) -> int:
+        return int(np.count_nonzero(self.records.missing[self.rows]))
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -68,26 +91,19 @@ def history_rows(row: OnlineRow, snapshot: ItemSnapshot) -> np.ndarray:
 
 def assemble(
     chosen: np.ndarray, scores: np.ndarray, row: OnlineRow, snapshot: ItemSnapshot,
-    unit: np.ndarray, explain: bool, now: datetime, model_version: str,
+    records: AnswerRecords, unit: np.ndarray, explain: bool, now: datetime, model_version: str,
 ) -> Ranked:
-    """The chosen snapshot rows with their scores, titles and explanations (``unit``: the
-    snapshot's unit vectors, by row)."""
-    snap = snapshot
-    explanations: list[tuple[int, float, str] | None] = [None] * len(chosen)
-    history = history_rows(row, snap) if explain else np.empty(0, np.int64)
+    """The chosen snapshot rows with their scores and, when ``explain``, the history item each
+    is most like (``unit``: the snapshot's unit vectors; ``records``: its answer records)."""
+    explanations: list[tuple[int, float, str] | None] | None = None
+    history = history_rows(row, snapshot) if explain else np.empty(0, np.int64)
     if history.size:
         sims = unit[chosen] @ unit[history].T  # [k, len(history)]
         best = sims.argmax(1)
         explanations = [
-            (int(snap.item_ids[history[b]]), float(sims[i, b]), snap.titles[history[b]])
+            (int(snapshot.item_ids[history[b]]), float(sims[i, b]), snapshot.titles[history[b]])
             for i, b in enumerate(best)
         ]
-    items = [
-        Scored(item_id, r, score, snap.titles[r], missing, why)
-        for item_id, r, score, missing, why in zip(
-            snap.item_ids[chosen].tolist(), chosen.tolist(), scores.tolist(),
-            snap.missing[chosen].tolist(), explanations, strict=True,
-        )
-    ]
-    return Ranked(items, not row.fresh, row, now, snap.embedding_version,
-                  dict(snap.freshest), model_version)
+    return Ranked(np.asarray(chosen, dtype=np.int64), np.asarray(scores, dtype=np.float64),
+                  records, not row.fresh, row, now, snapshot.embedding_version,
+                  dict(snapshot.freshest), model_version, explanations)

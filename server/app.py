@@ -37,8 +37,8 @@ from avrec.server.event_log import EventLog
 from avrec.server.hot_swap import ModelWatcher
 from avrec.server.malformed import MalformedRequestInterceptor
 from avrec.server.models import load_serving_models
-from avrec.server.protocol import SERVICE_NAME, ranking_pb2_grpc
-from avrec.server.service import BearerTokenInterceptor, RankingServicer
+from avrec.server.protocol import SERVICE_NAME
+from avrec.server.service import BearerTokenInterceptor, RankingServicer, add_to_server
 from avrec.server.snapshot_process import SnapshotProcess
 
 log = logging.getLogger("avrec.server")
@@ -134,7 +134,7 @@ def start(config: ServeConfig, engine_class: type[RankingEngine] = RankingEngine
     )
     health_servicer = health.HealthServicer()
     servicer = RankingServicer(engine, events, engine.store, health_servicer)
-    ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2
 
@@ -45,23 +46,29 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     return stamp
 
 
-def to_proto(answer: Ranked, model_version: str | None = None) -> ranking_pb2.RankResponse:
-    """A :class:`Ranked` answer as a ``RankResponse`` (the version of the models that
-    answered unless ``model_version`` is given)."""
+def answer_header(answer: Ranked, model_version: str | None = None
+                  ) -> ranking_pb2.RankResponse:
+    """A :class:`Ranked` answer's ``RankResponse`` without its items (the version of the
+    models that answered unless ``model_version`` is given)."""
     row = answer.user_row
     freshness = [ranking_pb2.FeatureFreshness(
         feature_view=USER_BEHAVIOUR, event_timestamp=timestamp(row.event_timestamp),
         expired=row.expired, after_clock=row.future)]
     freshness += [ranking_pb2.FeatureFreshness(feature_view=view, event_timestamp=timestamp(ts))
                   for view, ts in answer.item_freshness.items()]
-    response = ranking_pb2.RankResponse(
+    return ranking_pb2.RankResponse(
         model_version=model_version or answer.model_version,
         embedding_version=answer.embedding_version or "",
         cold_start_user=answer.cold_start_user,
         user_features=freshness,
         served_at=timestamp(answer.served_at),
-        items_missing_features=sum(i.missing_features for i in answer.items),
+        items_missing_features=answer.items_missing_features,
     )
+
+
+def to_proto(answer: Ranked, model_version: str | None = None) -> ranking_pb2.RankResponse:
+    """A :class:`Ranked` answer as a ``RankResponse`` message, built field by field."""
+    response = answer_header(answer, model_version)
     add = response.items.add  # built in place: half the cost of messages copied in
     for item in answer.items:
         scored = add(item_id=item.item_id, score=item.score, title=item.title,
@@ -72,6 +79,40 @@ def to_proto(answer: Ranked, model_version: str | None = None) -> ranking_pb2.Ra
             scored.explanation.similarity = similarity
             scored.explanation.history_title = title
     return response
+
+
+def encode_response(answer: Ranked) -> bytes:
+    """The ``RankResponse`` bytes of :func:`to_proto`, made from the snapshot's encoded items
+    (:mod:`avrec.server.answer_records`) when the answer has no explanations: the items' bytes,
+    then the other fields' (a message's fields parse in any order)."""
+    if answer.explanations is not None:
+        return to_proto(answer).SerializeToString()
+    items = answer.records.encode(answer.rows, answer.scores)
+    return items + answer_header(answer).SerializeToString()
+
+
+def response_bytes(response: bytes | Message) -> bytes:
+    """The serializer of the service's answers: bytes as they are, messages serialized."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def add_to_server(servicer: RankingServicer, server: grpc.Server) -> None:
+    """Register the service on ``server``, as ``add_RankingServiceServicer_to_server`` does,
+    with Rank and Recommend answering pre-encoded bytes (:func:`encode_response`)."""
+    handlers = {
+        "Rank": grpc.unary_unary_rpc_method_handler(
+            servicer.Rank, request_deserializer=ranking_pb2.RankRequest.FromString,
+            response_serializer=response_bytes),
+        "Recommend": grpc.unary_unary_rpc_method_handler(
+            servicer.Recommend, request_deserializer=ranking_pb2.RecommendRequest.FromString,
+            response_serializer=response_bytes),
+        "LogEvents": grpc.unary_unary_rpc_method_handler(
+            servicer.LogEvents, request_deserializer=ranking_pb2.LogEventsRequest.FromString,
+            response_serializer=ranking_pb2.LogEventsResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
+                                                                          handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
@@ -133,14 +174,14 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
 
     def Rank(self, request, context):
         options = request.options
-        return self._call("Rank", context, lambda: to_proto(self.engine.rank(
+        return self._call("Rank", context, lambda: encode_response(self.engine.rank(
             request.user_id, list(request.candidate_item_ids), request.top_k,
             options.explain, options.diversity_lambda,
         )))
 
     def Recommend(self, request, context):
         options = request.options
-        return self._call("Recommend", context, lambda: to_proto(self.engine.recommend(
+        return self._call("Recommend", context, lambda: encode_response(self.engine.recommend(
             request.user_id, request.top_k, options.explain, options.diversity_lambda,
         )))
 
