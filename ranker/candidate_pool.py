@@ -120,11 +120,13 @@ def new_item_ranks(content_ranks: np.ndarray | None, item_stats: Sequence[ItemSt
 
 
 def neighbour_similarity(unit: np.ndarray, has_vector: np.ndarray, history: np.ndarray,
-                         columns: np.ndarray, k: int) -> np.ndarray:
+                         columns: np.ndarray, k: int, rows: np.ndarray | None = None
+                         ) -> np.ndarray:
     """Mean of each ``columns`` item's ``k`` highest cosines with the items of ``history``
     (catalogue columns, oldest first; the newest :data:`NEIGHBOUR_HISTORY` with a vector
     count): item-kNN over content vectors, which a long, varied history does not blur into
-    one mean profile. 0 without such history items; ``unit`` rows are unit vectors.
+    one mean profile. 0 without such history items; ``unit`` rows are unit vectors
+    (``rows``: ``unit[columns]`` when the caller has them already).
 
     >>> unit = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     >>> neighbour_similarity(unit, np.ones(3, bool), np.array([0, 1]), np.array([2]), 1)
@@ -133,7 +135,7 @@ def neighbour_similarity(unit: np.ndarray, has_vector: np.ndarray, history: np.n
     items = history[has_vector[history]][-NEIGHBOUR_HISTORY:]
     if items.size == 0 or k <= 0:
         return np.zeros(columns.size)
-    cosines = unit[columns] @ unit[items].T
+    cosines = (unit[columns] if rows is None else rows) @ unit[items].T
     top = min(k, items.size)
     best = np.partition(cosines, cosines.shape[1] - top, axis=1)[:, -top:]
     return best.mean(axis=1).astype(np.float64)

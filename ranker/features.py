@@ -43,14 +43,17 @@ def resolve_vectors(
     return source if isinstance(source, ItemVectors) else source(interactions, items)
 
 
-def lookup_rows(table_ids: np.ndarray, order: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Row of each of ``ids`` in ``table_ids`` (``order`` = its argsort), -1 when absent.
+def lookup_rows(table_ids: np.ndarray, order: np.ndarray, ids: np.ndarray,
+                sorted_ids: np.ndarray | None = None) -> np.ndarray:
+    """Row of each of ``ids`` in ``table_ids`` (``order`` = its argsort; ``sorted_ids``:
+    ``table_ids[order]`` when the caller keeps it), -1 when absent.
 
     >>> lookup_rows(np.array([30, 10, 20]), np.array([1, 2, 0]), np.array([20, 99]))
     array([ 2, -1])
     """
     ids = np.asarray(ids, dtype=np.int64)
-    sorted_ids = table_ids[order]
+    if sorted_ids is None:
+        sorted_ids = table_ids[order]
     pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sorted_ids) - 1, 0))
     found = sorted_ids[pos] == ids if len(sorted_ids) else np.zeros(ids.shape, bool)
     return np.where(found, order[pos], -1)
@@ -64,11 +67,13 @@ class ItemVectors:
     vectors: np.ndarray  # float32 [n_items, dim]
     name: str = "item_vectors"
     _order: np.ndarray = field(init=False, repr=False)
+    _sorted_ids: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.item_ids = np.asarray(self.item_ids, dtype=np.int64)
         self.vectors = np.asarray(self.vectors, dtype=np.float32)
         self._order = np.argsort(self.item_ids)
+        self._sorted_ids = self.item_ids[self._order]
 
     @property
     def dim(self) -> int:
@@ -76,7 +81,7 @@ class ItemVectors:
 
     def rows(self, item_ids: np.ndarray) -> np.ndarray:
         """Row of each id in ``vectors``, -1 where the id has no vector."""
-        return lookup_rows(self.item_ids, self._order, item_ids)
+        return lookup_rows(self.item_ids, self._order, item_ids, self._sorted_ids)
 
     @classmethod
     def from_frame(cls, frame: pl.DataFrame, column: str, name: str | None = None) -> ItemVectors:

@@ -153,12 +153,12 @@ class CatalogueFacts:
         """Genre match to the user's positives; year offset/distance to their newest ones."""
         profile = unit_rows(np.stack([self.genres[p].sum(0) for p in context.positives])
                             if context.positives else np.zeros((0, self.genres.shape[1])))
-        match = np.einsum("upg,ug->up", self.genres[pool], profile)
+        match = np.matmul(self.genres[pool], profile[:, :, None])[..., 0]
         recent_year = np.array([_known_mean(self.years[p[-RECENT:]])
                                 for p in context.positives])
         offset = (self.years[pool] - recent_year[:, None]) / 10.0
         missing = np.isnan(offset)
-        offset = np.nan_to_num(offset)
+        offset[missing] = 0.0
         return [match, offset, np.abs(offset), missing.astype(np.float64)]
 
 
@@ -181,12 +181,23 @@ def z_scores(scores: Sequence[np.ndarray], pool: np.ndarray, moments: Sequence[M
     """
     if not scores:
         return np.zeros((0, *pool.shape))
-    taken = np.stack([np.take_along_axis(s, pool, 1) for s in scores])
+    taken = gather(scores, pool)
     mean = np.stack([m[0] for m in moments])
     std = np.stack([m[1] for m in moments])
-    z = np.clip((taken - mean) / np.where(std > 0, std, 1.0), -10, 50)  # +-inf to the bounds
+    z = (taken - mean) / np.where(std > 0, std, 1.0)
     z[np.isnan(z)] = 0.0
-    return z
+    return np.minimum(np.maximum(z, -10.0, out=z), 50.0, out=z)  # +-inf to the bounds
+
+
+def gather(arrays: Sequence[np.ndarray], pool: np.ndarray) -> np.ndarray:
+    """``[len(arrays), users, pool]``: each ``[users, items]`` array at each user's pool
+    columns (``np.take_along_axis`` on axis 1, at a fifth of its cost for a few users).
+
+    >>> gather([np.array([[5, 6, 7]])], np.array([[2, 0]])).tolist()
+    [[[7, 5]]]
+    """
+    users = np.arange(pool.shape[0])[:, None]
+    return np.stack([a[users, pool] for a in arrays])
 
 
 def item_stat_columns(stats: ItemStats) -> np.ndarray:
@@ -278,8 +289,7 @@ class CandidateFeatures:
         z = z_scores(every, pool, moments)
         columns: list[np.ndarray] = []
         if generator_ranks:
-            taken = np.stack([np.take_along_axis(rank, pool, 1) for rank in generator_ranks])
-            reciprocal = 1.0 / np.log2(2.0 + taken)
+            reciprocal = 1.0 / np.log2(2.0 + gather(generator_ranks, pool))
             for g in range(len(generator_scores)):
                 columns += [z[g], reciprocal[g]]
         columns += list(z[len(generator_scores):])
@@ -301,16 +311,16 @@ class CandidateFeatures:
             last = np.where(context.last_item[:, None] >= 0,
                             self.vectors[np.maximum(context.last_item, 0)], 0.0)
             candidate = self.vectors[pool]
+            similarity = np.matmul(candidate, np.stack([profile, last], axis=2))
             columns += [
-                np.einsum("upd,ud->up", candidate, profile),
-                np.einsum("upd,ud->up", candidate, last),
+                similarity[..., 0], similarity[..., 1],
                 (~self.has_vector[pool]).astype(np.float64),
             ]
             if self.neighbours:
                 columns.append(np.stack([
                     neighbour_similarity(self.vectors, self.has_vector, h.columns, row,
-                                         self.neighbours)
-                    for h, row in zip(context.histories, pool, strict=True)]))
+                                         self.neighbours, rows)
+                    for h, row, rows in zip(context.histories, pool, candidate, strict=True)]))
         if self.catalogue is not None:
             columns += self.catalogue.features(context, pool)
         days = (context.cuts - context.last_time).astype(np.int64) / DAY_US

@@ -166,6 +166,7 @@ class HybridPipeline:
         self.scorers, self.features, self.model = scorers, features, model
         self.known = np.asarray(known, dtype=bool)  # per catalogue column: fitted on
         self._id_order = np.argsort(self.item_ids, kind="stable")
+        self._sorted_ids = self.item_ids[self._id_order]
         # one user's generator outputs by history (a server sets it; None: computed each time)
         self.user_cache: UserScoreCache | None = None
 
@@ -206,6 +207,9 @@ class HybridPipeline:
         outputs = self.generator_outputs(context)
         scores, generator_ranks = outputs.scores, outputs.ranks
         if candidates is None:
+            # the pool drawn from the catalogue: ranks as ranks() makes them (the cache keeps
+            # them in 2 bytes; the caller's candidates only need them gathered)
+            generator_ranks = [np.asarray(r, dtype=np.int64) for r in generator_ranks]
             cold = np.repeat(~self.known[None, :], len(context.histories), axis=0)
             content = (generator_ranks[cfg.generators.index(CONTENT)]
                        if CONTENT in cfg.generators else None)
@@ -239,7 +243,8 @@ class HybridPipeline:
         catalogue are dropped)."""
         histories = []
         for user in users:
-            cols = lookup_rows(self.item_ids, self._id_order, user.history_items)
+            cols = lookup_rows(self.item_ids, self._id_order, user.history_items,
+                               self._sorted_ids)
             known = cols >= 0
             ratings = np.asarray(user.history_ratings, dtype=np.float64)[known]
             histories.append(History(cols[known], ratings))

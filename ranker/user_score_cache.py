@@ -17,8 +17,8 @@ empty.
 >>> cache.get(key) is None
 True
 >>> cache.put(key, GeneratorOutputs([np.zeros((1, 4))], [np.arange(4)[None]], [], []))
->>> cache.get(key).ranks[0].tolist()
-[[0, 1, 2, 3]]
+>>> cache.get(key).ranks[0].tolist(), cache.get(key).ranks[0].dtype
+([[0, 1, 2, 3]], dtype('int16'))
 """
 
 from __future__ import annotations
@@ -62,10 +62,6 @@ class GeneratorOutputs:
             array.setflags(write=False)
         return stored
 
-    def expanded(self) -> GeneratorOutputs:
-        """Ranks back to int64, as :func:`avrec.ranker.candidate_pool.ranks` returns them."""
-        return GeneratorOutputs(self.scores, [r.astype(np.int64) for r in self.ranks],
-                                self.queries, self.moments)
 
 
 class UserScoreCache:
@@ -88,7 +84,7 @@ class UserScoreCache:
         return digest.digest()
 
     def get(self, key: bytes) -> GeneratorOutputs | None:
-        """The outputs stored under ``key`` (ranks as int64), or None."""
+        """The outputs stored under ``key`` (read-only, ranks in :data:`RANK_TYPE`), or None."""
         with self._lock:
             found = self._items.get(key)
             if found is None:
@@ -96,7 +92,7 @@ class UserScoreCache:
                 return None
             self._items.move_to_end(key)
             self.hits += 1
-        return found.expanded()
+        return found
 
     def put(self, key: bytes, outputs: GeneratorOutputs) -> None:
         """Store ``outputs`` (the least recently used entry leaves when full)."""

@@ -74,16 +74,18 @@ class ItemSnapshot:
     expires_at: datetime | None = None  # the first row to outlive its TTL (None: none will)
     freshest: dict[str, datetime | None] = field(default_factory=dict)
     _order: np.ndarray = field(init=False, repr=False)
+    _sorted_ids: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._order = np.argsort(self.item_ids, kind="stable")
+        self._sorted_ids = self.item_ids[self._order]
 
     def __len__(self) -> int:
         return int(self.item_ids.size)
 
     def rows(self, item_ids: np.ndarray) -> np.ndarray:
         """Row of each id, -1 for ids outside the catalogue."""
-        return lookup_rows(self.item_ids, self._order, item_ids)
+        return lookup_rows(self.item_ids, self._order, item_ids, self._sorted_ids)
 
     def dense_for(self, encoder: FeatureEncoder) -> np.ndarray:
         """Item dense inputs under another model's encoder (e.g. the item tower's)."""

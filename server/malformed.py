@@ -53,13 +53,27 @@ def _refuse(request: Malformed, method: str, context: grpc.ServicerContext) -> N
 
 
 class MalformedRequestInterceptor(grpc.ServerInterceptor):
-    """Unparseable requests: INVALID_ARGUMENT and a one-line warning, no traceback."""
+    """Unparseable requests: INVALID_ARGUMENT and a one-line warning, no traceback.
+
+    Each method's guarded handler is made at its first call and kept (a server's handlers
+    do not change); unknown methods are not kept."""
+
+    def __init__(self) -> None:
+        self._guarded: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        guarded = self._guarded.get(method)
+        if guarded is None:
+            guarded = self._guard(continuation(handler_call_details), method)
+            if guarded is not None:
+                self._guarded[method] = guarded
+        return guarded
+
+    def _guard(self, handler: grpc.RpcMethodHandler | None, method: str
+               ) -> grpc.RpcMethodHandler | None:
         if handler is None or handler.request_deserializer is None:
             return handler
-        method = handler_call_details.method
         kind = (("stream_stream" if handler.response_streaming else "stream_unary")
                 if handler.request_streaming
                 else ("unary_stream" if handler.response_streaming else "unary_unary"))

@@ -37,9 +37,11 @@ def candidate_rows(item_ids: Sequence[int], snapshot: ItemSnapshot,
     ids = np.asarray(item_ids, dtype=np.int64)
     if (ids <= 0).any():
         raise RequestError(f"item ids must be positive: {ids[ids <= 0][:5].tolist()}")
-    unique, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        raise RequestError(f"duplicate candidates: {unique[counts > 1][:5].tolist()}")
+    ordered = np.sort(ids)
+    repeated = ordered[1:] == ordered[:-1]
+    if repeated.any():
+        duplicates = np.unique(ordered[1:][repeated])
+        raise RequestError(f"duplicate candidates: {duplicates[:5].tolist()}")
     rows = snapshot.rows(ids)
     if (rows < 0).any():
         unknown = ids[rows < 0]

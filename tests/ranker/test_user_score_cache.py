@@ -11,7 +11,7 @@ from avrec.ranker.hybrid import item_stats
 from avrec.ranker.hybrid_features import user_context
 from avrec.ranker.hybrid_pipeline import HybridPipeline, ServedUser
 from avrec.ranker.item_history import ItemTimeline
-from avrec.ranker.user_score_cache import GeneratorOutputs, UserScoreCache
+from avrec.ranker.user_score_cache import RANK_TYPE, GeneratorOutputs, UserScoreCache
 from tests.ranker.conftest import ContractData
 from tests.ranker.test_hybrid import _VECTORS, _aligned, _hybrid
 
@@ -91,14 +91,16 @@ def test_the_least_recently_used_user_leaves_first() -> None:
     assert len(cache) == 2
 
 
-def test_stored_outputs_are_read_only_and_ranks_come_back_as_int64() -> None:
+def test_stored_outputs_are_read_only_and_ranks_come_back_as_stored() -> None:
     cache = UserScoreCache(entries=1)
     key = cache.key(np.array([1, 2]), np.array([4.0, np.nan]))
     cache.put(key, _outputs(1.5))
     got = cache.get(key)
-    assert got is not None and got.ranks[0].dtype == np.int64
-    with pytest.raises(ValueError, match="read-only"):
-        got.scores[0][0, 0] = 9.0
+    assert got is not None and got.ranks[0].dtype == RANK_TYPE
+    assert got.ranks[0].tolist() == _outputs(1.5).ranks[0].tolist()
+    for array in (got.scores[0], got.ranks[0]):
+        with pytest.raises(ValueError, match="read-only"):
+            array[0, 0] = 9
     assert cache.key(np.array([1, 2]), np.array([4.0, 5.0])) != key  # ratings are in the key
     with pytest.raises(ValueError, match="do not fit"):
         cache.put(key, GeneratorOutputs([], [np.array([[40_000]])], [], []))

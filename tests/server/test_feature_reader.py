@@ -8,9 +8,13 @@ from datetime import timedelta
 import numpy as np
 import pytest
 import redis
+from feast.protos.feast.types.Value_pb2 import Value
+from feast.type_map import feast_value_type_to_python_type
+from hypothesis import given
+from hypothesis import strategies as st
 
 from avrec.redis_client import connect
-from avrec.server.feature_reader import ViewReader
+from avrec.server.feature_reader import ViewReader, python_value
 from tests.server.conftest import CLOCK
 
 VIEWS = {"user_behaviour": "user_id", "item_behaviour": "item_id", "item_embedding": "item_id"}
@@ -168,3 +172,28 @@ def test_the_snapshots_row_cache_reads_what_a_fresh_decode_reads(stack, view: st
     assert [r.fresh for r in rows] == [
         r.fresh for r in reader.decode(ids.tolist(), [
             (*c[0],) for c in (cache._parsed[int(i)] for i in ids)], later)]
+
+
+values = st.one_of(
+    st.builds(lambda v: Value(int64_val=v), st.integers(-2**63, 2**63 - 1)),
+    st.builds(lambda v: Value(int32_val=v), st.integers(-2**31, 2**31 - 1)),
+    st.builds(lambda v: Value(double_val=v), st.floats()),
+    st.builds(lambda v: Value(float_val=v), st.floats(width=32)),
+    st.builds(lambda v: Value(string_val=v), st.text()),
+    st.builds(lambda v: Value(bool_val=v), st.booleans()),
+    st.builds(lambda v: Value(bytes_val=v), st.binary()),
+    st.builds(lambda v: Value(int64_list_val={"val": v}), st.lists(st.integers(-2**63, 2**63 - 1))),
+    st.builds(lambda v: Value(double_list_val={"val": v}), st.lists(st.floats())),
+    st.builds(lambda v: Value(float_list_val={"val": v}), st.lists(st.floats(width=32))),
+    st.builds(lambda v: Value(string_list_val={"val": v}), st.lists(st.text())),
+    st.builds(lambda v: Value(unix_timestamp_val=v), st.integers(0, 2**33)),
+    st.builds(lambda v: Value(unix_timestamp_list_val={"val": v}), st.lists(st.integers(0, 2**33))),
+    st.builds(lambda v: Value(int64_set_val={"val": v}), st.lists(st.integers(0, 9))),
+    st.just(Value()),
+)
+
+
+@given(values)
+def test_python_value_equals_feasts_conversion(value: Value) -> None:
+    ours, theirs = python_value(value), feast_value_type_to_python_type(value)
+    assert type(ours) is type(theirs) and same(ours, theirs)
