@@ -1,9 +1,9 @@
 """Export the ranker and the retrieval user tower to ONNX, check parity, load with a contract.
 
 :func:`export_ranker` / :func:`export_user_tower` / :func:`export_item_tower` write
-``<kind>.onnx`` (dynamic batch, opset 18, torch's dynamo exporter) and ``contract.json`` into
-one directory per model, with ``kind`` and ``contract_hash`` in the model's
-``metadata_props``. Given real batches they also run the ONNX model through
+``<kind>.onnx`` (dynamic batch, opset :data:`~avrec.names.OPSET`, torch's dynamo exporter)
+and ``contract.json`` into one directory per model, with ``kind`` and ``contract_hash`` in
+the model's ``metadata_props``. Given real batches they also run the ONNX model through
 :class:`avrec.onnx_runtime.OnnxModel` next to torch and refuse an export whose outputs differ
 by more than ``tolerance``.
 
