@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -63,6 +65,15 @@ class Load:
         return Counter(code for t, code, _ in list(self.calls) if start <= t < end)
 
 
+def materialize_elsewhere(stack, url: str) -> None:
+    """``avrec materialize`` in its own process, as a deployment runs it (in the server's
+    process its Python would share one interpreter lock with the calls under test)."""
+    env = os.environ | {"AVREC_DATA_DIR": str(stack.data_dir), "REDIS_URL": url}
+    subprocess.run([sys.executable, "-m", "avrec.cli", "materialize", "--start",
+                    EPOCH.isoformat(), "--end", CLOCK.isoformat()],
+                   env=env, check=True, capture_output=True, timeout=300)
+
+
 def test_redis_killed_under_load_recovers(stack, tmp_path: Path) -> None:
     from avrec import feature_store
     from avrec.redis_server import start_embedded
@@ -86,15 +97,17 @@ def test_redis_killed_under_load_recovers(stack, tmp_path: Path) -> None:
             down = load.codes(killed + 1.0, load.now())
             pid = start_embedded(url, workdir=tmp_path / "redis2")  # empty, as after a crash
             restarted = load.now()
-            with stack_env(stack, url):
-                feature_store.materialize(start=EPOCH, end=CLOCK, redis_url=url)
+            materialize_elsewhere(stack, url)
             back = load.now()
             time.sleep(3.0)
         assert set(load.codes(0, killed)) == {"OK"}, load.codes(0, killed)
         assert down and set(down) == {"UNAVAILABLE"}, down
         every = Counter(code for _, code, _ in load.calls)
         assert set(every) <= {"OK", "UNAVAILABLE"}, every  # no INTERNAL, UNKNOWN, deadline
-        assert max(seconds for _, _, seconds in load.calls) < DEADLINE
+        slow = [(round(t - seconds, 2), code, round(seconds, 2))
+                for t, code, seconds in load.calls if seconds >= DEADLINE]
+        assert not slow, (f"calls (start, code, seconds) past the deadline: {slow}; Redis "
+                          f"killed at {killed:.2f}, restarted {restarted:.2f}, back {back:.2f}")
         first_ok = min(t for t, code, _ in load.calls if code == "OK" and t > back)
         assert first_ok - back <= 2.0
         assert set(load.codes(first_ok + 0.5)) == {"OK"}
