@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,7 +13,7 @@ from avrec.server.answer_records import AnswerRecords, varint
 from avrec.server.answers import Ranked
 from avrec.server.feature_reader import OnlineRow
 from avrec.server.protocol import ranking_pb2
-from avrec.server.service import encode_response, to_proto
+from avrec.server.service import encode_response, timestamp, to_proto
 
 catalogues = st.integers(1, 40).flatmap(lambda n: st.tuples(
     st.lists(st.integers(1, 2**62), min_size=n, max_size=n, unique=True),
@@ -77,3 +78,10 @@ def test_an_explained_answer_keeps_its_explanations() -> None:
     assert encoded == to_proto(explained)
     assert encoded.items[0].explanation.history_title == "Heat"
     assert not encoded.items[1].HasField("explanation")
+
+
+@given(st.datetimes(timezones=st.timezones()))
+def test_timestamp_is_protobufs_from_datetime(when: datetime) -> None:
+    expected = Timestamp()
+    expected.FromDatetime(when.astimezone(UTC))
+    assert timestamp(when) == expected
