@@ -39,6 +39,7 @@ from avrec.server.answer_records import AnswerRecords
 from avrec.server.answers import Ranked, assemble, history_rows, mmr, sigmoid
 from avrec.server.clock import Clock
 from avrec.server.feature_reader import OnlineRow, ViewReader
+from avrec.server.in_flight import InFlight
 from avrec.server.item_snapshot import (
     BEHAVIOUR_VIEW,
     EMBEDDING_VIEW,
@@ -79,6 +80,17 @@ class _Loaded:
     records: AnswerRecords  # the snapshot's items encoded for answers
     pipeline: HybridPipeline | None = None  # the hybrid over the snapshot's rows
     stats: dict[str, np.ndarray] | None = None  # its item statistics, snapshot row order
+
+
+class _StoreRead(InFlight):
+    """An :class:`InFlight` whose failure to send is a :class:`StoreUnavailableError`."""
+
+    def __enter__(self) -> _StoreRead:
+        try:
+            super().__enter__()
+        except STORE_ERRORS as exc:
+            raise StoreUnavailableError(f"online store unreachable: {exc}") from exc
+        return self
 
 
 def keep_out_of_gc() -> None:
@@ -332,16 +344,25 @@ class RankingEngine:
                    ) -> tuple[OnlineRow, OnlineRow | None, bytes | None]:
         """The user's ``user_behaviour`` row, their ``user_history`` row (when asked and the
         hybrid serves) and the materialization counter, in one pipelined round trip."""
-        reader = self.history_reader if history else None
+        with self._send_user_read(user_id, history) as read:
+            return self._user_rows(read, user_id, now, history)
+
+    def _send_user_read(self, user_id: int, history: bool) -> InFlight:
+        """:meth:`_read_user`'s commands, sent (enter the result; the replies travel)."""
+        commands = [self.user_reader.command(user_id)]
+        if history and self.history_reader is not None:
+            commands.append(self.history_reader.command(user_id))
+        commands.append(("GET", self.version_key))
+        return _StoreRead(self.client, commands)
+
+    def _user_rows(self, read: InFlight, user_id: int, now: datetime, history: bool
+                   ) -> tuple[OnlineRow, OnlineRow | None, bytes | None]:
+        """The rows of a :meth:`_send_user_read`, decoded at ``now``."""
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                self.user_reader.queue(pipe, [user_id])
-                if reader is not None:
-                    reader.queue(pipe, [user_id])
-                pipe.get(self.version_key)
-                replies = pipe.execute()
+            replies = read.replies()
         except STORE_ERRORS as exc:
             raise StoreUnavailableError(f"online store unreachable: {exc}") from exc
+        reader = self.history_reader if history else None
         row = self.user_reader.decode_one(user_id, replies[0], now)
         history_row = reader.decode_one(user_id, replies[1], now) if reader else None
         return row, history_row, replies[-1]
@@ -422,9 +443,20 @@ class RankingEngine:
         """Score the caller's candidates for ``user_id`` and return them best first."""
         self._check(user_id, top_k, diversity_lambda)
         now = self.clock.now()
-        row, history, version = self._read_user(user_id, now, history=True)
+        with self._send_user_read(user_id, history=True) as read:
+            # the candidates are checked against the serving snapshot while the read travels
+            current, rows, refused = self._loaded, None, None
+            if current is not None:
+                try:
+                    rows = self.candidate_rows(item_ids, current)
+                except RequestError as exc:
+                    refused = exc
+            row, history, version = self._user_rows(read, user_id, now, history=True)
         loaded = self.ensure_snapshot(version, now)
-        rows = self.candidate_rows(item_ids, loaded)
+        if loaded is not current or rows is None:  # a snapshot (re)loaded for this request
+            if loaded is current and refused is not None:
+                raise refused
+            rows = self.candidate_rows(item_ids, loaded)
         if loaded.pipeline is not None:
             chosen, scores = self._hybrid_rows(history, loaded, top_k, diversity_lambda, now,
                                                rows)

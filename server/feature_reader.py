@@ -120,6 +120,11 @@ class ViewReader:
         for entity_id in ids:
             pipe.hmget(self.key(int(entity_id)), self.fields)
 
+    def command(self, entity_id: int) -> tuple[bytes | str, ...]:
+        """The HMGET of one entity's row as a command (for
+        :class:`~avrec.server.in_flight.InFlight`)."""
+        return ("HMGET", self.key(int(entity_id)), *self.fields)
+
     def decode_one(self, entity_id: int, raw: Sequence[bytes | None], now: datetime) -> OnlineRow:
         """One HMGET reply as an :class:`OnlineRow` at ``now``."""
         return self.row_at(entity_id, *self.parse(raw), now)
