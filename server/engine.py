@@ -83,7 +83,13 @@ class _Loaded:
 
 
 class _StoreRead(InFlight):
-    """An :class:`InFlight` whose failure to send is a :class:`StoreUnavailableError`."""
+    """An :class:`InFlight` whose failure to send is a :class:`StoreUnavailableError`; it
+    keeps the history reader it was sent with (a model hot swap may change the engine's)."""
+
+    def __init__(self, client: Client, commands: Sequence[tuple], history: ViewReader | None
+                 ) -> None:
+        super().__init__(client, commands)
+        self.history = history
 
     def __enter__(self) -> _StoreRead:
         try:
@@ -345,24 +351,25 @@ class RankingEngine:
         """The user's ``user_behaviour`` row, their ``user_history`` row (when asked and the
         hybrid serves) and the materialization counter, in one pipelined round trip."""
         with self._send_user_read(user_id, history) as read:
-            return self._user_rows(read, user_id, now, history)
+            return self._user_rows(read, user_id, now)
 
-    def _send_user_read(self, user_id: int, history: bool) -> InFlight:
+    def _send_user_read(self, user_id: int, history: bool) -> _StoreRead:
         """:meth:`_read_user`'s commands, sent (enter the result; the replies travel)."""
+        reader = self.history_reader if history else None
         commands = [self.user_reader.command(user_id)]
-        if history and self.history_reader is not None:
-            commands.append(self.history_reader.command(user_id))
+        if reader is not None:
+            commands.append(reader.command(user_id))
         commands.append(("GET", self.version_key))
-        return _StoreRead(self.client, commands)
+        return _StoreRead(self.client, commands, reader)
 
-    def _user_rows(self, read: InFlight, user_id: int, now: datetime, history: bool
+    def _user_rows(self, read: _StoreRead, user_id: int, now: datetime
                    ) -> tuple[OnlineRow, OnlineRow | None, bytes | None]:
         """The rows of a :meth:`_send_user_read`, decoded at ``now``."""
         try:
             replies = read.replies()
         except STORE_ERRORS as exc:
             raise StoreUnavailableError(f"online store unreachable: {exc}") from exc
-        reader = self.history_reader if history else None
+        reader = read.history
         row = self.user_reader.decode_one(user_id, replies[0], now)
         history_row = reader.decode_one(user_id, replies[1], now) if reader else None
         return row, history_row, replies[-1]
@@ -451,7 +458,7 @@ class RankingEngine:
                     rows = self.candidate_rows(item_ids, current)
                 except RequestError as exc:
                     refused = exc
-            row, history, version = self._user_rows(read, user_id, now, history=True)
+            row, history, version = self._user_rows(read, user_id, now)
         loaded = self.ensure_snapshot(version, now)
         if loaded is not current or rows is None:  # a snapshot (re)loaded for this request
             if loaded is current and refused is not None:
