@@ -460,7 +460,7 @@ class RankingEngine:
                     refused = exc
             row, history, version = self._user_rows(read, user_id, now)
         loaded = self.ensure_snapshot(version, now)
-        if loaded is not current or rows is None:  # a snapshot (re)loaded for this request
+        if loaded is not current or rows is None:  # not checked against the snapshot served
             if loaded is current and refused is not None:
                 raise refused
             rows = self.candidate_rows(item_ids, loaded)
