@@ -35,6 +35,7 @@ from avrec.server.config import ServeConfig, load_config
 from avrec.server.engine import RankingEngine
 from avrec.server.event_log import EventLog
 from avrec.server.hot_swap import ModelWatcher
+from avrec.server.loop_server import LoopServer
 from avrec.server.malformed import MalformedRequestInterceptor
 from avrec.server.models import load_serving_models
 from avrec.server.protocol import SERVICE_NAME
@@ -47,7 +48,7 @@ RELOAD_EXIT_SECONDS = 60.0  # how long a stop waits for a running snapshot reloa
 class Service:
     """A running server and what it serves."""
 
-    server: grpc.Server
+    server: grpc.Server | LoopServer
     port: int
     engine: RankingEngine
     health: health.HealthServicer
@@ -128,10 +129,11 @@ def start(config: ServeConfig, engine_class: type[RankingEngine] = RankingEngine
     token, write_token = config.token(), config.write_secret()
     interceptors = [BearerTokenInterceptor(token, write_token)] if token or write_token else []
     interceptors.append(MalformedRequestInterceptor())  # garbage: INVALID_ARGUMENT
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers),
-        options=options, interceptors=interceptors,
-    )
+    if config.grpc_server == "aio":
+        server = LoopServer(config.workers, options, interceptors)
+    else:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers),
+                             options=options, interceptors=interceptors)
     health_servicer = health.HealthServicer()
     servicer = RankingServicer(engine, events, engine.store, health_servicer)
     add_to_server(servicer, server)

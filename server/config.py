@@ -26,6 +26,9 @@ from avrec.ranker.cpu_share import usable_cpus
 ENV_PREFIX = "AVREC_SERVE_"
 
 
+GRPC_SERVERS = ("aio", "threads")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Everything the service reads at start."""
@@ -54,7 +57,10 @@ class ServeConfig:
     # numpy's BLAS threads in the serving process (server/blas_threads.py): a request's
     # products are small, and a second thread only contends (scale out with --replicas)
     blas_threads: int = 1
-    workers: int = 8
+    # "aio": grpc.aio, Rank and Recommend on one event loop thread (server/loop_server.py);
+    # "threads": grpc's thread-pool server, every call on one of `workers` threads
+    grpc_server: str = "aio"
+    workers: int = 8  # threads for the calls not run on the loop (LogEvents, health, ...)
     # requests running the hybrid pipeline at once; the others wait their turn. Python
     # threads that each release and retake the GIL around many short numpy calls queue
     # behind one another (hybrid Rank 1x200, 16 callers: 233 req/s unbounded, 309-330 with
@@ -111,6 +117,8 @@ class ServeConfig:
                 found.append(f"{name} must be positive")
         if self.user_cache_entries < 0:
             found.append("user_cache_entries must be >= 0 (0: no cache)")
+        if self.grpc_server not in GRPC_SERVERS:
+            found.append(f"grpc_server must be one of {', '.join(GRPC_SERVERS)}")
         if self.compute_slots < 0:
             found.append("compute_slots must be >= 0 (0: one per CPU)")
         if self.clock:

@@ -12,6 +12,7 @@ first one that does not parse ends the call with INVALID_ARGUMENT the same way.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,12 +45,16 @@ def tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse
 
 
-def _refuse(request: Malformed, method: str, context: grpc.ServicerContext) -> None:
+def _refusal(request: Malformed, method: str) -> str:
+    """Log and count a refused payload; the status message."""
     log.warning("%s: malformed request of %d bytes refused (%s)",
                 method, request.size, request.error)
     metrics.observe(method.rsplit("/", 1)[-1], "INVALID_ARGUMENT", 0.0)
-    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                  f"the request does not parse as {method}'s message: {request.error}")
+    return f"the request does not parse as {method}'s message: {request.error}"
+
+
+def _refuse(request: Malformed, method: str, context: grpc.ServicerContext) -> None:
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, _refusal(request, method))
 
 
 class MalformedRequestInterceptor(grpc.ServerInterceptor):
@@ -84,6 +89,11 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
                 _refuse(request, method, context)
             return behaviour(request, context)
 
+        async def guarded_on_loop(request, context):  # a coroutine handler (grpc.aio)
+            if isinstance(request, Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _refusal(request, method))
+            return await behaviour(request, context)
+
         def guarded_stream(requests, context):
             def checked():
                 for request in requests:
@@ -93,6 +103,7 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
 
             return behaviour(checked(), context)
 
-        wrapped = guarded_stream if handler.request_streaming else guarded
+        wrapped = (guarded_stream if handler.request_streaming
+                   else guarded_on_loop if inspect.iscoroutinefunction(behaviour) else guarded)
         return handler._replace(
             request_deserializer=tolerant(handler.request_deserializer), **{kind: wrapped})

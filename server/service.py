@@ -101,15 +101,20 @@ def response_bytes(response: bytes | Message) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
-def add_to_server(servicer: RankingServicer, server: grpc.Server) -> None:
+def add_to_server(servicer: RankingServicer, server: Any) -> None:
     """Register the service on ``server``, as ``add_RankingServiceServicer_to_server`` does,
-    with Rank and Recommend answering pre-encoded bytes (:func:`encode_response`)."""
+    with Rank and Recommend answering pre-encoded bytes (:func:`encode_response`); on a
+    server whose handlers may be coroutines (:class:`avrec.server.loop_server.LoopServer`)
+    they are, and run on its event loop."""
+    on_loop = getattr(server, "runs_coroutines", False)
     handlers = {
         "Rank": grpc.unary_unary_rpc_method_handler(
-            servicer.Rank, request_deserializer=ranking_pb2.RankRequest.FromString,
+            servicer.rank_on_loop if on_loop else servicer.Rank,
+            request_deserializer=ranking_pb2.RankRequest.FromString,
             response_serializer=response_bytes),
         "Recommend": grpc.unary_unary_rpc_method_handler(
-            servicer.Recommend, request_deserializer=ranking_pb2.RecommendRequest.FromString,
+            servicer.recommend_on_loop if on_loop else servicer.Recommend,
+            request_deserializer=ranking_pb2.RecommendRequest.FromString,
             response_serializer=response_bytes),
         "LogEvents": grpc.unary_unary_rpc_method_handler(
             servicer.LogEvents, request_deserializer=ranking_pb2.LogEventsRequest.FromString,
@@ -144,8 +149,10 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         for name in ("", SERVICE_NAME):
             self.health.set(name, status)
 
-    def _call(self, method: str, context: grpc.ServicerContext, work: Callable[[], Any]) -> Any:
-        """Run ``work``; map failures to status codes; count and time the call."""
+    def _run(self, method: str, context: Any, work: Callable[[], Any]
+             ) -> tuple[Any, grpc.StatusCode, str]:
+        """Run ``work``: (its result, OK, "") or (None, the failure's code, its message);
+        count and time the call."""
         started = time.perf_counter()
         code, message = grpc.StatusCode.OK, ""
         try:
@@ -153,7 +160,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             result = work()
             _check_deadline(context, f"while handling {method}")
             self._serving(True)
-            return result
+            return result, code, message
         except (RequestError, EventError) as exc:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except DeadlinePassedError as exc:
@@ -175,20 +182,49 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             metrics.observe(method, code.name, time.perf_counter() - started)
         if code == grpc.StatusCode.UNAVAILABLE:
             self._serving(False)
-        context.abort(code, message)
+        return None, code, message
 
-    def Rank(self, request, context):
+    def _call(self, method: str, context: grpc.ServicerContext, work: Callable[[], Any]) -> Any:
+        """:meth:`_run`, a failure aborting the call with its status code."""
+        result, code, message = self._run(method, context, work)
+        if code != grpc.StatusCode.OK:
+            context.abort(code, message)
+        return result
+
+    async def _call_on_loop(self, method: str, context: grpc.aio.ServicerContext,
+                            work: Callable[[], Any]) -> Any:
+        """:meth:`_call` for a coroutine handler (``grpc.aio``'s ``abort`` is awaited)."""
+        result, code, message = self._run(method, context, work)
+        if code != grpc.StatusCode.OK:
+            await context.abort(code, message)
+        return result
+
+    def _rank(self, request: ranking_pb2.RankRequest) -> Callable[[], bytes]:
         options = request.options
-        return self._call("Rank", context, lambda: encode_response(self.engine.rank(
+        return lambda: encode_response(self.engine.rank(
             request.user_id, list(request.candidate_item_ids), request.top_k,
             options.explain, options.diversity_lambda,
-        )))
+        ))
+
+    def _recommend(self, request: ranking_pb2.RecommendRequest) -> Callable[[], bytes]:
+        options = request.options
+        return lambda: encode_response(self.engine.recommend(
+            request.user_id, request.top_k, options.explain, options.diversity_lambda,
+        ))
+
+    def Rank(self, request, context):
+        return self._call("Rank", context, self._rank(request))
 
     def Recommend(self, request, context):
-        options = request.options
-        return self._call("Recommend", context, lambda: encode_response(self.engine.recommend(
-            request.user_id, request.top_k, options.explain, options.diversity_lambda,
-        )))
+        return self._call("Recommend", context, self._recommend(request))
+
+    async def rank_on_loop(self, request, context):
+        """Rank as a coroutine handler (:mod:`avrec.server.loop_server`)."""
+        return await self._call_on_loop("Rank", context, self._rank(request))
+
+    async def recommend_on_loop(self, request, context):
+        """Recommend as a coroutine handler."""
+        return await self._call_on_loop("Recommend", context, self._recommend(request))
 
     def LogEvents(self, request, context):
         def work() -> ranking_pb2.LogEventsResponse:

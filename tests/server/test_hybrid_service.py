@@ -167,11 +167,14 @@ class Overlap:
                 self.inside -= 1
 
 
-@pytest.mark.parametrize("slots", [1, 2])
-def test_at_most_compute_slots_requests_score_at_once(stack, slots: int) -> None:
-    """16 concurrent ``Rank`` calls on 8 workers: no more than ``compute_slots`` of them run
-    the pipeline at a time (each run is held 20 ms, so unbounded calls would overlap), and
-    every answer is the one a lone call gets (scores to float32 rounding: the replay clock
+@pytest.mark.parametrize(("server", "slots", "most"),
+                         [("threads", 1, 1), ("threads", 2, 2), ("aio", 2, 1)])
+def test_at_most_compute_slots_requests_score_at_once(stack, server: str, slots: int,
+                                                      most: int) -> None:
+    """16 concurrent ``Rank`` calls on the thread-pool server's 8 workers: no more than
+    ``compute_slots`` of them run the pipeline at a time (each run is held 20 ms, so unbounded
+    calls would overlap); on the aio server's event loop one at a time whatever the slots.
+    Every answer is the one a lone call gets (scores to float32 rounding: the replay clock
     moves between calls, and with it the user's days since their last rating)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -179,7 +182,7 @@ def test_at_most_compute_slots_requests_score_at_once(stack, slots: int) -> None
     from tests.server.conftest import running
 
     candidates = list(range(1, 33))
-    started = running(stack, compute_slots=slots, workers=8)
+    started = running(stack, compute_slots=slots, workers=8, grpc_server=server)
     service = next(started)
     try:
         pipeline = service.engine.ensure_snapshot(None, service.engine.clock.now()).pipeline
@@ -190,7 +193,7 @@ def test_at_most_compute_slots_requests_score_at_once(stack, slots: int) -> None
                 answers = list(pool.map(lambda _: client.rank(USER, candidates), range(32)))
     finally:
         started.close()
-    assert overlap.most == slots
+    assert overlap.most == most
     for answer in answers:
         assert [i.item_id for i in answer.items] == [item for item, _ in alone]
         np.testing.assert_allclose([i.score for i in answer.items],
