@@ -64,6 +64,17 @@ def test_the_child_loads_the_snapshot_the_server_would_load_itself(engine) -> No
     assert "libtorch" not in maps
 
 
+def test_the_child_runs_at_a_lower_cpu_priority(engine) -> None:
+    from avrec.server.snapshot_child import NICENESS
+
+    process = engine.snapshot_process
+    models = engine.models
+    process.load(models.encoder, engine.clock.now(), REFRESH, models.vector_field,
+                 engine.materialization())  # the child is past its start
+    wanted = min(os.getpriority(os.PRIO_PROCESS, 0) + NICENESS, 19)
+    assert os.getpriority(os.PRIO_PROCESS, process.pid) == wanted
+
+
 def test_a_background_reload_goes_through_the_child(engine) -> None:
     loads = engine.snapshot_process.loads
     engine.client.incr(engine.version_key)  # a materialization happened
