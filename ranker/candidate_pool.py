@@ -119,24 +119,33 @@ def new_item_ranks(content_ranks: np.ndarray | None, item_stats: Sequence[ItemSt
     return out
 
 
+def neighbour_vectors(unit: np.ndarray, has_vector: np.ndarray, history: np.ndarray
+                      ) -> np.ndarray:
+    """The ``unit`` rows :func:`neighbour_similarity` compares candidates with: the newest
+    :data:`NEIGHBOUR_HISTORY` items of ``history`` that have a vector (``[items, dim]``)."""
+    return unit[history[has_vector[history]][-NEIGHBOUR_HISTORY:]]
+
+
 def neighbour_similarity(unit: np.ndarray, has_vector: np.ndarray, history: np.ndarray,
-                         columns: np.ndarray, k: int, rows: np.ndarray | None = None
-                         ) -> np.ndarray:
+                         columns: np.ndarray, k: int, rows: np.ndarray | None = None,
+                         neighbours: np.ndarray | None = None) -> np.ndarray:
     """Mean of each ``columns`` item's ``k`` highest cosines with the items of ``history``
     (catalogue columns, oldest first; the newest :data:`NEIGHBOUR_HISTORY` with a vector
     count): item-kNN over content vectors, which a long, varied history does not blur into
     one mean profile. 0 without such history items; ``unit`` rows are unit vectors
-    (``rows``: ``unit[columns]`` when the caller has them already).
+    (``rows``: ``unit[columns]``, ``neighbours``: :func:`neighbour_vectors` of ``history``,
+    when the caller has them already).
 
     >>> unit = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     >>> neighbour_similarity(unit, np.ones(3, bool), np.array([0, 1]), np.array([2]), 1)
     array([0.8])
     """
-    items = history[has_vector[history]][-NEIGHBOUR_HISTORY:]
-    if items.size == 0 or k <= 0:
+    if neighbours is None:
+        neighbours = neighbour_vectors(unit, has_vector, history)
+    if neighbours.shape[0] == 0 or k <= 0:
         return np.zeros(columns.size)
-    cosines = (unit[columns] if rows is None else rows) @ unit[items].T
-    top = min(k, items.size)
+    cosines = (unit[columns] if rows is None else rows) @ neighbours.T
+    top = min(k, neighbours.shape[0])
     best = np.partition(cosines, cosines.shape[1] - top, axis=1)[:, -top:]
     return best.mean(axis=1).astype(np.float64)
 

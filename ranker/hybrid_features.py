@@ -27,7 +27,13 @@ import polars as pl
 
 from avrec.behaviour_features import HISTORY_CAP
 from avrec.names import DAY_US
-from avrec.ranker.candidate_pool import RRF_K, ItemStats, neighbour_similarity, unit_rows
+from avrec.ranker.candidate_pool import (
+    RRF_K,
+    ItemStats,
+    neighbour_similarity,
+    neighbour_vectors,
+    unit_rows,
+)
 from avrec.ranker.history_scorers import History
 from avrec.ranker.item_history import naive_utc
 
@@ -149,13 +155,22 @@ class CatalogueFacts:
                  if "year" in frame.columns else np.full(item_ids.size, np.nan))
         return cls(unit_rows(genres), years)
 
-    def features(self, context: UserContext, pool: np.ndarray) -> list[np.ndarray]:
-        """Genre match to the user's positives; year offset/distance to their newest ones."""
+    def user_parts(self, context: UserContext) -> tuple[np.ndarray, np.ndarray]:
+        """What :meth:`features` takes from the users' histories alone: their positives'
+        genre profile (unit rows, ``[users, genres, 1]``) and the mean known year of their
+        newest positives (``[users]``)."""
         profile = unit_rows(np.stack([self.genres[p].sum(0) for p in context.positives])
                             if context.positives else np.zeros((0, self.genres.shape[1])))
-        match = np.matmul(self.genres[pool], profile[:, :, None])[..., 0]
         recent_year = np.array([_known_mean(self.years[p[-RECENT:]])
                                 for p in context.positives])
+        return profile[:, :, None], recent_year
+
+    def features(self, context: UserContext, pool: np.ndarray,
+                 parts: tuple[np.ndarray, np.ndarray] | None = None) -> list[np.ndarray]:
+        """Genre match to the user's positives; year offset/distance to their newest ones
+        (``parts``: :meth:`user_parts` of ``context`` when known)."""
+        profile, recent_year = self.user_parts(context) if parts is None else parts
+        match = np.matmul(self.genres[pool], profile)[..., 0]
         offset = (self.years[pool] - recent_year[:, None]) / 10.0
         missing = np.isnan(offset)
         offset[missing] = 0.0
@@ -221,6 +236,22 @@ def item_stat_columns(stats: ItemStats) -> np.ndarray:
     ], axis=-1)
 
 
+@dataclass(frozen=True)
+class UserParts:
+    """What :meth:`CandidateFeatures.build` takes from users' histories alone, whatever the
+    pool: kept with a user's generator outputs (:mod:`avrec.ranker.user_score_cache`), so a
+    repeat request only applies them to its candidates."""
+
+    profile_and_last: np.ndarray | None  # [users, dim, 2]: unit mean of the positives'
+    # vectors, the newest item's vector (None without item vectors)
+    neighbours: list[np.ndarray] | None  # per user: neighbour_vectors of the history
+    catalogue: tuple[np.ndarray, np.ndarray] | None  # CatalogueFacts.user_parts
+
+    def arrays(self) -> list[np.ndarray]:
+        out = [] if self.profile_and_last is None else [self.profile_and_last]
+        return out + list(self.neighbours or []) + list(self.catalogue or ())
+
+
 class CandidateFeatures:
     """Builds the ``[users, pool, features]`` tensor for the listwise scorer."""
 
@@ -271,16 +302,38 @@ class CandidateFeatures:
             out += ["genre_match", "year_offset", "year_distance", "year_missing"]
         return [*out, "log_history", "log_days_since_last"]
 
+    def user_parts(self, context: UserContext) -> UserParts:
+        """The :class:`UserParts` of ``context``'s users."""
+        profile_and_last = neighbours = None
+        if self.vectors is not None:
+            assert self.has_vector is not None
+            profile = np.stack([
+                unit_rows(self.vectors[p[self.has_vector[p]]].mean(0, keepdims=True))[0]
+                if self.has_vector[p].any() else np.zeros(self.vectors.shape[1])
+                for p in context.positives
+            ])
+            last = np.where(context.last_item[:, None] >= 0,
+                            self.vectors[np.maximum(context.last_item, 0)], 0.0)
+            profile_and_last = np.stack([profile, last], axis=2)
+            if self.neighbours:
+                neighbours = [neighbour_vectors(self.vectors, self.has_vector, h.columns)
+                              for h in context.histories]
+        catalogue = self.catalogue.user_parts(context) if self.catalogue is not None else None
+        return UserParts(profile_and_last, neighbours, catalogue)
+
     def build(
         self, context: UserContext, pool: np.ndarray, generator_scores: Sequence[np.ndarray],
         generator_ranks: Sequence[np.ndarray], item_stats: Sequence[ItemStats],
         query_scores: Sequence[np.ndarray] = (), moments: Sequence[Moments] | None = None,
+        parts: UserParts | None = None,
     ) -> np.ndarray:
         """Features of each user's pool; ``item_stats[u]`` holds :data:`ITEM_STATS` over the
         catalogue as of user ``u``'s cut (one mapping shared by every user, as a server
         passes it, is turned into feature columns once: read-only by contract);
         ``moments``: :meth:`UnseenCatalogue.moments` of the generator scores then the query
-        scores, when known."""
+        scores, ``parts``: :meth:`user_parts` of ``context``, when known."""
+        if parts is None:
+            parts = self.user_parts(context)
         size = pool.shape[1]
         every = [*generator_scores, *query_scores]
         if moments is None:
@@ -302,27 +355,22 @@ class CandidateFeatures:
                 for name in ITEM_STATS})
         columns += list(np.moveaxis(stat_block, -1, 0))
         if self.vectors is not None:
-            assert self.has_vector is not None
-            profile = np.stack([
-                unit_rows(self.vectors[p[self.has_vector[p]]].mean(0, keepdims=True))[0]
-                if self.has_vector[p].any() else np.zeros(self.vectors.shape[1])
-                for p in context.positives
-            ])
-            last = np.where(context.last_item[:, None] >= 0,
-                            self.vectors[np.maximum(context.last_item, 0)], 0.0)
+            assert self.has_vector is not None and parts.profile_and_last is not None
             candidate = self.vectors[pool]
-            similarity = np.matmul(candidate, np.stack([profile, last], axis=2))
+            similarity = np.matmul(candidate, parts.profile_and_last)
             columns += [
                 similarity[..., 0], similarity[..., 1],
                 (~self.has_vector[pool]).astype(np.float64),
             ]
             if self.neighbours:
+                assert parts.neighbours is not None
                 columns.append(np.stack([
                     neighbour_similarity(self.vectors, self.has_vector, h.columns, row,
-                                         self.neighbours, rows)
-                    for h, row, rows in zip(context.histories, pool, candidate, strict=True)]))
+                                         self.neighbours, rows, near)
+                    for h, row, rows, near in zip(context.histories, pool, candidate,
+                                                  parts.neighbours, strict=True)]))
         if self.catalogue is not None:
-            columns += self.catalogue.features(context, pool)
+            columns += self.catalogue.features(context, pool, parts.catalogue)
         days = (context.cuts - context.last_time).astype(np.int64) / DAY_US
         days = np.where(np.isnat(context.last_time), 0.0, np.maximum(days, 0.0))
         columns.append(np.repeat(np.log1p(context.history)[:, None], size, 1).astype(np.float64))

@@ -172,8 +172,8 @@ class HybridPipeline:
 
     def generator_outputs(self, context: UserContext) -> GeneratorOutputs:
         """Every generator's scores and ranks over the catalogue, the recent-positives query
-        scores and the moments of both over the unseen items: what depends on the users'
-        histories alone. For one user they come
+        scores, the moments of both over the unseen items and the features' per-user parts:
+        what depends on the users' histories alone. For one user they come
         from :attr:`user_cache` when it holds their history (and are stored there when not)."""
         cache = self.user_cache if len(context.histories) == 1 else None
         key = None
@@ -190,7 +190,8 @@ class HybridPipeline:
         queries = [self.scorers[g].score(recent) for g in cfg.queries]
         unseen = UnseenCatalogue(context.seen)
         outputs = GeneratorOutputs(scores, [ranks(s, context.seen) for s in scores], queries,
-                                   [unseen.moments(s) for s in (*scores, *queries)])
+                                   [unseen.moments(s) for s in (*scores, *queries)],
+                                   self.features.user_parts(context))
         if cache is not None and key is not None:
             cache.put(key, outputs)
         return outputs
@@ -225,7 +226,7 @@ class HybridPipeline:
         else:
             pool = candidates
         built = self.features.build(context, pool, scores, generator_ranks, item_stats,
-                                    outputs.queries, outputs.moments)
+                                    outputs.queries, outputs.moments, outputs.parts)
         return ScoredPool(pool, built, generator_ranks, context.seen, ~self.known[pool],
                           context.history)
 

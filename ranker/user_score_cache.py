@@ -1,8 +1,10 @@
 """The hybrid's per-user generator outputs, kept for the user's next request.
 
 Of one served hybrid answer, about half the work depends on the user's history alone: every
-generator's scores over the whole catalogue, their ranks, and the "recent" query scores
-(:meth:`avrec.ranker.hybrid_pipeline.HybridPipeline.pool`). A user who asks again (a second
+generator's scores over the whole catalogue, their ranks, the "recent" query scores
+(:meth:`avrec.ranker.hybrid_pipeline.HybridPipeline.pool`) and the features' per-user parts
+(:class:`avrec.ranker.hybrid_features.UserParts`: profile vectors, nearest-history vectors,
+genre profile). A user who asks again (a second
 page, another shelf, a refresh) with the same history gets them from here; item statistics,
 the candidates and the clock are applied afresh at each request, so an answer from the cache
 equals the one computed anew (``tests/ranker/test_user_score_cache.py``).
@@ -27,8 +29,12 @@ import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from avrec.ranker.hybrid_features import UserParts
 
 RANK_TYPE = np.int16  # ranks are at most RANK_DEPTH (1,000): kept in 2 bytes, not 8
 
@@ -43,9 +49,12 @@ class GeneratorOutputs:
     ranks: list[np.ndarray]
     queries: list[np.ndarray]
     moments: list[tuple[np.ndarray, np.ndarray]]
+    parts: UserParts | None = None  # the features' per-user parts (profile vectors, ...)
 
     def arrays(self) -> list[np.ndarray]:
-        return [*self.scores, *self.ranks, *self.queries, *(a for m in self.moments for a in m)]
+        parts = self.parts.arrays() if self.parts is not None else []
+        return [*self.scores, *self.ranks, *self.queries, *(a for m in self.moments for a in m),
+                *parts]
 
     @property
     def nbytes(self) -> int:
@@ -57,7 +66,7 @@ class GeneratorOutputs:
         if any(r.size and r.max() > np.iinfo(RANK_TYPE).max for r in self.ranks):
             raise ValueError(f"ranks beyond {np.iinfo(RANK_TYPE).max} do not fit {RANK_TYPE}")
         stored = GeneratorOutputs(self.scores, [r.astype(RANK_TYPE) for r in self.ranks],
-                                  self.queries, self.moments)
+                                  self.queries, self.moments, self.parts)
         for array in stored.arrays():
             array.setflags(write=False)
         return stored

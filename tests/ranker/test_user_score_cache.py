@@ -113,3 +113,24 @@ def test_no_entries_is_no_cache() -> None:
     assert cache.get(key) is None and len(cache) == 0
     with pytest.raises(ValueError):
         UserScoreCache(entries=-1)
+
+
+def test_a_hit_reuses_the_features_user_parts(served, monkeypatch) -> None:
+    """The features' per-user parts (profile vectors, nearest-history vectors, genre profile)
+    are computed once per history and stored read-only with the generator outputs."""
+    pipeline, inputs, _ = served
+    user, stats, now = inputs[0]
+    made = []
+    parts_of = pipeline.features.user_parts
+    monkeypatch.setattr(pipeline.features, "user_parts",
+                        lambda context: made.append(context) or parts_of(context))
+    pipeline.user_cache = cache = UserScoreCache(entries=4)
+    try:
+        pipeline.recommend(user, stats, now, 10)
+        pipeline.recommend(user, stats, now, 10)
+    finally:
+        pipeline.user_cache = None
+    assert len(made) == 1 and cache.hits == 1
+    (stored,) = cache._items.values()
+    assert stored.parts is not None and stored.parts.profile_and_last is not None
+    assert stored.parts.arrays() and not any(a.flags.writeable for a in stored.parts.arrays())
