@@ -74,7 +74,10 @@ def materialize_elsewhere(stack, url: str) -> None:
                    env=env, check=True, capture_output=True, timeout=300)
 
 
-def test_redis_killed_under_load_recovers(stack, tmp_path: Path) -> None:
+def serve_on_own_redis(stack, tmp_path: Path, **overrides: object
+                       ) -> tuple[object, int, str, list[int]]:
+    """A service (``redis_timeout_seconds`` 0.5) over a Redis of its own, materialized from
+    ``stack`` and warmed: (service, the Redis pid, its URL, 50 catalogue ids to rank)."""
     from avrec import feature_store
     from avrec.redis_server import start_embedded
     from avrec.server.app import start
@@ -83,11 +86,19 @@ def test_redis_killed_under_load_recovers(stack, tmp_path: Path) -> None:
     pid = start_embedded(url, workdir=tmp_path / "redis")
     with stack_env(stack, url):
         feature_store.materialize(start=EPOCH, end=CLOCK, redis_url=url)
-        service = start(serve_config(stack, redis_url=url, redis_timeout_seconds=0.5))
+        service = start(serve_config(stack, redis_url=url, redis_timeout_seconds=0.5,
+                                     **overrides))
+    items = tables.read_table("items", stack.data_dir / "offline")["item_id"][:50].to_list()
+    with RankingClient(f"127.0.0.1:{service.port}", timeout=60) as client:
+        client.rank(USER, items)  # warm: the first call loads lazily
+    return service, pid, url, items
+
+
+def test_redis_killed_under_load_recovers(stack, tmp_path: Path) -> None:
+    from avrec.redis_server import start_embedded
+
+    service, pid, url, items = serve_on_own_redis(stack, tmp_path)
     try:
-        items = tables.read_table("items", stack.data_dir / "offline")["item_id"][:50].to_list()
-        with RankingClient(f"127.0.0.1:{service.port}", timeout=60) as client:
-            client.rank(USER, items)  # warm: the first call loads lazily
         with Load(f"127.0.0.1:{service.port}", items) as load:
             time.sleep(1.5)
             killed = load.now()
