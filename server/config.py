@@ -64,7 +64,8 @@ class ServeConfig:
     # requests running the hybrid pipeline at once; the others wait their turn. Python
     # threads that each release and retake the GIL around many short numpy calls queue
     # behind one another (hybrid Rank 1x200, 16 callers: 233 req/s unbounded, 309-330 with
-    # 2 slots); 0: one per CPU this process may use
+    # 2 slots); 0: one per CPU this process may use. It bounds the thread-pool server
+    # (grpc_server: threads); on the event loop requests score one at a time anyway
     compute_slots: int = 0
     # the hybrid's per-user generator outputs kept for the user's next request (LRU, keyed by
     # the history: ranker/user_score_cache.py); ~0.5 MB each for 9,742 items. 0: none
